@@ -57,11 +57,6 @@ class _Listing:
     md5: str | None
 
 
-# --------------------------------------------------------------------------------------------------
-# Reading control files
-# --------------------------------------------------------------------------------------------------
-
-
 def _find_lists(lists_dir: Path, stem: str) -> list[Path]:
     """Files named ``*<stem>{,.lz4,.gz,.xz,.bz2}``, one per list, in sorted (deterministic) order.
 
@@ -109,26 +104,21 @@ def iter_paragraphs(lines: Iterable[str], fields: frozenset[str]) -> Iterator[di
     current: list[str] | None = None
     for line in lines:
         first = line[:1]
-        if first == " " or first == "\t":
-            if line.strip():
-                if current is not None:
-                    current.append(line[1:].rstrip("\r\n"))
-                continue
-        elif first not in ("\n", "\r", "") and first != "#":
+        if first == "#":
+            continue
+        if not line.strip():  # blank (or whitespace-only) line: end of paragraph
+            if para:
+                yield {k: "\n".join(v) for k, v in para.items()}
+                para = {}
+            current = None
+        elif first == " " or first == "\t":
+            if current is not None:
+                current.append(line[1:].rstrip("\r\n"))
+        else:
             key, sep, value = line.partition(":")
-            if sep and key in fields:
-                current = [value.strip()]
+            current = [value.strip()] if sep and key in fields else None
+            if current is not None:
                 para[key] = current
-            else:
-                current = None
-            continue
-        elif first == "#":
-            continue
-        # blank (or whitespace-only) line: end of paragraph
-        if para:
-            yield {k: "\n".join(v) for k, v in para.items()}
-            para = {}
-        current = None
     if para:
         yield {k: "\n".join(v) for k, v in para.items()}
 
@@ -148,11 +138,6 @@ def clean_long_description(lines: list[str]) -> str:
         elif stripped:
             paragraphs[-1].append(stripped)
     return "\n".join(" ".join(p) for p in paragraphs if p)
-
-
-# --------------------------------------------------------------------------------------------------
-# Debian version ordering (to keep the newest listing of a package)
-# --------------------------------------------------------------------------------------------------
 
 
 def _char_order(c: str) -> int:
@@ -204,11 +189,6 @@ def compare_versions(a: str, b: str) -> int:
     if ea != eb:
         return -1 if ea < eb else 1
     return _compare_fragment(ua, ub) or _compare_fragment(ra, rb)
-
-
-# --------------------------------------------------------------------------------------------------
-# Building the dataset
-# --------------------------------------------------------------------------------------------------
 
 
 def _missing_message(lists_dir: Path, what: str) -> str:

@@ -1,0 +1,337 @@
+"""Tests for trainer.tabular: every format, every error, and the hub path via a fake load_dataset."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trainer.tabular import DataError, TextTable, local_format, read_table
+
+
+def write_csv(path: Path, rows: list[list[object]], delimiter: str = ",") -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh, delimiter=delimiter, lineterminator="\n").writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, records: list[object]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def error(spec: Path | str, text: str = "text", label: str = "label", **kw: str) -> str:
+    with pytest.raises(DataError) as exc:
+        read_table(str(spec), text, label, **kw)
+    message = str(exc.value)
+    assert "\n" not in message
+    return message
+
+
+# ---------------------------------------------------------------------------------------- formats
+
+
+def test_csv_reads_quotes_commas_newlines_and_skips_empty(tmp_path: Path) -> None:
+    path = write_csv(
+        tmp_path / "d.csv",
+        [
+            ["id", "text", "label"],
+            [1, 'He said "hi", twice\nand left', 0],
+            [2, "", 1],
+            [3, "   \t ", 1],
+            [4, "NA", "01"],
+            [5, "plain", " pos "],
+        ],
+    )
+    table = read_table(str(path), "text", "label")
+    assert table == TextTable(
+        ['He said "hi", twice\nand left', "NA", "plain"], ["0", "01", "pos"], str(path), 2
+    )
+    assert len(table) == 3
+
+
+def test_tsv_and_utf8_bom(tmp_path: Path) -> None:
+    path = tmp_path / "d.tsv"
+    path.write_text('text\tlabel\nquote " inside\tb\ncomma, here\ta\n', encoding="utf-8-sig")
+    table = read_table(str(path), "text", "label")
+    assert (table.texts, table.labels) == (['quote " inside', "comma, here"], ["b", "a"])
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json"])
+def test_jsonl_label_types(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    records = [
+        {"text": "a", "label": 3},
+        {"text": "b", "label": 1.0},
+        {"text": "c", "label": 0.5},
+        {"text": "d", "label": True},
+        {"text": None, "label": 1},
+        {"label": 1},
+        {"text": 42, "label": "x", "extra": [1, 2]},
+    ]
+    path.write_text("\n\n".join(json.dumps(r) for r in records) + "\n")  # blank lines are fine
+    table = read_table(str(path), "text", "label")
+    assert (table.texts, table.labels, table.num_skipped_empty) == (
+        ["a", "b", "c", "d", "42"],
+        ["3", "1", "0.5", "true", "x"],
+        2,
+    )
+
+
+def test_json_array_and_columnar(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text(json.dumps([{"t": "x", "y": 1}, {"t": "z", "y": 2}], indent=2))
+    (tmp_path / "c.json").write_text(json.dumps({"t": ["x", "z"], "y": [1, 2]}, indent=2))
+    for name in ("a.json", "c.json"):
+        table = read_table(str(tmp_path / name), "t", "y")
+        assert (table.texts, table.labels) == (["x", "z"], ["1", "2"])
+
+
+def test_parquet_types(tmp_path: Path) -> None:
+    table = pa.table(
+        {
+            "text": ["a", "", "c", "d"],
+            "label": pa.array(["x", "y", "x", "z"]).dictionary_encode(),
+            "num": pa.array([0, 1, 2, 3], pa.int64()),
+            "other": [1.5, 2.5, 3.5, 4.5],
+        }
+    )
+    pq.write_table(table, tmp_path / "d.parquet")
+    assert read_table(str(tmp_path / "d.parquet"), "text", "label").labels == ["x", "x", "z"]
+    result = read_table(str(tmp_path / "d.parquet"), "text", "num")
+    assert (result.texts, result.labels, result.num_skipped_empty) == (["a", "c", "d"], ["0", "2", "3"], 1)
+
+
+def test_compressed_text_formats(tmp_path: Path) -> None:
+    (tmp_path / "d.csv.gz").write_bytes(gzip.compress(b'text,label\n"x, y",1\n'))
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x, y", "label": 1}\n'))
+    for name in ("d.csv.gz", "d.jsonl.gz"):
+        assert read_table(str(tmp_path / name), "text", "label").texts == ["x, y"]
+
+
+def test_local_format_detection() -> None:
+    assert local_format("a/b.CSV") == "csv" and local_format("x.tsv.gz") == "tsv"
+    assert local_format("x.parquet") == "parquet" and local_format("x.json") == "json"
+    assert local_format("ag_news") is None and local_format("user/ds:test") is None
+    assert local_format("x.parquet.gz") is None
+
+
+@pytest.mark.parametrize(("suffix", "first"), [(".csv", True), (".csv", False), (".tsv", False)])
+def test_enormous_document(tmp_path: Path, suffix: str, first: bool) -> None:
+    """A 20 MB field exceeds pyarrow's block size; the reader must grow it rather than fail."""
+    big = ("word, " * 4_000_000).strip()
+    rows = [["text", "label"], [big, "big"], ["small", "s"]]
+    if not first:
+        rows[1], rows[2] = rows[2], rows[1]
+    path = write_csv(tmp_path / f"d{suffix}", rows, delimiter="\t" if suffix == ".tsv" else ",")
+    table = read_table(str(path), "text", "label")
+    assert sorted(map(len, table.texts)) == [5, len(big)]
+    jsonl = write_jsonl(tmp_path / "d.jsonl", [{"text": big, "label": "big"}])
+    assert read_table(str(jsonl), "text", "label").texts == [big]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.lists(
+        st.tuples(st.text(max_size=40), st.sampled_from(["a", "b,c", 'q"', "7", "x y"])),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_round_trip_property(tmp_path_factory: pytest.TempPathFactory, rows: list[tuple[str, str]]) -> None:
+    d = tmp_path_factory.mktemp("rt")
+    expected = [(t, label) for t, label in rows if t.strip()]
+    skipped = len(rows) - len(expected)
+    paths = [
+        write_csv(d / "d.csv", [["text", "label"], *rows]),
+        write_csv(d / "d.tsv", [["text", "label"], *rows], delimiter="\t"),
+        write_jsonl(d / "d.jsonl", [{"text": t, "label": label} for t, label in rows]),
+    ]
+    pq.write_table(pa.table({"text": [t for t, _ in rows], "label": [x for _, x in rows]}), d / "d.parquet")
+    for path in [*paths, d / "d.parquet"]:
+        table = read_table(str(path), "text", "label")
+        assert list(zip(table.texts, table.labels, strict=True)) == expected, path.name
+        assert table.num_skipped_empty == skipped
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("name", ["nope.csv", "nope.tsv", "nope.jsonl", "nope.json", "nope.parquet"])
+def test_file_not_found(tmp_path: Path, name: str) -> None:
+    message = error(tmp_path / name)
+    assert name in message and "not found" in message
+
+
+@pytest.mark.parametrize("name", ["e.csv", "e.tsv", "e.jsonl", "e.json", "e.parquet"])
+def test_empty_file(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_bytes(b"")
+    assert "empty file" in error(tmp_path / name)
+    (tmp_path / name).write_bytes(b"\n\n  \n" if name.endswith(("json", "jsonl")) else b"")
+    assert "empty file" in error(tmp_path / name)
+
+
+def test_empty_compressed_and_header_only(tmp_path: Path) -> None:
+    (tmp_path / "e.csv.gz").write_bytes(gzip.compress(b""))
+    assert "empty file" in error(tmp_path / "e.csv.gz")
+    write_csv(tmp_path / "h.csv", [["text", "label"]])
+    assert "no data rows" in error(tmp_path / "h.csv")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "json", "parquet"])
+@pytest.mark.parametrize(("text", "label", "missing"), [("body", "label", "body"), ("text", "y", "y")])
+def test_missing_column(tmp_path: Path, fmt: str, text: str, label: str, missing: str) -> None:
+    rows = [{"text": "a", "label": 1, "extra": 2}]
+    path = tmp_path / f"d.{fmt}"
+    if fmt in ("csv", "tsv"):
+        write_csv(path, [["text", "label", "extra"], ["a", 1, 2]], delimiter="\t" if fmt == "tsv" else ",")
+    elif fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        write_jsonl(path, rows)
+    message = error(path, text, label)
+    assert str(path) in message and repr(missing) in message
+    assert "'text', 'label', 'extra'" in message  # the columns that are there
+
+
+def test_garbage_csv_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "g.csv"
+    path.write_text('text,label\na,1\n"multi\nline",2\nb,3,oops\n')
+    message = error(path)
+    assert str(path) in message and "line 5" in message and "expected 2 fields, got 3" in message
+
+
+def test_unterminated_quote_csv(tmp_path: Path) -> None:
+    path = tmp_path / "q.csv"
+    path.write_text('text,label\n"never closed,1\nnext,2\n')
+    message = error(path)
+    assert str(path) in message and "not valid CSV" in message
+
+
+def test_invalid_utf8_csv(tmp_path: Path) -> None:
+    path = tmp_path / "u.csv"
+    path.write_bytes(b"text,label\nok,1\nbad \xff\xfe byte,2\n")
+    message = error(path)
+    assert str(path) in message and "line 3" in message and "UTF-8" in message
+    (tmp_path / "h.csv").write_bytes(b"te\xffxt,label\n")
+    assert "line 1" in error(tmp_path / "h.csv")
+
+
+def test_binary_garbage_csv(tmp_path: Path) -> None:
+    path = tmp_path / "bin.csv"
+    path.write_bytes(bytes(range(256)) * 4)
+    assert str(path) in error(path)
+
+
+def test_garbage_jsonl_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "g.jsonl"
+    path.write_text('{"text": "a", "label": 1}\n\n{"text": "b", "label": 2\n')
+    message = error(path)
+    assert str(path) in message and "line 3" in message and "not valid JSON" in message
+    path.write_text('{"text": "a", "label": 1}\n[1, 2]\n')
+    assert "line 2: expected a JSON object, got list" in error(path)
+    path.write_bytes(b'{"text": "a", "label": 1}\n{"text": "\xff", "label": 1}\n')
+    assert "line 2" in error(path)
+
+
+def test_garbage_json_document(tmp_path: Path) -> None:
+    path = tmp_path / "g.json"
+    path.write_text('[{"text": "a", "label": 1},\n {"text": "b" "label": 2}]')
+    assert "line 2" in error(path)
+    path.write_text('[{"text": "a", "label": 1}, "str"]')
+    assert "record 2" in error(path)
+
+
+def test_garbage_parquet(tmp_path: Path) -> None:
+    path = tmp_path / "g.parquet"
+    path.write_bytes(b"this is not parquet at all" * 10)
+    message = error(path)
+    assert str(path) in message and "Parquet" in message
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_null_label_names_row(tmp_path: Path, fmt: str) -> None:
+    rows = [("a", "x"), ("b", None), ("", None), ("c", "y"), ("d", None)]
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "csv":
+        write_csv(path, [["text", "label"], *[[t, "" if y is None else y] for t, y in rows]])
+        where = "data row 2"
+    elif fmt == "jsonl":
+        write_jsonl(path, [{"text": t, "label": y} for t, y in rows])
+        where = "line 2"
+    else:
+        pq.write_table(pa.table({"text": [t for t, _ in rows], "label": [y for _, y in rows]}), path)
+        where = "row 2"
+    message = error(path)
+    assert str(path) in message and f"{where}:" in message and "null or empty label" in message
+    assert "1 more" in message  # the empty-text row 3 is skipped, not counted as bad
+
+
+def test_non_scalar_label(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": [1, 2]}])
+    assert "line 1: label in column 'label' is a list" in error(path)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": ["a"], "label": 1}])
+    assert "text is a list" in error(path)
+
+
+def test_unsupported_existing_file(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    message = error(tmp_path / "notes.txt")
+    assert "unsupported file type" in message and ".csv" in message
+
+
+def test_directory_with_format_suffix(tmp_path: Path) -> None:
+    (tmp_path / "dir.csv").mkdir()
+    assert "is a directory" in error(tmp_path / "dir.csv")
+
+
+# -------------------------------------------------------------------------------------------- hub
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    datasets = pytest.importorskip("datasets")
+    calls: list[tuple[str, str]] = []
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
+
+    def load_dataset(name: str, split: str | None = None, **kw: object):
+        calls.append((name, split))
+        if name == "missing/ds":
+            raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub\nor cannot be accessed")
+        ds = datasets.Dataset.from_dict(
+            {"text": ["good", " ", "bad", "meh"], "label": [1, 0, 0, 1]}, features
+        )
+        return ds.select([2, 1, 0])  # an indices mapping, like a sliced split
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_hub_split_parsing_and_class_names(fake_hub: list[tuple[str, str]]) -> None:
+    table = read_table("ag_news:test", "text", "label")
+    assert (table.texts, table.labels, table.num_skipped_empty) == (["bad", "good"], ["neg", "pos"], 1)
+    assert table.source == "hf:ag_news:test"
+    read_table("ag_news", "text", "label")
+    read_table("user/ds", "text", "label", split="validation")
+    read_table("user/ds:test", "text", "label", split="validation")  # the spec's own split wins
+    assert fake_hub == [
+        ("ag_news", "test"),
+        ("ag_news", "train"),
+        ("user/ds", "validation"),
+        ("user/ds", "test"),
+    ]
+
+
+def test_hub_errors(fake_hub: list[tuple[str, str]]) -> None:
+    message = error("missing/ds")
+    assert "hf:missing/ds:train" in message and "FileNotFoundError" in message and "Hugging Face" in message
+    message = error("ag_news", "content", "label")
+    assert "'content'" in message and "'text', 'label'" in message

@@ -1,0 +1,391 @@
+"""Read labelled text for the trainer from CSV/TSV/JSONL/JSON/Parquet files or the Hugging Face hub.
+
+The trainer only ever needs two columns as Python strings, so this module reads just those, as fast
+as the format allows (pyarrow for CSV and Parquet), and turns every way a data file can be wrong into
+a :class:`DataError` whose one-line message names the file and, where known, the line or row. A bad
+file should cost the user one glance at the message, not a stack trace from deep inside pyarrow.
+
+Conventions, chosen so the same data gives the same table whatever the format:
+
+* labels become ``str`` (``1`` -> ``"1"``, ``1.0`` -> ``"1"``, ``true`` -> ``"true"``; hub
+  ``ClassLabel`` columns give their names), stripped of surrounding whitespace;
+* rows whose text is null, empty or whitespace-only are skipped and counted, never an error;
+* among the kept rows a null/empty label is an error naming the first such row.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import io
+import json
+import lzma
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import pyarrow as pa
+
+LOCAL_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+_COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_CSV_BLOCK = 16 << 20  # pyarrow's default of 1 MiB fails on any row longer than that
+_MAX_BLOCK = (1 << 31) - 1  # pyarrow block sizes are int32
+_DIAGNOSE_MAX_BYTES = 1 << 30
+
+
+class DataError(ValueError):
+    """A data file (or hub dataset) cannot be used; the message is one line naming the source."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+@dataclass
+class TextTable:
+    """Texts and their string labels, in file order, with empty-text rows already removed."""
+
+    texts: list[str]
+    labels: list[str]
+    source: str
+    num_skipped_empty: int
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def read_table(spec: str, text_column: str, label_column: str, split: str | None = None) -> TextTable:
+    """Read ``text_column``/``label_column`` from a local file or a hub dataset.
+
+    ``spec`` is a path ending in ``.csv``, ``.tsv``, ``.jsonl``, ``.json`` or ``.parquet`` (the
+    text formats may add ``.gz``/``.bz2``/``.xz``), or else a hub dataset name, optionally
+    ``name:split``; ``split`` is the hub split when the spec names none (default ``train``) and is
+    ignored for local files.
+    """
+    fmt = local_format(spec)
+    if fmt is None:
+        path = Path(spec)
+        if path.is_file():
+            raise DataError(f"{spec}: unsupported file type; expected {_supported()}")
+        name, _, spec_split = spec.partition(":")
+        return _read_hub(name, spec_split or split or "train", text_column, label_column)
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"{spec}: file not found")
+    if path.is_dir():
+        raise DataError(f"{spec}: is a directory, not a {fmt} file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{spec}: empty file")
+    reader = {"csv": _read_csv, "tsv": _read_csv, "parquet": _read_parquet}.get(fmt, _read_json)
+    texts, labels, locate = reader(path, fmt, text_column, label_column)
+    if not texts:
+        raise DataError(f"{spec}: no data rows")
+    return _finish(str(path), texts, labels, label_column, locate)
+
+
+def local_format(spec: str) -> str | None:
+    """The local format ``spec`` names by its extension (``"csv"``, ...), or None for a hub name."""
+    suffixes = [s.lower() for s in Path(spec).suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSIONS:
+        suffixes.pop()
+        if suffixes and suffixes[-1] == ".parquet":
+            return None  # Parquet compresses internally; an outer .gz is not readable as Parquet
+    return LOCAL_FORMATS.get(suffixes[-1]) if suffixes else None
+
+
+def _supported() -> str:
+    return ", ".join(LOCAL_FORMATS) + " (text formats optionally .gz/.bz2/.xz)"
+
+
+def _columns_error(source: object, missing: str, what: str, present: Sequence[str]) -> DataError:
+    shown = ", ".join(repr(c[:60]) for c in list(present)[:30]) + (" ..." if len(present) > 30 else "")
+    return DataError(f"{source}: no {what} column {missing!r}; columns present: {shown or '(none)'}")
+
+
+def _check_columns(source: object, present: Sequence[str], text_column: str, label_column: str) -> None:
+    for column, what in ((text_column, "text"), (label_column, "label")):
+        if column not in present:
+            raise _columns_error(source, column, what, present)
+
+
+_Read = tuple[list[Any], list[Any], Callable[[int], str]]
+
+
+# --------------------------------------------------------------------------------------------------
+# CSV / TSV
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_csv(path: Path, fmt: str, text_column: str, label_column: str) -> _Read:
+    """pyarrow's multi-threaded reader, with every column read as string so labels stay verbatim."""
+    import pyarrow.csv as pacsv
+
+    delimiter = "\t" if fmt == "tsv" else ","
+    _check_columns(path, _csv_header(path, delimiter), text_column, label_column)
+    parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+    convert = pacsv.ConvertOptions(
+        column_types={text_column: pa.string(), label_column: pa.string()},
+        include_columns=[text_column, label_column],
+        null_values=[""],
+        strings_can_be_null=True,
+    )
+    # A single row longer than a block fails ("straddling object"): grow the block until the
+    # largest row fits, which terminates because a row can never exceed the file's size.
+    block = _CSV_BLOCK
+    while True:
+        try:
+            table = pacsv.read_csv(path, pacsv.ReadOptions(block_size=block), parse, convert)
+            break
+        except pa.ArrowInvalid as exc:
+            if "straddl" in str(exc) and block < _MAX_BLOCK:
+                block = min(block * 8, _MAX_BLOCK)
+                continue
+            raise _csv_error(path, delimiter, exc) from None
+    return (
+        table.column(text_column).to_pylist(),
+        table.column(label_column).to_pylist(),
+        lambda i: f"data row {i + 1}",
+    )
+
+
+def _csv_header(path: Path, delimiter: str) -> list[str]:
+    """The first record, via the csv module so a huge first row cannot hit a block-size limit."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(sys.maxsize)
+    try:
+        with io.TextIOWrapper(_open(path, "rb"), encoding="utf-8-sig", newline="") as fh:
+            header = next(csv.reader(fh, delimiter=delimiter), None)
+    except UnicodeDecodeError as exc:  # decoding runs ahead of the header: locate the bad line
+        raise _csv_error(path, delimiter, exc) from None
+    except (csv.Error, OSError, EOFError, lzma.LZMAError) as exc:
+        raise DataError(f"{path}: line 1: cannot read the header: {exc}") from None
+    finally:
+        csv.field_size_limit(limit)
+    if not header:
+        raise DataError(f"{path}: empty file")
+    return header
+
+
+def _csv_error(path: Path, delimiter: str, exc: Exception) -> DataError:
+    """Re-parse with the csv module (no field size limit) to say *where* the file is broken."""
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "Empty CSV" in message:
+        return DataError(f"{path}: empty file")
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    if path.stat().st_size > _DIAGNOSE_MAX_BYTES:  # re-reading is only worth it for modest files
+        return DataError(f"{path}: not valid {kind}: {message}")
+    limit = csv.field_size_limit()
+    csv.field_size_limit(sys.maxsize)
+    try:
+        with _open(path, "rb") as raw:
+            data = raw.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = data.count(b"\n", 0, err.start) + 1
+            return DataError(f"{path}: line {line}: not valid UTF-8 text (byte offset {err.start})")
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+        width = None
+        for row in reader:
+            if width is None:
+                width = len(row)
+            elif row and len(row) != width:
+                return DataError(
+                    f"{path}: line {reader.line_num}: not valid {kind}: expected {width} fields, got {len(row)}"
+                )
+    except csv.Error as err:
+        return DataError(f"{path}: line {reader.line_num}: not valid {kind}: {err}")
+    finally:
+        csv.field_size_limit(limit)
+    return DataError(f"{path}: not valid {kind}: {message}")
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON Lines / JSON
+# --------------------------------------------------------------------------------------------------
+
+
+def _open(path: Path, mode: str) -> IO[Any]:
+    opener = _COMPRESSIONS.get(path.suffix.lower(), open)
+    return opener(path, mode)
+
+
+def _read_json(path: Path, fmt: str, text_column: str, label_column: str) -> _Read:
+    """JSON Lines (one object per line), or for ``.json`` also a top-level array of objects.
+
+    Parsed with the stdlib one line at a time: exact line numbers in errors matter more here than
+    pyarrow's speed, and it tolerates labels whose JSON type varies between rows.
+    """
+    try:
+        with _open(path, "rb") as fh:
+            head = fh.read(4096).lstrip()
+            fh.seek(0)
+            if not head:
+                raise DataError(f"{path}: empty file")
+            records = None
+            if fmt == "json" and head[:1] in (b"[", b"{"):
+                records = _parse_json_document(path, fh.read(), strict=head[:1] == b"[")
+                fh.seek(0)
+            if records is None:
+                records = _parse_jsonl(path, fh)
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from None
+    keys: dict[str, None] = {}
+    for _, record in records:
+        keys.update(dict.fromkeys(record))
+        if text_column in keys and label_column in keys:
+            break
+    _check_columns(path, list(keys), text_column, label_column)
+    lines = [line for line, _ in records]
+    return (
+        [r.get(text_column) for _, r in records],
+        [r.get(label_column) for _, r in records],
+        lambda i: f"line {lines[i]}" if lines[i] else f"record {i + 1}",
+    )
+
+
+def _parse_jsonl(path: Path, fh: IO[bytes]) -> list[tuple[int, dict]]:
+    records = []
+    for lineno, raw in enumerate(fh, 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}: line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: line {lineno}: not valid UTF-8 text") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
+        records.append((lineno, obj))
+    return records
+
+
+def _parse_json_document(path: Path, data: bytes, strict: bool) -> list[tuple[int, dict]] | None:
+    """A whole-file JSON document: an array of records, a dict of equal-length columns, or one
+    record.  Returns None (caller tries JSON Lines) when a ``{``-file is not one JSON document."""
+    try:
+        obj = json.loads(data)
+    except json.JSONDecodeError as exc:
+        if not strict:
+            return None
+        raise DataError(
+            f"{path}: line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+        ) from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not valid UTF-8 text") from None
+    if isinstance(obj, dict):
+        columns = list(obj.values())
+        if columns and all(isinstance(c, list) and len(c) == len(columns[0]) for c in columns):
+            return [(0, dict(zip(obj, row, strict=True))) for row in zip(*columns, strict=True)]
+        return [(1, obj)]
+    for i, record in enumerate(obj):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: record {i + 1}: expected a JSON object, got {type(record).__name__}")
+    return [(0, record) for record in obj]
+
+
+# --------------------------------------------------------------------------------------------------
+# Parquet and the hub
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_parquet(path: Path, fmt: str, text_column: str, label_column: str) -> _Read:
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+        _check_columns(path, names, text_column, label_column)
+        table = pq.read_table(path, columns=[text_column, label_column])
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a valid Parquet file: {str(exc).splitlines()[0]}") from None
+    return (
+        table.column(text_column).to_pylist(),
+        table.column(label_column).to_pylist(),
+        lambda i: f"row {i + 1}",
+    )
+
+
+def _read_hub(name: str, split: str, text_column: str, label_column: str) -> TextTable:
+    """``datasets.load_dataset(name, split=split)``; needs the network unless already cached."""
+    import datasets
+
+    source = f"hf:{name}:{split}"
+    if not name:
+        raise DataError(f"{source}: empty dataset name")
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # network, auth, unknown name or split: all mean "cannot use this spec"
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(
+            f"{source}: not a local file ending in {_supported()}, and loading it from the "
+            f"Hugging Face hub failed: {type(exc).__name__}: {detail}"
+        ) from None
+    _check_columns(source, ds.column_names, text_column, label_column)
+    arrow = ds.with_format("arrow")  # honours any indices mapping, unlike ds.data
+    texts = arrow[text_column].to_pylist()
+    labels = arrow[label_column].to_pylist()
+    feature = ds.features.get(label_column)
+    if isinstance(feature, datasets.ClassLabel):  # names are what a human (and the report) wants
+        labels = [None if v is None or v < 0 else feature.int2str(v) for v in labels]
+    if not texts:
+        raise DataError(f"{source}: no data rows")
+    return _finish(source, texts, labels, label_column, lambda i: f"row {i + 1}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Common validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _label_str(value: Any) -> str | None:
+    """One canonical string per label value, whatever type the format stored it as."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, str | int):
+        return str(value).strip() or None
+    raise TypeError(type(value).__name__)
+
+
+def _finish(
+    source: str, texts: list[Any], labels: list[Any], label_column: str, locate: Callable[[int], str]
+) -> TextTable:
+    out_texts: list[str] = []
+    out_labels: list[str] = []
+    bad: list[int] = []
+    skipped = 0
+    for i, (text, label) in enumerate(zip(texts, labels, strict=True)):
+        if text is None or (isinstance(text, str) and not text.strip()):
+            skipped += 1
+            continue
+        if not isinstance(text, str):
+            if isinstance(text, list | dict | bytes):
+                raise DataError(f"{source}: {locate(i)}: text is a {type(text).__name__}, expected a string")
+            text = str(text)
+        try:
+            label_str = _label_str(label)
+        except TypeError as exc:
+            raise DataError(
+                f"{source}: {locate(i)}: label in column {label_column!r} is a {exc}, expected a scalar"
+            ) from None
+        if label_str is None:
+            bad.append(i)
+            continue
+        out_texts.append(text)
+        out_labels.append(label_str)
+    if bad:
+        more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
+        raise DataError(f"{source}: {locate(bad[0])}: null or empty label in column {label_column!r}{more}")
+    return TextTable(out_texts, out_labels, os.fspath(source), skipped)
