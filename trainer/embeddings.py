@@ -119,17 +119,17 @@ class LocalTables(nn.Module):
         self.dim = specs[0].dim
         # Plain attribute on purpose: not a Parameter or buffer (see module docstring).
         self.frozen = frozen
-        self.tables = nn.ModuleDict()
+        self.bags = nn.ModuleDict()
         generator = torch.Generator().manual_seed(seed)
         for spec in specs:
             if not spec.trainable:
                 continue
             bag = nn.EmbeddingBag(spec.num_rows, spec.dim, mode="sum", sparse=True)
             init_rows_(bag.weight, spec, generator)
-            self.tables[spec.name] = bag
+            self.bags[spec.name] = bag
 
     def has(self, name: str) -> bool:
-        return name == "pretrained" or name in self.tables
+        return name == "pretrained" or name in self.bags
 
     def move_frozen(self, device: torch.device) -> None:
         if self.frozen.device != device:
@@ -141,13 +141,17 @@ class LocalTables(nn.Module):
                 return torch.zeros(offsets.shape[0], self.dim, device=offsets.device)
             with torch.no_grad():
                 return F.embedding_bag(ids, self.frozen, offsets, mode="sum")
-        return self.tables[name](ids, offsets)
+        return self.bags[name](ids, offsets)
+
+    def checkpoint_view(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """How a table-row-indexed tensor is saved: whole here; row-wise sharded tables return a DTensor."""
+        return tensor
 
     def full_rows(self, name: str) -> torch.Tensor:
         """The whole table (for export, neighbours and the projector)."""
         if name == "pretrained":
             return self.frozen
-        return self.tables[name].weight.detach()
+        return self.bags[name].weight.detach()
 
 
 def per_token_offsets(num_ids: int, device: torch.device) -> torch.Tensor:
@@ -159,3 +163,4 @@ def segment_index(offsets: torch.Tensor, num_ids: int) -> torch.Tensor:
     """For EmbeddingBag-style start offsets, the segment each id belongs to."""
     counts = torch.diff(offsets, append=torch.tensor([num_ids], device=offsets.device))
     return torch.repeat_interleave(torch.arange(offsets.shape[0], device=offsets.device), counts)
+

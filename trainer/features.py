@@ -53,15 +53,18 @@ class EncodedDocs:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **{f.name: getattr(self, f.name) for f in fields(self)})
-        tmp.replace(path)
+    def save(self, folder: Path) -> None:
+        """One .npy per array (ids stored as int32 where they fit) so loads can memory-map them."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in fields(self):
+            array = getattr(self, f.name)
+            if f.name.endswith("_ids") and (len(array) == 0 or array.max(initial=0) < 2**31 - 1):
+                array = array.astype(np.int32)
+            np.save(folder / f"{f.name}.npy", array)
 
     @classmethod
-    def load(cls, path: Path) -> "EncodedDocs":
-        with np.load(path) as z:
-            return cls(**{f.name: z[f.name] for f in fields(cls)})
+    def load(cls, folder: Path) -> "EncodedDocs":
+        return cls(**{f.name: np.load(folder / f"{f.name}.npy", mmap_mode="r") for f in fields(cls)})
 
 
 class Featurizer:

@@ -130,3 +130,4 @@ class TextClassifier(nn.Module):
 def _end(batch: Batch, name: str) -> torch.Tensor:
     ids, offsets = batch.tables[name]
     return torch.tensor([ids.shape[0]], device=offsets.device)
+

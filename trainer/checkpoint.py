@@ -1,0 +1,120 @@
+"""Checkpoints: `RUN_DIR/checkpoints/step-N/`, written with torch.distributed.checkpoint (DCP).
+
+A folder is valid only once `trainer_state.json` exists: rank 0 writes it (atomically) after DCP has written
+every shard and its `.metadata`, so a crash mid-save leaves a folder that resume ignores. The newest valid folder
+is loaded; if it turns out to be unreadable the previous valid one is tried. Trainable tables and optimizer
+state may be DTensors (row-wise sharding): DCP then saves row shards and reshards on load at any world size.
+The frozen pretrained table is never saved, only its fingerprint, which a resume checks.
+"""
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from trainer.config import CheckpointConfig
+from trainer.distributed import DistInfo, barrier, broadcast_object
+
+log = logging.getLogger(__name__)
+STEP_DIR = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+class ResumeError(RuntimeError):
+    """The run folder holds a run that this configuration cannot continue; the message says why."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def valid_steps(folder: Path) -> list[int]:
+    """Steps with a complete checkpoint, oldest first."""
+    if not folder.is_dir():
+        return []
+    steps = []
+    for child in folder.iterdir():
+        m = STEP_DIR.match(child.name)
+        if m and (child / STATE_FILE).exists() and (child / ".metadata").exists():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, cfg: CheckpointConfig, info: DistInfo) -> None:
+        self.folder = run_dir / "checkpoints"
+        self.cfg = cfg
+        self.info = info
+        self.last_saved_step = -1
+
+    def should_save(self, step: int, epoch_end: bool, final: bool) -> bool:
+        """The save policy lives here, not in the training loop. `step` counts completed steps."""
+        if step == self.last_saved_step or step == 0:
+            return False
+        if final or (epoch_end and self.cfg.at_epoch_end):
+            return True
+        return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
+
+    def save(self, step: int, state: dict[str, Any], trainer_state: dict[str, Any]) -> Path:
+        path = self.folder / f"step-{step}"
+        if self.info.is_main:
+            if path.exists():  # a partial folder from a crash at this very step
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
+        barrier(self.info)
+        dcp.save(state, checkpoint_id=str(path))
+        barrier(self.info)
+        if self.info.is_main:
+            atomic_write_text(path / STATE_FILE, json.dumps(trainer_state, indent=1))
+            self._prune()
+        barrier(self.info)
+        self.last_saved_step = step
+        return path
+
+    def _prune(self) -> None:
+        steps = valid_steps(self.folder)
+        for old in steps[: -self.cfg.keep_latest_k]:
+            shutil.rmtree(self.folder / f"step-{old}", ignore_errors=True)
+        # partial folders older than the newest valid one are crash debris
+        newest = steps[-1] if steps else -1
+        for child in self.folder.iterdir():
+            m = STEP_DIR.match(child.name)
+            if m and int(m.group(1)) < newest and int(m.group(1)) not in steps:
+                shutil.rmtree(child, ignore_errors=True)
+
+    def load_latest(self, state: dict[str, Any], check: "callable") -> dict[str, Any] | None:
+        """Load the newest loadable checkpoint into `state` (in place); returns its trainer state, or None.
+
+        `check(trainer_state)` raises ResumeError when the checkpoint belongs to an incompatible run; that is
+        final. A checkpoint that fails to load (corrupted file) is reported and the previous one is tried."""
+        steps = broadcast_object(valid_steps(self.folder), self.info)
+        for step in reversed(steps):
+            path = self.folder / f"step-{step}"
+            trainer_state = json.loads((path / STATE_FILE).read_text())
+            check(trainer_state)
+            try:
+                dcp.load(state, checkpoint_id=str(path))
+                ok = torch.ones(1)
+            except Exception as e:  # noqa: BLE001 - any unreadable shard means: try the previous checkpoint
+                log.warning("checkpoint %s could not be loaded (%s: %s); trying an older one",
+                            path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                ok = torch.zeros(1)
+            if self.info.is_distributed:
+                import torch.distributed as dist
+
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if ok.item() == 1:
+                self.last_saved_step = step
+                return trainer_state
+        return None

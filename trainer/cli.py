@@ -1,0 +1,150 @@
+"""Command line: `python -m trainer {train,eval,predict,neighbors,data,report}`.
+
+User errors (bad config, bad data, bad vector files, a run folder that cannot be resumed) print one line naming
+the file, line or flag, and exit 2; no traceback. Everything else is a bug and keeps its traceback.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+USAGE = """python -m trainer COMMAND ...
+
+commands:
+  train      --config FILE [--section.field VALUE ...]   train (also under torchrun); --help-config lists every field
+  eval       --run RUN_DIR --data PATH                   accuracy / macro F1 as JSON on stdout
+  predict    --run RUN_DIR [--top-k K] [--input FILE]    one JSON object per input line
+  neighbors  --run RUN_DIR WORD [--k 10]                 nearest words by cosine
+  data       debian --out DIR                            build the demo dataset from the apt lists
+"""
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    prefix = "" if "RANK" not in os.environ else f"[rank {rank}] "
+    logging.basicConfig(level=level, stream=sys.stderr, format=f"%(asctime)s {prefix}%(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from trainer.checkpoint import ResumeError
+    from trainer.config import ConfigError
+    from trainer.debian import DebianListsMissing
+    from trainer.tabular import DataError
+    from trainer.trainer import TrainingStopped
+    from trainer.vectors import VectorFileError
+
+    return (ConfigError, DataError, VectorFileError, ResumeError, TrainingStopped, DebianListsMissing,
+            FileNotFoundError, KeyError)
+
+
+def cmd_train(argv: list[str]) -> int:
+    from trainer.config import describe_fields, load_config
+    from trainer.trainer import run_training
+
+    if "--help-config" in argv or "-h" in argv or "--help" in argv:
+        print("python -m trainer train --config FILE [--section.field VALUE ...]\n")
+        print(describe_fields())
+        return 0
+    config_path = None
+    rest = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--config":
+            if i + 1 >= len(argv):
+                from trainer.config import ConfigError
+
+                raise ConfigError("--config: missing file name")
+            config_path = argv[i + 1]
+            i += 2
+        elif argv[i].startswith("--config="):
+            config_path = argv[i].split("=", 1)[1]
+            i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    cfg = load_config(config_path, rest)
+    if not cfg.data.train:
+        from trainer.config import ConfigError
+
+        raise ConfigError("data.train: no training data given (set it in the config or pass --data.train PATH)")
+    result = run_training(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from trainer.inference import run_eval
+
+    p = argparse.ArgumentParser(prog="python -m trainer eval")
+    p.add_argument("--run", required=True, help="run folder (or its model/ folder)")
+    p.add_argument("--data", required=True, help="labelled data: .csv/.jsonl/.parquet path or hub name")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    summary, table = run_eval(args.run, args.data, args.device)
+    sys.stderr.write(table + "\n")
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_predict(argv: list[str]) -> int:
+    from trainer.inference import Predictor, print_jsonl
+
+    p = argparse.ArgumentParser(prog="python -m trainer predict")
+    p.add_argument("--run", required=True)
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--input", default="-", help="file with one text per line (default: stdin)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    if args.top_k < 1:
+        p.error("--top-k must be >= 1")
+    predictor = Predictor(args.run, args.device)
+    if args.input == "-":
+        print_jsonl(predictor.predict_stream(sys.stdin, args.top_k))
+    else:
+        with open(args.input, encoding="utf-8", errors="replace") as f:
+            print_jsonl(predictor.predict_stream(f, args.top_k))
+    return 0
+
+
+def cmd_neighbors(argv: list[str]) -> int:
+    from trainer.inference import neighbors, print_jsonl
+
+    p = argparse.ArgumentParser(prog="python -m trainer neighbors")
+    p.add_argument("--run", required=True)
+    p.add_argument("word")
+    p.add_argument("--k", type=int, default=10)
+    args = p.parse_args(argv)
+    print_jsonl(neighbors(args.run, args.word, args.k))
+    return 0
+
+
+def cmd_data(argv: list[str]) -> int:
+    if not argv or argv[0] != "debian":
+        sys.stderr.write("usage: python -m trainer data debian --out DIR\n")
+        return 2
+    from trainer.debian import main as debian_main
+
+    return debian_main(argv[1:])
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "neighbors": cmd_neighbors,
+            "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        sys.stderr.write(USAGE)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    _setup_logging()
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except _user_errors() as e:
+        message = str(e).strip("'\"") if isinstance(e, KeyError) else str(e)
+        sys.stderr.write(f"error: {message}\n")
+        return 2

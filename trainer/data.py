@@ -1,0 +1,206 @@
+"""Data for a run: read the splits, build (or reload) the vocabulary, featurize once, cache, and plan batches.
+
+Batches are planned globally: every rank derives the same sequence of global batches from (seed, epoch), and
+takes a contiguous part of each. `train.batch_size` and `train.tokens_per_batch` are global budgets, so a run
+trains on the same batches at any world size, and a resume at another world size continues at the right place
+from the global step alone.
+"""
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trainer.config import Config
+from trainer.distributed import DistInfo, barrier
+from trainer.features import EncodedDocs, Featurizer
+from trainer.tabular import TextTable, read_table
+from trainer.vectors import PretrainedVectors
+from trainer.vocab import Tokenizer, Vocabulary, build_vocabulary, count_words, coverage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataBundle:
+    vocab: Vocabulary
+    train: EncodedDocs
+    valid: EncodedDocs | None
+    test: EncodedDocs | None
+    coverage: dict[str, float]
+    stats: dict[str, int]
+
+
+def make_featurizer(cfg: Config, vocab: Vocabulary) -> Featurizer:
+    e = cfg.embeddings
+    return Featurizer(
+        Tokenizer(cfg.data.token_pattern, cfg.data.lowercase),
+        vocab,
+        ngram_buckets=e.ngram_buckets,
+        char_buckets=e.char_ngrams,
+        char_minn=e.char_minn,
+        char_maxn=e.char_maxn,
+        max_tokens=cfg.data.max_tokens_per_doc,
+    )
+
+
+def _source_key(spec: str) -> str:
+    """Identity of a data source for the cache: a local file's path, size and mtime; a hub name as given."""
+    path = Path(spec)
+    if path.exists():
+        st = path.stat()
+        return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return spec
+
+
+def _cache_key(cfg: Config, *parts: str) -> str:
+    d, e = cfg.data, cfg.embeddings
+    settings = [d.text_column, d.label_column, str(d.lowercase), d.token_pattern, str(d.max_tokens_per_doc),
+                str(e.ngram_buckets), str(e.char_ngrams), str(e.char_minn), str(e.char_maxn), *parts]
+    return hashlib.blake2b("\x00".join(settings).encode(), digest_size=10).hexdigest()
+
+
+def _read(spec: str, cfg: Config) -> TextTable:
+    return read_table(spec, cfg.data.text_column, cfg.data.label_column)
+
+
+def prepare_data(cfg: Config, pretrained: PretrainedVectors | None, info: DistInfo, cache_dir: Path) -> DataBundle:
+    """Rank 0 reads, builds the vocabulary and featurizes every split into the cache; other ranks wait, then
+    memory-map the same files (so one host holds one copy)."""
+    key = _cache_key(cfg, _source_key(cfg.data.train), _source_key(cfg.data.valid), _source_key(cfg.data.test),
+                     pretrained.fingerprint if pretrained is not None else "none",
+                     str(cfg.embeddings.min_freq), str(cfg.embeddings.max_vocab), str(cfg.embeddings.full_pretrained))
+    folder = cache_dir / f"data-{key}"
+    if info.is_main and not (folder / "done.json").exists():
+        _build_cache(cfg, pretrained, folder)
+    barrier(info)
+    vocab = Vocabulary.load(folder / "vocab")
+    meta = json.loads((folder / "done.json").read_text())
+    return DataBundle(
+        vocab=vocab,
+        train=EncodedDocs.load(folder / "train"),
+        valid=EncodedDocs.load(folder / "valid") if (folder / "valid").exists() else None,
+        test=EncodedDocs.load(folder / "test") if (folder / "test").exists() else None,
+        coverage=meta["coverage"],
+        stats=meta["stats"],
+    )
+
+
+def _build_cache(cfg: Config, pretrained: PretrainedVectors | None, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    train = _read(cfg.data.train, cfg)
+    log.info("read %s: %d documents (%d empty skipped)", train.source, len(train.texts), train.num_skipped_empty)
+    tokenizer = Tokenizer(cfg.data.token_pattern, cfg.data.lowercase)
+    counts: Counter = count_words(train.texts, tokenizer, cfg.data.max_tokens_per_doc)
+    e = cfg.embeddings
+    vocab = build_vocabulary(
+        counts,
+        train.labels,
+        pretrained.index() if pretrained is not None else None,
+        min_freq=e.min_freq,
+        max_vocab=e.max_vocab,
+        full_pretrained_rows=pretrained.num_rows if (pretrained is not None and e.full_pretrained) else 0,
+    )
+    if len(vocab.labels) < 2:
+        raise ValueError(f"{train.source}: training data has a single class ({vocab.labels}); need at least 2")
+    vocab.save(tmp / "vocab")
+    featurizer = make_featurizer(cfg, vocab)
+    stats = {"train_docs": len(train.texts), "train_skipped_empty": train.num_skipped_empty,
+             "train_tokens": int(sum(counts.values()))}
+    featurizer.encode(train.texts, train.labels).save(tmp / "train")
+    for split in ("valid", "test"):
+        spec = getattr(cfg.data, split)
+        if not spec:
+            continue
+        table = _read(spec, cfg)
+        encoded = featurizer.encode(table.texts, table.labels)
+        unseen = sorted({y for y in table.labels if y not in vocab.label_index})
+        stats[f"{split}_docs"] = len(table.texts)
+        stats[f"{split}_skipped_empty"] = table.num_skipped_empty
+        stats[f"{split}_unseen_label_docs"] = int((encoded.labels < 0).sum())
+        if unseen:
+            log.warning("%s: %d documents have labels never seen in training (%s); they count as errors",
+                        table.source, stats[f"{split}_unseen_label_docs"], ", ".join(unseen[:10]))
+        encoded.save(tmp / split)
+    meta = {"coverage": coverage(vocab, counts), "stats": stats}
+    (tmp / "done.json").write_text(json.dumps(meta, indent=1))
+    if folder.exists():  # another process won the race; keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    tmp.rename(folder)
+
+
+def class_weights(labels: np.ndarray, num_classes: int, kind: str) -> np.ndarray:
+    """none -> all ones; inverse_log -> w_y = log(N / N_y) (classes absent from training get weight 0)."""
+    if kind == "none":
+        return np.ones(num_classes, dtype=np.float32)
+    counts = np.bincount(labels[labels >= 0], minlength=num_classes).astype(np.float64)
+    total = counts.sum()
+    with np.errstate(divide="ignore"):
+        weights = np.where(counts > 0, np.log(total / np.maximum(counts, 1)), 0.0)
+    return weights.astype(np.float32)
+
+
+class BatchPlan:
+    """Deterministic global batches per epoch, and this rank's share of each."""
+
+    def __init__(self, doc_tokens: np.ndarray, batch_size: int, tokens_per_batch: int, seed: int, shuffle: bool = True):
+        self.doc_tokens = np.asarray(doc_tokens, dtype=np.int64)
+        self.batch_size = batch_size
+        self.tokens_per_batch = tokens_per_batch
+        self.seed = seed
+        self.shuffle = shuffle
+        self._cache: dict[int, list[np.ndarray]] = {}
+
+    def epoch(self, epoch: int) -> list[np.ndarray]:
+        if epoch not in self._cache:
+            n = len(self.doc_tokens)
+            order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                     else np.arange(n, dtype=np.int64))
+            self._cache = {epoch: self._cut(order)}  # keep one epoch: plans are cheap to recompute
+        return self._cache[epoch]
+
+    def _cut(self, order: np.ndarray) -> list[np.ndarray]:
+        if not self.tokens_per_batch:
+            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches, start, tokens = [], 0, 0
+        sizes = self.doc_tokens[order]
+        for i, size in enumerate(sizes.tolist()):
+            full_count = self.batch_size and i - start >= self.batch_size
+            full_tokens = i > start and tokens + size > self.tokens_per_batch
+            if full_count or full_tokens:
+                batches.append(order[start:i])
+                start, tokens = i, 0
+            tokens += size
+        if start < len(order):
+            batches.append(order[start:])
+        return batches
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return len(self.epoch(epoch))
+
+    def total_steps(self, epochs: int) -> int:
+        if not self.tokens_per_batch:
+            return epochs * -(-len(self.doc_tokens) // self.batch_size)
+        return sum(self.steps_in_epoch(e) for e in range(epochs))
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, index within epoch) of global step `step`."""
+        epoch = 0
+        while step >= (n := self.steps_in_epoch(epoch)):
+            step -= n
+            epoch += 1
+        return epoch, step
+
+
+def rank_share(global_batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Contiguous split of a global batch; with fewer documents than ranks some shares are empty."""
+    return np.array_split(global_batch, world_size)[rank]

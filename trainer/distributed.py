@@ -1,0 +1,88 @@
+"""Process-group setup behind one function pair: `init_distributed` / `shutdown_distributed`.
+
+Single-process mode when torchrun's variables are absent; otherwise NCCL on CUDA (one GPU per LOCAL_RANK) and gloo
+on CPU, with a finite timeout so a rank that died makes the others fail instead of hanging forever.
+"""
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str  # "nccl", "gloo" or "none" (single process)
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1 or self.backend != "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device: cuda requested but torch.cuda.is_available() is false")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
+    """Join the process group torchrun describes (or run alone) and pick this rank's device and backend."""
+    if not _launched_by_torchrun():
+        return DistInfo(0, 0, 1, pick_device(device, 0), "none")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    dev = pick_device(device, local_rank)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    return DistInfo(rank, local_rank, world, dev, backend)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.is_distributed:
+        if info.backend == "nccl":
+            dist.barrier(device_ids=[info.device.index])
+        else:
+            dist.barrier()
+
+
+def all_reduce_(tensor: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum or max) that is a no-op in single-process mode."""
+    if info.is_distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor
+
+
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    if not info.is_distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,106 @@
+"""Evaluation: run a model over encoded documents, aggregate a confusion matrix across ranks, derive metrics.
+
+Every rank walks the same number of batches (some possibly empty), because row-wise sharded tables need every
+rank in every lookup collective.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.data import BatchPlan, rank_share
+from trainer.distributed import DistInfo, all_reduce_
+from trainer.features import EncodedDocs, collate
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, docs: EncodedDocs, num_pretrained: int, token_level: bool, info: DistInfo, batch_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits for this rank's share of `docs` (in order) and the document indices they belong to."""
+    was_training = model.training
+    model.eval()
+    plan = BatchPlan(docs.raw_tokens, batch_size * info.world_size, 0, seed=0, shuffle=False)
+    outs, rows_all = [], []
+    for global_batch in plan.epoch(0):
+        rows = rank_share(global_batch, info.rank, info.world_size)
+        batch = collate(docs, rows, num_pretrained, token_level).to(info.device)
+        outs.append(model(batch).float().cpu())
+        rows_all.append(rows)
+    model.train(was_training)
+    if not outs:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    return torch.cat(outs).numpy(), np.concatenate(rows_all)
+
+
+def evaluate(
+    model: nn.Module, docs: EncodedDocs, num_pretrained: int, token_level: bool, num_classes: int, info: DistInfo,
+    weights: np.ndarray | None = None,
+) -> dict:
+    """Accuracy, macro F1, loss and the confusion matrix over all ranks' shares. Documents whose label was never
+    seen in training (label -1) are counted as errors."""
+    logits, rows = predict_logits(model, docs, num_pretrained, token_level, info)
+    labels = np.asarray(docs.labels[rows]) if len(rows) else np.zeros(0, dtype=np.int64)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    loss_sum = torch.zeros(2, dtype=torch.float64)  # [sum of losses, count] over known labels
+    unseen = torch.zeros(1, dtype=torch.float64)
+    if len(rows):
+        pred = logits.argmax(1)
+        known = labels >= 0
+        np.add.at(confusion.numpy(), (labels[known], pred[known]), 1)
+        unseen[0] = float((~known).sum())
+        if known.any():
+            losses = F.cross_entropy(torch.from_numpy(logits[known]), torch.from_numpy(labels[known]), reduction="none")
+            loss_sum[0], loss_sum[1] = float(losses.sum()), float(known.sum())
+    packed = torch.cat([confusion.flatten(), loss_sum, unseen])
+    if info.backend == "nccl":
+        packed = packed.to(info.device)
+    all_reduce_(packed, info)
+    packed = packed.cpu()
+    confusion = packed[: num_classes * num_classes].view(num_classes, num_classes).numpy()
+    loss_sum, unseen_n = packed[num_classes * num_classes : -1].numpy(), float(packed[-1])
+    return metrics_from_confusion(confusion, unseen_n) | {"loss": float(loss_sum[0] / max(loss_sum[1], 1))}
+
+
+def metrics_from_confusion(confusion: np.ndarray, unseen: float = 0.0) -> dict:
+    """Rows are true labels, columns predictions. `unseen` documents have no row: they are wrong by definition."""
+    tp = np.diag(confusion)
+    true_n = confusion.sum(1)
+    pred_n = confusion.sum(0)
+    n = confusion.sum() + unseen
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(pred_n > 0, tp / pred_n, 0.0)
+        recall = np.where(true_n > 0, tp / true_n, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    present = true_n > 0
+    return {
+        "accuracy": float(tp.sum() / n) if n else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "n": int(n),
+        "unseen_label_docs": int(unseen),
+        "per_class": {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
+                      "support": true_n.astype(int).tolist()},
+        "confusion": confusion.astype(int).tolist(),
+    }
+
+
+def per_class_table(metrics: dict, labels: list[str]) -> str:
+    pc = metrics["per_class"]
+    width = max([len(x) for x in labels] + [5])
+    lines = [f"{'label':<{width}}  precision  recall     f1  support"]
+    for i, name in enumerate(labels):
+        lines.append(f"{name:<{width}}  {pc['precision'][i]:9.3f}  {pc['recall'][i]:6.3f}  {pc['f1'][i]:5.3f}  "
+                     f"{pc['support'][i]:7d}")
+    lines.append(f"{'all':<{width}}  accuracy {metrics['accuracy']:.4f}  macro_f1 {metrics['macro_f1']:.4f}  "
+                 f"n {metrics['n']}")
+    return "\n".join(lines)
+
+
+def confusion_image(confusion: np.ndarray, cell: int = 8) -> np.ndarray:
+    """Row-normalised confusion matrix as an RGB heat map (H, W, 3) uint8, no plotting library needed."""
+    rows = confusion.sum(1, keepdims=True)
+    norm = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=np.float64), where=rows > 0)
+    heat = (255 * (1 - norm)).astype(np.uint8)
+    image = np.stack([heat, heat, np.full_like(heat, 255)], axis=-1)
+    return np.kron(image, np.ones((cell, cell, 1), dtype=np.uint8))

@@ -1,0 +1,172 @@
+"""The exported model: one self-contained folder `RUN_DIR/model/` that eval, predict and neighbors load.
+
+Contents: `weights.pt` (every trainable table, whole, and the dense state), `frozen.npy` (the pretrained rows the
+vocabulary uses), `vocab/`, `config.toml`, `model.json` (labels, table shapes, fingerprints). Written to a
+temporary folder and renamed into place, so a crash never leaves a half model. DCP checkpoints are for resuming;
+this folder is the release format.
+"""
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainer.config import Config, config_from_dict, dump_toml
+from trainer.distributed import DistInfo
+from trainer.embeddings import LocalTables, TableSpec
+from trainer.model import TextClassifier
+from trainer.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+
+def _dense_module(model: TextClassifier) -> nn.Module:
+    dense = model.dense
+    return dense.module if hasattr(dense, "module") else dense
+
+
+def export_model(folder: Path, model: TextClassifier, vocab: Vocabulary, frozen: torch.Tensor, cfg: Config,
+                 specs: list[TableSpec], fingerprints: dict, info: DistInfo) -> None:
+    # every rank takes part: row-wise tables gather their shards here
+    tables = {s.name: model.tables.full_rows(s.name) for s in specs if s.trainable}
+    if not info.is_main:
+        return
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {f"tables.{k}": v.detach().cpu().contiguous() for k, v in tables.items()}
+    weights.update({f"dense.{k}": v.detach().cpu() for k, v in _dense_module(model).state_dict().items()})
+    torch.save(weights, tmp / "weights.pt")
+    np.save(tmp / "frozen.npy", frozen.cpu().numpy())
+    vocab.save(tmp / "vocab")
+    (tmp / "config.toml").write_text(dump_toml(cfg))
+    meta = {
+        "labels": vocab.labels,
+        "tables": [{"name": s.name, "num_rows": s.num_rows, "dim": s.dim, "trainable": s.trainable, "init": s.init,
+                    "init_std": s.init_std} for s in specs],
+        "delta_active": bool(model.delta_active) or cfg.pretrained_trainable,
+        **fingerprints,
+    }
+    (tmp / "model.json").write_text(json.dumps(meta, indent=1))
+    if folder.exists():
+        old = folder.with_name(folder.name + f".old{os.getpid()}")
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(folder)
+
+
+class LoadedModel:
+    """An exported model ready for inference on one device."""
+
+    def __init__(self, folder: Path, device: torch.device | str = "cpu", extend_pretrained: bool = True) -> None:
+        folder = Path(folder)
+        if not (folder / "model.json").exists():
+            raise FileNotFoundError(f"{folder}: no exported model here (model.json missing); "
+                                    "train to completion first, or pass the run folder")
+        import tomllib
+
+        self.folder = folder
+        self.meta = json.loads((folder / "model.json").read_text())
+        self.cfg: Config = config_from_dict(tomllib.loads((folder / "config.toml").read_text()))
+        self.vocab = Vocabulary.load(folder / "vocab")
+        weights = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
+        frozen = torch.from_numpy(np.load(folder / "frozen.npy"))
+        specs = [TableSpec(**t) for t in self.meta["tables"]]
+        tables_w = {k.removeprefix("tables."): v for k, v in weights.items() if k.startswith("tables.")}
+        self.num_extended = 0
+        if extend_pretrained:
+            frozen, tables_w, specs = self._extend(frozen, tables_w, specs)
+        self.specs = specs
+        tables = LocalTables(specs, frozen, seed=0)
+        with torch.no_grad():
+            for name, w in tables_w.items():
+                tables.bags[name].weight.copy_(w)
+        self.model = TextClassifier(tables, self.cfg.model, self.vocab.num_pretrained, len(self.vocab.labels))
+        self.model.dense.load_state_dict({k.removeprefix("dense."): v for k, v in weights.items()
+                                          if k.startswith("dense.")})
+        self.model.delta_active = self.meta["delta_active"]
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        tables.move_frozen(self.device)
+        self.model.eval()
+
+    def _extend(self, frozen, tables_w, specs):
+        """Give words never seen in training their pretrained rows (when the source is available and unchanged):
+        they join the pretrained range, the mask gets rows of ones and the correction rows of zeros for them."""
+        source = self.meta.get("pretrained_source")
+        if not source or self.cfg.embeddings.full_pretrained:
+            return frozen, tables_w, specs
+        from trainer.vectors import VectorFileError, load_vectors
+
+        cache = Path(self.cfg.embeddings.vectors_cache_dir) if self.cfg.embeddings.vectors_cache_dir else None
+        try:
+            pv = load_vectors(source, cache_dir=cache)
+        except (VectorFileError, OSError) as e:
+            log.warning("pretrained source %s unavailable (%s): words unseen in training fall back to character "
+                        "n-grams", source, e)
+            return frozen, tables_w, specs
+        if pv.fingerprint != self.meta["pretrained_fingerprint"]:
+            log.warning("pretrained source %s changed since training; not extending the vocabulary", source)
+            return frozen, tables_w, specs
+        known = self.vocab.index
+        extra = [i for i, w in enumerate(pv.words) if w not in known]
+        if not extra:
+            return frozen, tables_w, specs
+        p, x = self.vocab.num_pretrained, len(extra)
+        extra_rows = np.asarray(extra, dtype=np.int64)
+        frozen = torch.cat([frozen, torch.from_numpy(pv.take(extra_rows))])
+        if "pretrained_delta" in tables_w:
+            d = tables_w["pretrained_delta"]
+            tables_w["pretrained_delta"] = torch.cat([d, d.new_zeros(x, d.shape[1])])
+        if "mask" in tables_w:
+            m = tables_w["mask"]
+            tables_w["mask"] = torch.cat([m[:p], m.new_ones(x, m.shape[1]), m[p:]])
+        words = self.vocab.words
+        self.vocab = Vocabulary(
+            words=words[:p] + [pv.words[i] for i in extra] + words[p:],
+            num_pretrained=p + x,
+            pretrained_rows=np.concatenate([self.vocab.pretrained_rows, extra_rows]),
+            counts=np.concatenate([self.vocab.counts[:p], np.zeros(x, dtype=np.int64), self.vocab.counts[p:]]),
+            labels=self.vocab.labels,
+        )
+        grow = {"pretrained": x, "pretrained_delta": x, "mask": x}
+        specs = [TableSpec(s.name, s.num_rows + grow.get(s.name, 0), s.dim, s.trainable, s.init, s.init_std)
+                 for s in specs]
+        self.num_extended = x
+        return frozen, tables_w, specs
+
+
+def word_vectors(model: TextClassifier, vocab: Vocabulary) -> np.ndarray:
+    """Each vocabulary word's effective row: (E(w) + correction(w)) * M(w) for every word in the vocabulary."""
+    t = model.tables
+    p = vocab.num_pretrained
+    pre = t.full_rows("pretrained").float().cpu()
+    if t.has("pretrained_delta") and model.delta_active:
+        pre = pre + t.full_rows("pretrained_delta").cpu()[: pre.shape[0]]
+    rows = torch.cat([pre[:p], t.full_rows("oov").cpu()])
+    if t.has("mask"):
+        rows = rows * t.full_rows("mask").cpu()[: rows.shape[0]]
+    return rows.numpy()
+
+
+def projector_rows(model: TextClassifier, vocab: Vocabulary, n: int, info: DistInfo):
+    """The most frequent learned (OOV) words next to the most frequent pretrained words, for the projector."""
+    if n <= 0:
+        return None
+    vectors = word_vectors(model, vocab)  # collective for row-wise tables: every rank calls it
+    if not info.is_main:
+        return None
+    p = vocab.num_pretrained
+    counts = np.asarray(vocab.counts)
+    pre = np.argsort(-counts[:p], kind="stable")[: n // 2]
+    oov = p + np.argsort(-counts[p:], kind="stable")[: n - len(pre)]
+    chosen = np.concatenate([pre, oov])
+    labels = [[vocab.words[i], "pretrained" if i < p else "learned", str(int(counts[i]))] for i in chosen]
+    return vectors[chosen], labels, ["word", "kind", "count"]

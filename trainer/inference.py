@@ -1,0 +1,117 @@
+"""eval / predict / neighbors over an exported model (single process)."""
+
+import json
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.data import make_featurizer
+from trainer.distributed import DistInfo
+from trainer.evaluation import evaluate, per_class_table
+from trainer.export import LoadedModel, word_vectors
+from trainer.features import collate
+from trainer.tabular import read_table
+from trainer.vocab import char_ngram_buckets
+
+
+def model_folder(run: str) -> Path:
+    """Accept the run folder or its model/ subfolder."""
+    path = Path(run)
+    if (path / "model" / "model.json").exists():
+        return path / "model"
+    if (path / "model.json").exists():
+        return path
+    raise FileNotFoundError(f"--run {run}: no exported model (expected {path / 'model' / 'model.json'}); "
+                            "training exports it when it finishes")
+
+
+def _local_info(device: torch.device) -> DistInfo:
+    return DistInfo(0, 0, 1, device, "none")
+
+
+def run_eval(run: str, data: str, device: str = "cpu") -> tuple[dict, str]:
+    folder = model_folder(run)
+    loaded = LoadedModel(folder, device)
+    cfg = loaded.cfg
+    table = read_table(data, cfg.data.text_column, cfg.data.label_column)
+    docs = make_featurizer(cfg, loaded.vocab).encode(table.texts, table.labels)
+    metrics = evaluate(loaded.model, docs, loaded.vocab.num_pretrained, cfg.model.encoder == "lstm",
+                       len(loaded.vocab.labels), _local_info(loaded.device))
+    metrics["skipped_empty"] = table.num_skipped_empty
+    unseen = sorted({y for y in table.labels if y not in loaded.vocab.label_index})
+    metrics["unseen_labels"] = unseen
+    text = per_class_table(metrics, loaded.vocab.labels)
+    if unseen:
+        text += f"\n{metrics['unseen_label_docs']} documents have labels never seen in training (counted as errors): " \
+                f"{', '.join(unseen[:20])}"
+    out_dir = folder.parent / "eval"
+    out_dir.mkdir(exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data).name)
+    (out_dir / f"{name}.per_class.txt").write_text(text + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps(metrics))
+    summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "n", "loss", "unseen_label_docs", "skipped_empty")}
+    return summary, text
+
+
+class Predictor:
+    def __init__(self, run: str, device: str = "cpu") -> None:
+        self.loaded = LoadedModel(model_folder(run), device)
+        self.featurizer = make_featurizer(self.loaded.cfg, self.loaded.vocab)
+        self.token_level = self.loaded.cfg.model.encoder == "lstm"
+
+    @torch.no_grad()
+    def predict(self, texts: list[str], top_k: int = 1) -> list[dict]:
+        docs = self.featurizer.encode(texts)
+        batch = collate(docs, np.arange(len(texts)), self.loaded.vocab.num_pretrained, self.token_level)
+        probs = torch.softmax(self.loaded.model(batch.to(self.loaded.device)).float(), dim=1).cpu()
+        k = min(top_k, probs.shape[1])
+        scores, idx = probs.topk(k, dim=1)
+        labels = self.loaded.vocab.labels
+        out = []
+        for s_row, i_row in zip(scores.tolist(), idx.tolist(), strict=True):
+            top = [{"label": labels[i], "score": round(s, 6)} for s, i in zip(s_row, i_row, strict=True)]
+            out.append({"label": top[0]["label"], "score": top[0]["score"], "top_k": top})
+        return out
+
+    def predict_stream(self, lines: Iterable[str], top_k: int, chunk: int = 512) -> Iterator[dict]:
+        buffer: list[str] = []
+        for line in lines:
+            buffer.append(line.rstrip("\n"))
+            if len(buffer) == chunk:
+                yield from self.predict(buffer, top_k)
+                buffer = []
+        if buffer:
+            yield from self.predict(buffer, top_k)
+
+
+def neighbors(run: str, word: str, k: int = 10) -> list[dict]:
+    """Nearest words by cosine over the pretrained rows and the learned rows. A word outside the vocabulary is
+    represented by its character n-grams (when the model has them)."""
+    loaded = LoadedModel(model_folder(run))
+    vocab, cfg, model = loaded.vocab, loaded.cfg, loaded.model
+    query = word.lower() if cfg.data.lowercase else word
+    vectors = word_vectors(model, vocab)
+    idx = vocab.index.get(query)
+    if idx is not None:
+        q = vectors[idx].copy()
+    elif model.tables.has("char"):
+        ids = char_ngram_buckets(query, cfg.embeddings.char_minn, cfg.embeddings.char_maxn, cfg.embeddings.char_ngrams)
+        q = model.tables.full_rows("char").cpu().numpy()[ids].sum(0)
+    else:
+        raise KeyError(f"{word!r} is not in the vocabulary and the model has no character n-grams")
+    norms = np.linalg.norm(vectors, axis=1) * (np.linalg.norm(q) or 1.0)
+    scores = vectors @ q / np.where(norms > 0, norms, 1.0)
+    if idx is not None:
+        scores[idx] = -np.inf
+    top = np.argsort(-scores, kind="stable")[:k]
+    return [{"word": vocab.words[i], "score": round(float(scores[i]), 6),
+             "kind": "pretrained" if i < vocab.num_pretrained else "learned"} for i in top]
+
+
+def print_jsonl(rows: Iterable[dict], stream=sys.stdout) -> None:
+    for row in rows:
+        stream.write(json.dumps(row, ensure_ascii=False) + "\n")

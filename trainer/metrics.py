@@ -1,0 +1,149 @@
+"""Metrics: TensorBoard + metrics.jsonl on the logging rank, a do-nothing logger everywhere else.
+
+Tags are grouped (`loss/`, `accuracy/`, `throughput/`, `time/`, `memory/`, `lr/`, `embeddings/`). Throughput
+skips the first `metrics.warmup_steps` steps after every (re)start, and counters reset after each log, so each
+logged figure describes the interval since the previous one.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class NullLogger:
+    """What non-logging ranks get: same interface, does nothing."""
+
+    def scalars(self, values: dict[str, float], step: int) -> None: ...
+    def text(self, tag: str, text: str, step: int = 0) -> None: ...
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None: ...
+    def image(self, tag: str, image_HWC: np.ndarray, step: int) -> None: ...
+    def projector(self, vectors: np.ndarray, labels: list[list[str]], header: list[str], step: int) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class MetricsLogger(NullLogger):
+    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+        self.run_dir = run_dir
+        self.jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        clean = {k: float(v) for k, v in values.items()}
+        self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean}) + "\n")
+        if self.writer is not None:
+            for tag, value in clean.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.writer is not None:
+            # TensorBoard renders markdown; indent so configs and plans keep their layout
+            self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        if self.writer is not None:
+            flat = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in hparams.items()}
+            self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()}, run_name="hparams")
+
+    def image(self, tag: str, image_HWC: np.ndarray, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, image_HWC, step, dataformats="HWC")
+
+    def projector(self, vectors: np.ndarray, labels: list[list[str]], header: list[str], step: int) -> None:
+        if self.writer is not None and len(vectors):
+            import torch
+
+            self.writer.add_embedding(torch.from_numpy(np.ascontiguousarray(vectors)), metadata=labels,
+                                      metadata_header=header, global_step=step, tag="words")
+
+    def flush(self) -> None:
+        self.jsonl.flush()
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+class StepTimer:
+    """Accumulates wall time per phase of a step (data, forward, backward, optimizer, ...) between logs.
+
+    On CUDA the phases are only meaningful with synchronisation, which would stall the pipeline, so the trainer
+    records phases there only on logging steps."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def start(self) -> None:
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + (now - self._last)
+        self._last = now
+
+    def shares(self) -> dict[str, float]:
+        total = sum(self.totals.values()) or 1.0
+        return {f"time/{k}_share": v / total for k, v in self.totals.items()}
+
+    def reset(self) -> None:
+        self.totals.clear()
+
+
+class Throughput:
+    """Tokens and examples per second over the steps since the last log, excluding warm-up steps."""
+
+    def __init__(self, warmup_steps: int) -> None:
+        self.warmup_steps = warmup_steps
+        self.steps_seen = 0
+        self.tokens = 0
+        self.examples = 0
+        self.start: float | None = None
+
+    def update(self, tokens: int, examples: int) -> None:
+        self.steps_seen += 1
+        if self.steps_seen == self.warmup_steps:
+            self.start = time.perf_counter()  # measure from the end of the last warm-up step
+            return
+        if self.steps_seen > self.warmup_steps:
+            if self.start is None:
+                self.start = time.perf_counter()
+                return
+            self.tokens += tokens
+            self.examples += examples
+
+    def rates(self) -> dict[str, float]:
+        if self.start is None or self.tokens == 0:
+            return {}
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {"throughput/tokens_per_s": self.tokens / elapsed, "throughput/examples_per_s": self.examples / elapsed}
+        self.tokens = self.examples = 0
+        self.start = time.perf_counter()
+        return out
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    # ru_maxrss is KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0

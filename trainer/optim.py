@@ -1,0 +1,166 @@
+"""The one place that splits parameters into optimizers, and the learning-rate schedule.
+
+Groups, by parameter name:
+  - `sparse`:     trainable embedding tables (OOV words, n-gram buckets, masks): optim.sparse at optim.sparse_lr
+  - `pretrained`: the correction to pretrained rows (`pretrained_delta`): optim.sparse at optim.pretrained_lr,
+                  stepped only once unfrozen
+  - `dense`:      everything else (LSTM, head): optim.dense (AdamW or SGD) at optim.dense_lr
+The frozen pretrained table is not a parameter at all; `OptimizerContainer` proves that every trainable parameter
+is in exactly one optimizer and that no optimizer holds the frozen table's storage.
+"""
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from trainer.config import OptimConfig
+from trainer.sparse_optim import build_sparse_optimizer, init_optimizer_state, optimizer_state_tensors
+
+log = logging.getLogger(__name__)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def clean_name(name: str) -> str:
+    """Parameter names without DDP's `module.` wrappers, so checkpoints do not depend on the wrapping."""
+    return name.replace("module.", "")
+
+
+def group_of(name: str) -> str:
+    if name.startswith("tables."):
+        return "pretrained" if ".pretrained_delta." in name else "sparse"
+    return "dense"
+
+
+def lr_multiplier(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Linear warm-up to 1, then linear / cosine decay to min_lr_ratio at total_steps (or constant)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant" or total_steps <= cfg.warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    if cfg.schedule == "cosine":
+        shape = 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        shape = 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+class OptimizerContainer:
+    """Dense + sparse (+ pretrained-correction) optimizers stepped together, with one schedule."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: OptimConfig,
+        total_steps: int,
+        unfreeze_step: int,
+        frozen: torch.Tensor | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.unfreeze_step = unfreeze_step
+        named: dict[str, list[tuple[str, nn.Parameter]]] = {"dense": [], "sparse": [], "pretrained": []}
+        self.names: dict[nn.Parameter, str] = {}
+        for raw_name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            name = clean_name(raw_name)
+            named[group_of(name)].append((name, param))
+            self.names[param] = name
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        if named["dense"]:
+            params = [p for _, p in named["dense"]]
+            if cfg.dense == "adamw":
+                self.optimizers["dense"] = torch.optim.AdamW(params, lr=cfg.dense_lr, weight_decay=cfg.weight_decay)
+            else:
+                self.optimizers["dense"] = torch.optim.SGD(
+                    params, lr=cfg.dense_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+                )
+        if named["sparse"]:
+            self.optimizers["sparse"] = build_sparse_optimizer(cfg.sparse, [p for _, p in named["sparse"]], cfg.sparse_lr)
+        if named["pretrained"]:
+            self.optimizers["pretrained"] = build_sparse_optimizer(
+                cfg.sparse, [p for _, p in named["pretrained"]], cfg.pretrained_lr
+            )
+        self.base_lr = {name: [g["lr"] for g in opt.param_groups] for name, opt in self.optimizers.items()}
+        self.group_names = {g: [n for n, _ in named[g]] for g in named}
+        self._check_coverage(model, frozen)
+
+    def _check_coverage(self, model: nn.Module, frozen: torch.Tensor | None) -> None:
+        seen: dict[int, str] = {}
+        for group, opt in self.optimizers.items():
+            for pg in opt.param_groups:
+                for p in pg["params"]:
+                    if id(p) in seen:
+                        raise AssertionError(f"parameter {self.names[p]} is in optimizers {seen[id(p)]} and {group}")
+                    seen[id(p)] = group
+                    if frozen is not None and frozen.numel() and p.untyped_storage().data_ptr() == frozen.untyped_storage().data_ptr():
+                        raise AssertionError(f"optimizer {group} holds the frozen pretrained table")
+        missing = [clean_name(n) for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+        if missing:
+            raise AssertionError(f"trainable parameters in no optimizer: {missing}")
+
+    def describe(self) -> str:
+        lines = []
+        for group, names in self.group_names.items():
+            if not names:
+                continue
+            opt = self.optimizers[group]
+            numel = sum(p.numel() for pg in opt.param_groups for p in pg["params"])
+            lines.append(f"  {group:<10} {type(opt).__name__:<16} lr={self.base_lr[group][0]:g} "
+                         f"params={numel:,} [{', '.join(names)}]")
+        return "optimizer split:\n" + "\n".join(lines)
+
+    def pretrained_active(self, step: int) -> bool:
+        return self.unfreeze_step >= 0 and step >= self.unfreeze_step
+
+    def set_lr(self, step: int) -> None:
+        mult = lr_multiplier(step, self.cfg, self.total_steps)
+        for name, opt in self.optimizers.items():
+            for pg, base in zip(opt.param_groups, self.base_lr[name], strict=True):
+                pg["lr"] = base * mult
+
+    def lrs(self) -> dict[str, float]:
+        return {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+
+    def dense_params(self) -> list[nn.Parameter]:
+        opt = self.optimizers.get("dense")
+        return [p for pg in opt.param_groups for p in pg["params"]] if opt else []
+
+    def clip_dense(self, max_norm: float) -> torch.Tensor:
+        """Clip the dense group only (clip_grad_norm_ cannot handle sparse gradients); returns the norm as a
+        tensor without a host sync."""
+        params = [p for p in self.dense_params() if p.grad is not None]
+        if not params:
+            return torch.zeros(())
+        if max_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+
+    def step(self, step: int) -> None:
+        for name, opt in self.optimizers.items():
+            if name == "pretrained" and not self.pretrained_active(step):
+                continue
+            opt.step()
+
+    def init_state(self) -> None:
+        """Create every optimizer's state before a checkpoint is loaded into it (a fresh SparseAdam has none)."""
+        for opt in self.optimizers.values():
+            init_optimizer_state(opt)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat `group/param_name/state_key` -> live state tensor, for the checkpoint."""
+        out: dict[str, torch.Tensor] = {}
+        for group, opt in self.optimizers.items():
+            for key, tensor in optimizer_state_tensors(opt, self.names).items():
+                out[f"{group}/{key}"] = tensor
+        return out

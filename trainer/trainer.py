@@ -1,0 +1,390 @@
+"""Wires the components into a training run: build -> (resume) -> loop -> evaluate -> export.
+
+The loop has a fixed shape: lr -> zero_grad -> forward/backward -> clip dense -> finite check -> step -> maybe
+log -> maybe evaluate -> maybe checkpoint. The checkpointer owns the save policy. Host syncs (`.item()`,
+`float()`) happen only in the logging / evaluation / checkpoint branches, except the finite check, which on CUDA
+also waits for those branches.
+"""
+
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, valid_steps
+from trainer.config import Config, dump_toml
+from trainer.data import BatchPlan, DataBundle, class_weights, prepare_data, rank_share
+from trainer.distributed import DistInfo, all_reduce_, init_distributed, shutdown_distributed
+from trainer.embeddings import LocalTables, build_table_specs, pretrained_scale
+from trainer.evaluation import confusion_image, evaluate, per_class_table
+from trainer.export import export_model
+from trainer.features import collate
+from trainer.metrics import MetricsLogger, NullLogger, StepTimer, Throughput, current_rss_bytes, peak_rss_bytes
+from trainer.model import TextClassifier
+from trainer.optim import OptimizerContainer, clean_name, unwrap
+from trainer.progress import progress_bar
+from trainer.sharding import (
+    build_tables,
+    describe_plan,
+    needs_sparse_grad_sync,
+    resolve_sharding,
+    sync_sparse_grads,
+    wrap_for_training,
+)
+from trainer.vectors import load_vectors
+
+log = logging.getLogger("trainer")
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (non-finite loss); the last good checkpoint is kept."""
+
+
+class StopFlag:
+    """SIGTERM / SIGINT: finish the current step, checkpoint, exit. A second signal exits at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            sys.stderr.write(f"second signal {signum}: exiting now\n")
+            raise SystemExit(128 + signum)
+        self.requested = True
+        log.warning("signal %d: will checkpoint after the current step and exit", signum)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def frozen_rows(pretrained, vocab, full: bool) -> torch.Tensor:
+    import warnings
+
+    if pretrained is None:
+        return torch.zeros(0, 1)
+    if full:
+        with warnings.catch_warnings():  # a read-only memmap shared by the ranks of a host: never written
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(pretrained.vectors)
+    return torch.from_numpy(pretrained.take(vocab.pretrained_rows))
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: DistInfo) -> None:
+        self.cfg = cfg
+        self.info = info
+        self.run_dir = Path(cfg.run.dir)
+        self.stop = StopFlag()
+
+    # ---------------------------------------------------------------- build
+    def build(self) -> None:
+        cfg, info = self.cfg, self.info
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.train.resume == "never" and valid_steps(self.run_dir / "checkpoints"):
+            raise ResumeError(f"run.dir {self.run_dir} already holds checkpoints and train.resume = never; "
+                              "use another run.dir or train.resume = auto")
+        self.logger = MetricsLogger(self.run_dir, cfg.metrics.tensorboard) if info.is_main else NullLogger()
+        e = cfg.embeddings
+        self.pretrained = None
+        if e.pretrained:
+            cache = Path(e.vectors_cache_dir) if e.vectors_cache_dir else None
+            t0 = time.perf_counter()
+            self.pretrained = load_vectors(e.pretrained, cache_dir=cache, progress=info.is_main and cfg.metrics.progress)
+            log.info("pretrained %s: %d x %d in %.2fs (%d duplicates skipped)", e.pretrained,
+                     self.pretrained.num_rows, self.pretrained.dim, time.perf_counter() - t0,
+                     self.pretrained.num_duplicates)
+        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir / "cache"
+        self.data: DataBundle = prepare_data(cfg, self.pretrained, info, cache_dir)
+        vocab = self.data.vocab
+        cov = self.data.coverage
+        log.info("vocabulary: %d words (%d pretrained, %d OOV), %d labels; pretrained coverage %.1f%% of types, "
+                 "%.1f%% of tokens", len(vocab.words), vocab.num_pretrained, vocab.num_oov, len(vocab.labels),
+                 100 * cov["pretrained_type_coverage"], 100 * cov["pretrained_token_coverage"])
+        self.frozen = frozen_rows(self.pretrained, vocab, e.full_pretrained)
+        dim = self.pretrained.dim if self.pretrained is not None else e.dim
+        self.specs = build_table_specs(
+            num_pretrained=vocab.num_pretrained, num_oov=vocab.num_oov, dim=dim,
+            ngram_buckets=e.ngram_buckets, char_buckets=e.char_ngrams, masked=cfg.model.encoder == "masked_bag",
+            pretrained_trainable=cfg.pretrained_trainable,
+            init_std=pretrained_scale(self.frozen.numpy()) if self.frozen.numel() else 0.1,
+        )
+        self.sharding = resolve_sharding(cfg.dist, self.specs, info)
+        tables = build_tables(self.sharding, self.specs, self.frozen, cfg.train.seed, info)
+        self.model = TextClassifier(tables, cfg.model, vocab.num_pretrained, len(vocab.labels)).to(info.device)
+        tables.move_frozen(info.device)
+        self.train_model = wrap_for_training(self.model, self.sharding, info)
+        self.sync_tables = needs_sparse_grad_sync(self.sharding, info)
+        self.token_level = cfg.model.encoder == "lstm"
+        tc = cfg.train
+        self.plan = BatchPlan(self.data.train.raw_tokens, tc.batch_size, tc.tokens_per_batch, tc.seed)
+        self.total_steps = tc.max_steps or self.plan.total_steps(tc.epochs)
+        unfreeze = 0 if (cfg.pretrained_trainable and not e.freeze_pretrained) else e.unfreeze_after_steps
+        self.optim = OptimizerContainer(self.train_model, cfg.optim, self.total_steps, unfreeze, self.frozen)
+        self.weights = class_weights(np.asarray(self.data.train.labels), len(vocab.labels), tc.class_weights)
+        self.weights_t = torch.from_numpy(self.weights).to(info.device)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, info)
+        if info.is_main:
+            atomic_write_text(self.run_dir / "config.toml", dump_toml(cfg))
+            self.logger.text("config", dump_toml(cfg))
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> dict:
+        tables = unwrap(self.model).tables
+        model_state = {}
+        for name, param in unwrap(self.model).named_parameters():
+            model_state[clean_name(name)] = tables.checkpoint_view(clean_name(name), param.data)
+        optim_state = {k: tables.checkpoint_view(k.split("/", 1)[1].rsplit("/", 1)[0], v)
+                       for k, v in self.optim.state_tensors().items()}
+        return {"model": model_state, "optim": optim_state}
+
+    def fingerprints(self) -> dict:
+        return {
+            "vocab_fingerprint": self.data.vocab.fingerprint(),
+            "pretrained_fingerprint": self.pretrained.fingerprint if self.pretrained is not None else "none",
+            "pretrained_source": self.cfg.embeddings.pretrained,
+            "tables": [[s.name, s.num_rows, s.dim] for s in self.specs],
+            "optimizers": {k: type(v).__name__ for k, v in self.optim.optimizers.items()},
+            "encoder": self.cfg.model.encoder,
+        }
+
+    def check_resumable(self, saved: dict) -> None:
+        mine = self.fingerprints()
+        reasons = {
+            "pretrained_fingerprint": "the pretrained table differs from the one this run was trained with "
+                                      f"({saved.get('pretrained_source')!r} then, {mine['pretrained_source']!r} now)",
+            "vocab_fingerprint": "the vocabulary or label set differs (training data, tokenizer, min_freq or max_vocab "
+                                 "changed)",
+            "tables": f"the embedding tables differ ({saved.get('tables')} then, {mine['tables']} now)",
+            "optimizers": f"the optimizers differ ({saved.get('optimizers')} then, {mine['optimizers']} now)",
+            "encoder": f"model.encoder differs ({saved.get('encoder')} then, {mine['encoder']} now)",
+        }
+        for key, reason in reasons.items():
+            if saved.get(key) != mine[key]:
+                raise ResumeError(f"run.dir {self.run_dir} holds a run this configuration cannot resume: {reason}. "
+                                  "Use another run.dir, or train.resume = never with a fresh folder.")
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> dict:
+        cfg, info = self.cfg, self.info
+        self.build()
+        self.optim.init_state()
+        self.optim.zero_grad()
+        state = self.state()  # init_state created the optimizer tensors: take the views again
+        plan_text = describe_plan(self.specs, self.sharding, self.info, self.optim)
+        log.info("%s\n%s", plan_text, self.optim.describe())
+        self.logger.text("sharding_plan", plan_text + "\n" + self.optim.describe())
+        resumed = self.checkpointer.load_latest(state, self.check_resumable)
+        step = resumed["step"] if resumed else 0
+        tokens_seen = resumed["tokens_seen"] if resumed else 0
+        if resumed:
+            log.info("resumed from step %d (saved by world size %d, %s); %d steps remain", step,
+                     resumed["world_size"], resumed["sharding"], self.total_steps - step)
+        self.stop.install()
+        try:
+            result = self._loop(step, tokens_seen)
+        finally:
+            self.stop.uninstall()
+        return result
+
+    def _loss(self, logits: torch.Tensor, batch, global_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss whose DDP-averaged gradient equals the gradient of the global-batch weighted mean loss.
+
+        Every rank knows the whole global batch's labels (the plan is global), so the denominator needs no
+        communication. Returns (loss to backpropagate, this rank's own weighted mean for logging)."""
+        denom = float(self.weights[np.asarray(self.data.train.labels[global_rows])].sum()) or 1.0
+        labels = batch.labels
+        per_doc = F.cross_entropy(logits.float(), labels, weight=self.weights_t, reduction="none")
+        local_sum = per_doc.sum()
+        local_w = self.weights_t[labels].sum() if labels.numel() else torch.ones((), device=logits.device)
+        return local_sum * (self.info.world_size / denom), local_sum.detach() / local_w.clamp(min=1e-12)
+
+    def _loop(self, step: int, tokens_seen: int) -> dict:
+        cfg, info, model = self.cfg, self.info, self.train_model
+        vocab = self.data.vocab
+        timer, meter = StepTimer(), Throughput(cfg.metrics.warmup_steps)
+        bar = progress_bar(total=self.total_steps, initial=step, desc="train",
+                           enabled=info.is_main and cfg.metrics.progress)
+        cpu = info.device.type == "cpu"
+        last_valid: dict = {}
+        model.train()
+        t_start = time.perf_counter()
+        steps_this_run = 0
+        while step < self.total_steps:
+            epoch, index = self.plan.position(step)
+            batches = self.plan.epoch(epoch)
+            global_rows = batches[index]
+            timer.start()
+            rows = rank_share(global_rows, info.rank, info.world_size)
+            batch = collate(self.data.train, rows, vocab.num_pretrained, self.token_level).to(info.device)
+            timer.mark("data")
+            # dropout randomness from (seed, step, rank): a resumed run draws exactly what it would have
+            torch.manual_seed(cfg.train.seed * 1_000_003 + step * 7919 + info.rank)
+            unwrap(self.model).delta_active = self.optim.pretrained_active(step)
+            self.optim.set_lr(step)
+            self.optim.zero_grad()
+            logits = model(batch)
+            loss, local_mean = self._loss(logits, batch, global_rows)
+            timer.mark("forward")
+            loss.backward()
+            timer.mark("backward")
+            if self.sync_tables:
+                sync_sparse_grads(unwrap(self.model).tables, info)
+                timer.mark("communication")
+            grad_norm = self.optim.clip_dense(cfg.optim.grad_clip)
+            step_count = step + 1
+            epoch_end = index + 1 == len(batches)
+            final = step_count == self.total_steps
+            log_now = step_count == 1 or step_count % cfg.metrics.log_every_steps == 0 or final
+            save_now = self.checkpointer.should_save(step_count, epoch_end, final)
+            if cpu or log_now or save_now:
+                # host sync: cheap on CPU, limited to logging/checkpoint steps on CUDA
+                finite = torch.isfinite(loss.detach()).float()
+                all_reduce_(finite, info, op="sum")
+                if float(finite) < info.world_size:
+                    raise TrainingStopped(
+                        f"non-finite loss at step {step_count}; stopped without saving. The last good checkpoint "
+                        f"is kept in {self.checkpointer.folder}. Lower optim.sparse_lr / optim.dense_lr.")
+            self.optim.step(step)
+            timer.mark("optimizer")
+            step = step_count
+            steps_this_run += 1
+            tokens_seen += int(self.data.train.raw_tokens[global_rows].sum())
+            meter.update(batch.num_tokens, batch.num_docs)
+            bar.update(1)
+            if log_now:
+                self._log_train(step, local_mean, logits, batch, grad_norm, meter, timer, tokens_seen, epoch)
+            if self.data.valid is not None and (
+                (cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0)
+                or (not cfg.train.eval_every_steps and epoch_end) or final
+            ):
+                last_valid = self._evaluate("valid", step)
+            stop_now = self._agree_stop()
+            if save_now or stop_now:
+                self.checkpointer.save(step, self.state(), self._trainer_state(step, tokens_seen, epoch))
+            if stop_now:
+                log.warning("stopped by signal at step %d; checkpoint saved", step)
+                bar.close()
+                self.logger.close()
+                return {"stopped": True, "step": step}
+        bar.close()
+        wall = time.perf_counter() - t_start
+        result = {"step": step, "steps_this_run": steps_this_run, "train_seconds": wall}
+        if last_valid:
+            result["valid"] = {k: last_valid[k] for k in ("accuracy", "macro_f1", "loss", "n")}
+        if self.data.test is not None:
+            test = self._evaluate("test", step)
+            result["test"] = {k: test[k] for k in ("accuracy", "macro_f1", "loss", "n")}
+        export_model(self.run_dir / "model", unwrap(self.model), self.data.vocab, self.frozen, self.cfg, self.specs,
+                     self.fingerprints(), self.info)
+        self._final_logs(result, step)
+        if info.is_main:
+            atomic_write_text(self.run_dir / "result.json", json.dumps(result, indent=1))
+        return result
+
+    def _agree_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop.requested else 0.0])
+        if self.info.is_distributed:
+            all_reduce_(flag.to(self.info.device), self.info, op="max")
+        return bool(flag.item())
+
+    def _trainer_state(self, step: int, tokens_seen: int, epoch: int) -> dict:
+        return {
+            "step": step,
+            "epoch": epoch,
+            "tokens_seen": tokens_seen,
+            "world_size": self.info.world_size,
+            "sharding": self.sharding,
+            "torch_version": torch.__version__,
+            **self.fingerprints(),
+        }
+
+    def _log_train(self, step, local_mean, logits, batch, grad_norm, meter, timer, tokens_seen, epoch) -> None:
+        info = self.info
+        # host sync (logging step only): loss mean and max across ranks, batch accuracy
+        correct = (logits.argmax(1) == batch.labels).sum().float() if batch.num_docs else torch.zeros(())
+        stats = torch.stack([local_mean.float(), correct.float(), torch.tensor(float(batch.num_docs))]).cpu()
+        summed = all_reduce_(stats.clone().to(info.device), info, op="sum").cpu()
+        peak = all_reduce_(stats[:1].clone().to(info.device), info, op="max").cpu()
+        values = {
+            "loss/train": float(summed[0]) / info.world_size,
+            "loss/train_max_rank": float(peak[0]),
+            "accuracy/train_batch": float(summed[1]) / max(float(summed[2]), 1.0),
+            "grad/dense_norm": float(grad_norm),
+            "progress/epoch": epoch,
+            "progress/tokens_seen": tokens_seen,
+            "memory/rss_gb": current_rss_bytes() / 2**30,
+            "memory/peak_rss_gb": peak_rss_bytes() / 2**30,
+        }
+        values.update({f"lr/{k}": v for k, v in self.optim.lrs().items()})
+        rates = meter.rates()
+        if rates:  # per-rank rates summed: the whole job's throughput
+            packed = all_reduce_(torch.tensor([rates["throughput/tokens_per_s"], rates["throughput/examples_per_s"]],
+                                              dtype=torch.float64).to(info.device), info).cpu()
+            values["throughput/tokens_per_s"] = float(packed[0])
+            values["throughput/examples_per_s"] = float(packed[1])
+        values.update(timer.shares())
+        timer.reset()
+        if info.device.type == "cuda":
+            values["memory/cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated(info.device) / 2**30
+        if step == 1:
+            values.update({f"embeddings/{k}": v for k, v in self.data.coverage.items()})
+        self.logger.scalars(values, step)
+        log.info("step %d/%d loss %.4f (max over ranks %.4f) %s", step, self.total_steps, values["loss/train"],
+                 values["loss/train_max_rank"],
+                 f"{values['throughput/tokens_per_s']:,.0f} tokens/s" if "throughput/tokens_per_s" in values else "")
+
+    def _evaluate(self, split: str, step: int) -> dict:
+        docs = getattr(self.data, split)
+        m = evaluate(self.train_model, docs, self.data.vocab.num_pretrained, self.token_level,
+                     len(self.data.vocab.labels), self.info)
+        self.logger.scalars({f"accuracy/{split}": m["accuracy"], f"loss/{split}": m["loss"],
+                             f"accuracy/{split}_macro_f1": m["macro_f1"]}, step)
+        log.info("%s at step %d: accuracy %.4f macro_f1 %.4f loss %.4f (n=%d)", split, step, m["accuracy"],
+                 m["macro_f1"], m["loss"], m["n"])
+        if self.info.is_main:
+            (self.run_dir / "eval").mkdir(exist_ok=True)
+            atomic_write_text(self.run_dir / "eval" / f"{split}.json", json.dumps(m))
+            atomic_write_text(self.run_dir / "eval" / f"{split}_per_class.txt",
+                              per_class_table(m, self.data.vocab.labels))
+            self.logger.image(f"confusion/{split}", confusion_image(np.array(m["confusion"], dtype=np.float64)), step)
+        return m
+
+    def _final_logs(self, result: dict, step: int) -> None:
+        hparams = {f"{section}.{k}": v for section, d in self.cfg.to_dict().items() for k, v in d.items()
+                   if section in ("embeddings", "model", "optim", "train") and isinstance(v, int | float | str | bool)}
+        final = {}
+        for split in ("valid", "test"):
+            if split in result:
+                final[f"{split}_accuracy"] = result[split]["accuracy"]
+                final[f"{split}_macro_f1"] = result[split]["macro_f1"]
+        self.logger.hparams(hparams, final)
+        from trainer.export import projector_rows
+
+        rows = projector_rows(unwrap(self.model), self.data.vocab, self.cfg.metrics.projector_words, self.info)
+        if rows is not None:
+            self.logger.projector(*rows, step=step)
+        self.logger.close()
+
+
+def run_training(cfg: Config) -> dict:
+    info = init_distributed(cfg.train.device, cfg.dist.timeout_s)
+    try:
+        return Trainer(cfg, info).fit()
+    finally:
+        shutdown_distributed()
