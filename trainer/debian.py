@@ -270,7 +270,9 @@ def _write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
     def write(fh: IO[str]) -> None:
         writer = csv.writer(fh, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
         writer.writerow(("text", "label"))
-        writer.writerows(rows)
+        # With a "\n" terminator csv would leave a bare "\r" unquoted (and unreadable); universal
+        # newlines already make one impossible here, this keeps it so if the parser changes.
+        writer.writerows((text.replace("\r", "\n"), label) for text, label in rows)
 
     _write_atomic(path, write)
 

@@ -17,8 +17,10 @@ from trainer.tabular import DataError, TextTable, local_format, read_table
 
 
 def write_csv(path: Path, rows: list[list[object]], delimiter: str = ",") -> Path:
+    # csv's default "\r\n" terminator makes it quote fields holding a bare "\r" (with "\n" it would
+    # not, and no reader could then tell that "\r" from a line break); it also covers CRLF files.
     with open(path, "w", newline="", encoding="utf-8") as fh:
-        csv.writer(fh, delimiter=delimiter, lineterminator="\n").writerows(rows)
+        csv.writer(fh, delimiter=delimiter).writerows(rows)
     return path
 
 
