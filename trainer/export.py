@@ -47,7 +47,7 @@ def export_model(folder: Path, model: TextClassifier, vocab: Vocabulary, frozen:
     (tmp / "config.toml").write_text(dump_toml(cfg))
     meta = {
         "labels": vocab.labels,
-        "tables": [{"name": s.name, "num_rows": s.num_rows, "dim": s.dim, "trainable": s.trainable, "init": s.init,
+        "table_specs": [{"name": s.name, "num_rows": s.num_rows, "dim": s.dim, "trainable": s.trainable, "init": s.init,
                     "init_std": s.init_std} for s in specs],
         "delta_active": bool(model.delta_active) or cfg.pretrained_trainable,
         **fingerprints,
@@ -78,7 +78,7 @@ class LoadedModel:
         self.vocab = Vocabulary.load(folder / "vocab")
         weights = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
         frozen = torch.from_numpy(np.load(folder / "frozen.npy"))
-        specs = [TableSpec(**t) for t in self.meta["tables"]]
+        specs = [TableSpec(**t) for t in self.meta["table_specs"]]
         tables_w = {k.removeprefix("tables."): v for k, v in weights.items() if k.startswith("tables.")}
         self.num_extended = 0
         if extend_pretrained:

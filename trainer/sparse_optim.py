@@ -1,0 +1,326 @@
+"""Optimizers for trainable embedding tables with sparse (COO) gradients.
+
+A step must cost O(touched rows x dim), never O(table rows): tables reach millions of rows while a batch touches
+~10K. torch 2.13's SparseAdam / Adagrad / SGD already touch only the gradient's rows on CPU (checked: step time is
+flat from 1e4 to 5e7 rows at fixed nnz). What dominates their step on CPU is allocation: every step creates several
+fresh (touched rows x dim) blocks of ~10-20 MB; glibc serves those with mmap and hands them back on free, so each
+step page-faults ~35 MB in again (~9K minor faults; 60-80 % of the step on the 2-core dev VM). The classes here keep
+those blocks in a per-optimizer workspace (`_Workspace`) and touch state rows with `index_select` / `index_copy_` /
+`index_add_`, so the step is a handful of passes over the touched rows.
+
+State is created lazily (like torch) or eagerly through `init_optimizer_state`, which checkpoint loading needs: a
+fresh optimizer has no state tensors to load into (DESIGN.md, "Sparse gradients and optimizers").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+SPARSE_OPTIMIZERS = ("sparse_adam", "sgd", "adagrad", "rowwise_adagrad")
+
+
+class _Workspace:
+    """Scratch blocks reused across steps, grown geometrically and never shrunk.
+
+    Why not plain temporaries: see the module docstring (per-step page faults). Held memory is a few blocks of
+    (max touched rows x dim), i.e. batch-sized. Not optimizer state: never checkpointed.
+    """
+
+    def __init__(self) -> None:
+        self._blocks: dict[str, Tensor] = {}
+
+    def get(self, key: str, rows: int, cols: int, like: Tensor) -> Tensor:
+        need = rows * cols
+        block = self._blocks.get(key)
+        if block is None or block.numel() < need or block.dtype != like.dtype or block.device != like.device:
+            grow = 0 if block is None else block.numel() + block.numel() // 4
+            block = torch.empty(max(need, grow), dtype=like.dtype, device=like.device)
+            self._blocks[key] = block
+        return block[:need].view(rows, cols)
+
+
+def _rows_view(t: Tensor) -> Tensor:
+    """(rows, -1) view of a table or of its state: row-wise optimizers treat trailing dims as one row."""
+    if t.dim() == 0:
+        raise ValueError("sparse/row-wise optimizers need parameters with at least one dimension (rows)")
+    return t.view(t.shape[0], -1)
+
+
+def _coalesced_rows(grad: Tensor, ws: _Workspace, key: str) -> tuple[Tensor, Tensor]:
+    """Unique touched rows (sorted) and their summed gradient rows, as a writable workspace block.
+
+    Equivalent to `grad.coalesce()` but sums duplicates with `index_add_` into a reused block instead of a fresh
+    allocation. Duplicates are summed in coalesce's order (its unstable sort), so the result is bit-identical to
+    torch's (tested); the caller's gradient is not modified.
+    """
+    if grad.sparse_dim() != 1:
+        raise ValueError(
+            f"sparse gradient must be row-sparse (sparse_dim 1, as nn.Embedding(sparse=True) makes), got sparse_dim {grad.sparse_dim()}"
+        )
+    idx = grad._indices()[0]
+    values = grad._values().reshape(idx.numel(), math.prod(grad.shape[1:]))
+    if grad.is_coalesced():
+        out = ws.get(key, idx.numel(), values.shape[1], values)
+        return idx, out.copy_(values)
+    sorted_idx, perm = torch.sort(idx)  # the same (unstable) sort as coalesce: same order of the duplicate sums
+    rows, inverse = torch.unique_consecutive(sorted_idx, return_inverse=True)
+    src = torch.index_select(values, 0, perm, out=ws.get(key + "_sorted", idx.numel(), values.shape[1], values))
+    out = ws.get(key, rows.numel(), values.shape[1], values).zero_()
+    return rows, out.index_add_(0, inverse, src)
+
+
+def _run_closure(closure: Callable[[], float] | None) -> float | None:
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+class RowWiseAdagrad(torch.optim.Optimizer):
+    """FBGEMM-style row-wise Adagrad: state is ONE float32 per row (`sum`, shape (rows,)), accumulated with the mean over the
+    embedding dim of the squared (coalesced) row gradient; update row -= lr * g / (sqrt(sum_row) + eps). Accepts sparse and dense grads.
+    weight_decay (L2 added to the touched rows' gradient) optional, default 0.
+
+    Why: per-element Adagrad/Adam state is 1-2x the table; one number per row cuts optimizer memory by ~dim x, which
+    is what makes very large trainable tables affordable. A sparse step touches only the gradient's rows; a dense
+    gradient updates every row (it is table-sized anyway).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 0.01,
+        eps: float = 1e-10,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+    ) -> None:
+        if not lr > 0.0:
+            raise ValueError(f"RowWiseAdagrad: lr must be > 0, got {lr}")
+        if not eps >= 0.0:
+            raise ValueError(f"RowWiseAdagrad: eps must be >= 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"RowWiseAdagrad: weight_decay must be >= 0, got {weight_decay}")
+        if not initial_accumulator_value >= 0.0:
+            raise ValueError(f"RowWiseAdagrad: initial_accumulator_value must be >= 0, got {initial_accumulator_value}")
+        defaults = {"lr": lr, "eps": eps, "weight_decay": weight_decay, "initial_accumulator_value": initial_accumulator_value}
+        super().__init__(params, defaults)
+        self._ws = _Workspace()
+
+    def _init_state(self, p: Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["sum"] = torch.full(
+                (_rows_view(p).shape[0],), float(group["initial_accumulator_value"]), dtype=torch.float32, device=p.device
+            )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = _run_closure(closure)
+        for group in self.param_groups:
+            lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._init_state(p, group)
+                acc: Tensor = self.state[p]["sum"]
+                table = _rows_view(p)
+                if p.grad.is_sparse:
+                    self._sparse_update(table, p.grad, acc, lr, eps, wd)
+                else:
+                    g = _rows_view(p.grad)
+                    if wd:
+                        g = g.add(table, alpha=wd)
+                    acc.add_(g.square().mean(dim=1).to(acc.dtype))
+                    std = acc.sqrt().add_(eps).to(g.dtype)
+                    table.addcdiv_(g, std.unsqueeze(1), value=-lr)
+        return loss
+
+    def _sparse_update(self, table: Tensor, grad: Tensor, acc: Tensor, lr: float, eps: float, wd: float) -> None:
+        rows, g = _coalesced_rows(grad, self._ws, "grad")
+        if rows.numel() == 0:
+            return
+        tmp = self._ws.get("tmp", g.shape[0], g.shape[1], g)
+        if wd:
+            g.add_(torch.index_select(table, 0, rows, out=tmp), alpha=wd)
+        row_mean_sq = torch.mul(g, g, out=tmp).mean(dim=1).to(acc.dtype)
+        acc.index_add_(0, rows, row_mean_sq)
+        std = acc.index_select(0, rows).sqrt_().add_(eps).to(g.dtype)
+        table.index_add_(0, rows, torch.div(g, std.unsqueeze(1), out=tmp), alpha=-lr)
+
+
+class FastSparseAdam(torch.optim.Optimizer):
+    """torch.optim.SparseAdam's math (masked Adam; one per-parameter step for the bias correction, counted even
+    when the gradient is empty), with the workspace and row-indexed state access described in the module docstring.
+
+    Same state keys as SparseAdam (`step`, `exp_avg`, `exp_avg_sq`); `step` is a 0-dim int64 tensor rather than a
+    Python int, so checkpoints can load into it in place. Dense gradients are rejected, as SparseAdam does.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        maximize: bool = False,
+    ) -> None:
+        if not lr > 0.0:
+            raise ValueError(f"FastSparseAdam: lr must be > 0, got {lr}")
+        if not eps > 0.0:
+            raise ValueError(f"FastSparseAdam: eps must be > 0, got {eps}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"FastSparseAdam: betas must be in [0, 1), got {betas}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "maximize": maximize})
+        self._ws = _Workspace()
+
+    def _init_state(self, p: Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.int64)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = _run_closure(closure)
+        for group in self.param_groups:
+            lr, eps = float(group["lr"]), float(group["eps"])
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError("FastSparseAdam does not support dense gradients, please consider Adam instead")
+                self._init_state(p, group)
+                state = self.state[p]
+                if isinstance(state["step"], Tensor):
+                    state["step"] += 1
+                else:  # state loaded from a torch.optim.SparseAdam state_dict
+                    state["step"] = state["step"] + 1
+                step = int(state["step"])
+                rows, g = _coalesced_rows(p.grad, self._ws, "grad")
+                if rows.numel() == 0:
+                    continue
+                if group["maximize"]:
+                    g.neg_()
+                step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+                self._update(p, state, rows, g, beta1, beta2, eps, step_size)
+        return loss
+
+    def _update(
+        self, p: Tensor, state: dict, rows: Tensor, g: Tensor, beta1: float, beta2: float, eps: float, step_size: float
+    ) -> None:
+        """Op-for-op the float32 arithmetic of torch's `_functional.sparse_adam` (hence bit-identical results)."""
+        exp_avg, exp_avg_sq = _rows_view(state["exp_avg"]), _rows_view(state["exp_avg_sq"])
+        old = torch.index_select(exp_avg, 0, rows, out=self._ws.get("old", g.shape[0], g.shape[1], g))
+        numer = torch.sub(g, old, out=self._ws.get("numer", g.shape[0], g.shape[1], g)).mul_(1 - beta1).add_(old)
+        exp_avg.index_copy_(0, rows, numer)
+        torch.index_select(exp_avg_sq, 0, rows, out=old)
+        g.square_().sub_(old).mul_(1 - beta2).add_(old)  # g now holds the new exp_avg_sq rows
+        exp_avg_sq.index_copy_(0, rows, g)
+        _rows_view(p).index_add_(0, rows, numer.div_(g.sqrt_().add_(eps)).mul_(-step_size))
+
+
+def build_sparse_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, **kw) -> torch.optim.Optimizer:
+    """Optimizer for the trainable tables by config name (`optim.sparse`).
+
+    Settings that torch would only reject at the first step (or silently mishandle) are refused here, at build time.
+    """
+    if name not in SPARSE_OPTIMIZERS:
+        raise ValueError(f"optim.sparse: unknown sparse optimizer {name!r}; expected one of {', '.join(SPARSE_OPTIMIZERS)}")
+    if name != "rowwise_adagrad" and kw.get("weight_decay", 0.0):
+        raise ValueError(f"optim.sparse: {name} cannot apply weight_decay to sparse gradients; use rowwise_adagrad")
+    kw = {k: v for k, v in kw.items() if k != "weight_decay" or name == "rowwise_adagrad"}
+    if name == "sparse_adam":
+        return FastSparseAdam(params, lr=lr, **kw)
+    if name == "sgd":
+        if kw.get("momentum", 0.0):
+            raise ValueError("optim.sparse: sgd with momentum is not supported for sparse gradients (momentum must be 0)")
+        return torch.optim.SGD(params, lr=lr, **kw)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, **kw)
+    return RowWiseAdagrad(params, lr=lr, **kw)
+
+
+def _scalar_dtype(fused: bool | None) -> torch.dtype:
+    """torch.optim's dtype for `step` tensors (mirrors torch.optim.optimizer._get_scalar_dtype)."""
+    if fused:
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _init_torch_state(optimizer: torch.optim.Optimizer, p: Tensor, group: dict) -> None:
+    """Create one parameter's state exactly as the optimizer's own first step would (no-op when it exists)."""
+    state = optimizer.state[p]
+    if state:
+        return
+    zeros = lambda: torch.zeros_like(p, memory_format=torch.preserve_format)  # noqa: E731
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        state.update(step=0, exp_avg=zeros(), exp_avg_sq=zeros())
+    elif isinstance(optimizer, torch.optim.Adagrad):
+        fused = group.get("fused")
+        step = torch.zeros((), dtype=_scalar_dtype(fused), device=p.device) if fused else torch.tensor(0.0, dtype=_scalar_dtype(None))
+        init = group["initial_accumulator_value"]
+        init = complex(init, init) if torch.is_complex(p) else init
+        state.update(step=step, sum=torch.full_like(p, init, memory_format=torch.preserve_format))
+    elif isinstance(optimizer, torch.optim.Adam):  # AdamW is a subclass of Adam in torch 2.13
+        on_device = group.get("capturable") or group.get("fused")
+        state["step"] = (
+            torch.zeros((), dtype=_scalar_dtype(group.get("fused")), device=p.device)
+            if on_device
+            else torch.tensor(0.0, dtype=_scalar_dtype(None), device="cpu")
+        )
+        state.update(exp_avg=zeros(), exp_avg_sq=zeros())
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = zeros()
+    elif isinstance(optimizer, torch.optim.SGD):
+        if group["momentum"] == 0:
+            return
+        if group["dampening"] != 0:
+            # SGD's first step copies the gradient into the buffer without dampening; a zero buffer would dampen it.
+            raise NotImplementedError("init_optimizer_state: SGD with momentum and dampening != 0 cannot be pre-initialised")
+        state["momentum_buffer"] = zeros()  # 0 * momentum + grad == grad: the first step is unchanged
+    else:
+        raise TypeError(f"init_optimizer_state: unsupported optimizer {type(optimizer).__name__}")
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create every parameter's state now, with torch's shapes/dtypes, so a checkpoint can be copied into it.
+
+    Needed because a fresh SparseAdam (and Adam/AdamW, FastSparseAdam, RowWiseAdagrad) has empty state and a load
+    into it restores nothing. Only creates zeros: no gradients, no parameter change, and the next real step is
+    exactly that of a fresh optimizer.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if isinstance(optimizer, RowWiseAdagrad | FastSparseAdam):
+                optimizer._init_state(p, group)
+            else:
+                _init_torch_state(optimizer, p, group)
+
+
+def optimizer_state_tensors(
+    optimizer: torch.optim.Optimizer, param_names: dict[torch.nn.Parameter, str]
+) -> dict[str, torch.Tensor]:
+    """Flat `<param_name>/<state_key>` -> the live state tensor (not a copy), for checkpointing in place.
+
+    A Python-number entry (torch.optim.SparseAdam's int `step`) is replaced in the state by a 0-dim float64 tensor
+    so it can be returned live; SparseAdam's arithmetic is bit-identical with it (tested).
+    """
+    out: dict[str, Tensor] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p not in param_names:
+                raise KeyError(f"optimizer_state_tensors: parameter of shape {tuple(p.shape)} has no name in param_names")
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if isinstance(value, bool | int | float):
+                    value = state[key] = torch.tensor(float(value), dtype=torch.float64)
+                if not isinstance(value, Tensor):
+                    raise TypeError(f"optimizer_state_tensors: {param_names[p]}/{key} is a {type(value).__name__}")
+                out[f"{param_names[p]}/{key}"] = value
+    return out
