@@ -1,0 +1,159 @@
+"""Optimizer step time for trainable embedding tables: does the cost track the batch or the table?
+
+For each table size (default 20K and 2M rows x 300) and each sparse optimizer, time `optimizer.step()` alone on the
+sparse gradient of a real `nn.Embedding(sparse=True)` backward over a 256 x 50 id batch. The batch touches exactly
+`--touched` distinct rows (default 10K, spread uniformly over the table, the rest repeats), so both table sizes do
+the same work; uniform ids would touch ~9K rows of 20K but ~12.8K of 2M and skew the ratio. State is created
+(and page-faulted in) before timing and a few warm-up steps run first. A dense-gradient Adam step is timed for
+contrast on tables up to `--dense-max-rows` (at 2M it takes seconds).
+
+    python benchmarks/bench_sparse_optim.py [--rows 20000 2000000] [--repeats 7] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+import warnings
+
+import torch
+
+from trainer.sparse_optim import SPARSE_OPTIMIZERS, build_sparse_optimizer, init_optimizer_state
+
+# torch's Adagrad builds sparse tensors without invariant checks and says so on every call.
+warnings.filterwarnings("ignore", message="Sparse invariant checks")
+
+
+def make_ids(rows: int, batch: int, tokens: int, touched: int, gen: torch.Generator) -> torch.Tensor:
+    """(batch, tokens) ids covering exactly `touched` distinct rows (needs touched <= batch * tokens)."""
+    n = batch * tokens
+    touched = min(touched, rows, n)
+    distinct = torch.randperm(rows, generator=gen)[:touched]
+    repeats = distinct[torch.randint(0, touched, (n - touched,), generator=gen)]
+    ids = torch.cat([distinct, repeats])
+    return ids[torch.randperm(n, generator=gen)].view(batch, tokens)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(
+        v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
+    )
+
+
+def time_steps(
+    emb: torch.nn.Embedding, opt: torch.optim.Optimizer, ids: torch.Tensor, warmup: int, repeats: int
+) -> list[float]:
+    """Seconds per `opt.step()`; forward/backward (which makes the gradient) is outside the timed region."""
+    times = []
+    for i in range(warmup + repeats):
+        opt.zero_grad(set_to_none=True)
+        emb(ids).sum().backward()
+        t0 = time.perf_counter()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    opt.zero_grad(set_to_none=True)
+    return times
+
+
+def bench_one(name: str, emb: torch.nn.Embedding, ids: torch.Tensor, args: argparse.Namespace) -> dict:
+    if name == "sparse_adam[torch]":
+        opt: torch.optim.Optimizer = torch.optim.SparseAdam([emb.weight], lr=1e-3)
+    elif name == "dense_adam":
+        opt = torch.optim.Adam([emb.weight], lr=1e-3)
+    else:
+        opt = build_sparse_optimizer(name, [emb.weight], lr=1e-3)
+    t0 = time.perf_counter()
+    init_optimizer_state(opt)
+    init_s = time.perf_counter() - t0
+    times = time_steps(emb, opt, ids, args.warmup, args.repeats)
+    row = {
+        "optimizer": name,
+        "optimizer_class": type(opt).__name__,
+        "rows": emb.num_embeddings,
+        "dim": emb.embedding_dim,
+        "median_ms": statistics.median(times) * 1e3,
+        "min_ms": min(times) * 1e3,
+        "max_ms": max(times) * 1e3,
+        "init_s": init_s,
+        "state_mb": state_bytes(opt) / 2**20,
+        "times_ms": [t * 1e3 for t in times],
+    }
+    del opt
+    gc.collect()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[20_000, 2_000_000])
+    ap.add_argument("--dim", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=50)
+    ap.add_argument("--touched", type=int, default=10_000, help="distinct rows per batch")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--optimizers", nargs="+", default=[*SPARSE_OPTIMIZERS, "sparse_adam[torch]"])
+    ap.add_argument(
+        "--dense-max-rows", type=int, default=100_000, help="time dense Adam only up to this size"
+    )
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = ap.parse_args(argv)
+    if args.repeats < 5:
+        ap.error("--repeats must be >= 5")
+
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for rows in args.rows:
+        ids = make_ids(rows, args.batch, args.tokens, args.touched, gen)
+        names = list(args.optimizers) + (["dense_adam"] if rows <= args.dense_max_rows else [])
+        for name in names:
+            torch.manual_seed(0)
+            emb = torch.nn.Embedding(rows, args.dim, sparse=name != "dense_adam")
+            results.append(bench_one(name, emb, ids, args))
+            r = results[-1]
+            print(f"  {name:<20} rows={rows:>9,}  {r['median_ms']:8.2f} ms", flush=True)
+            del emb
+            gc.collect()
+
+    print(
+        f"\noptimizer step, table rows x {args.dim}, batch {args.batch}x{args.tokens} ids touching "
+        f"{args.touched:,} rows; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} (min-max)"
+    )
+    print(
+        f"{'optimizer':<20} {'class':<16} {'rows':>10} {'median ms':>10} {'min-max ms':>16} {'state MB':>9} {'init s':>7}"
+    )
+    for r in results:
+        span = f"{r['min_ms']:.2f}-{r['max_ms']:.2f}"
+        print(
+            f"{r['optimizer']:<20} {r['optimizer_class']:<16} {r['rows']:>10,} {r['median_ms']:>10.2f} {span:>16} "
+            f"{r['state_mb']:>9.1f} {r['init_s']:>7.2f}"
+        )
+    ratios = {}
+    lo, hi = min(args.rows), max(args.rows)
+    if lo != hi:
+        print(f"\nratio {hi:,} / {lo:,} rows (target <= 1.2x)")
+        by_key = {(r["optimizer"], r["rows"]): r for r in results}
+        for name in args.optimizers:
+            if (name, lo) in by_key and (name, hi) in by_key:
+                ratios[name] = by_key[(name, hi)]["median_ms"] / by_key[(name, lo)]["median_ms"]
+                print(f"  {name:<20} {ratios[name]:.2f}x")
+    if args.json:
+        payload = {
+            "config": vars(args),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "results": results,
+            "ratios": ratios,
+        }
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
