@@ -74,6 +74,8 @@ class TextClassifier(nn.Module):
         # The pretrained-row correction joins the lookups only once unfrozen (set by the trainer at a step that
         # every rank agrees on, so row-wise collectives stay in lock-step).
         self.delta_active = False
+        # bf16 autocast for the dense part on CUDA (train.bf16); lookups and pooling stay float32
+        self.dense_autocast = False
 
     def _word_rows(self, batch: Batch, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Pretrained (+ correction) and OOV rows, pooled per segment or per id."""
@@ -124,7 +126,11 @@ class TextClassifier(nn.Module):
         return x
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        return self.dense(self.embed(batch), batch.seq_lengths)
+        x = self.embed(batch)
+        if self.dense_autocast:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.dense(x, batch.seq_lengths).float()
+        return self.dense(x, batch.seq_lengths)
 
 
 def _end(batch: Batch, name: str) -> torch.Tensor:

@@ -128,6 +128,7 @@ class Trainer:
         tables = build_tables(self.sharding, self.specs, self.frozen, cfg.train.seed, info)
         self.model = TextClassifier(tables, cfg.model, vocab.num_pretrained, len(vocab.labels)).to(info.device)
         tables.move_frozen(info.device)
+        self.model.dense_autocast = info.device.type == "cuda" and cfg.train.bf16 != "off"
         self.train_model = wrap_for_training(self.model, self.sharding, info)
         self.sync_tables = needs_sparse_grad_sync(self.sharding, info)
         self.token_level = cfg.model.encoder == "lstm"
