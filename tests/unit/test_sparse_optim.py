@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from trainer import sparse_optim
 from trainer.sparse_optim import (
     SPARSE_OPTIMIZERS,
     FastSparseAdam,
@@ -24,6 +25,15 @@ from trainer.sparse_optim import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request: pytest.FixtureRequest):
+    """Row updates take a different torch kernel on one thread (int64 scatter path) than on several."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
 
 
 def sparse_grad(rows: int, dim: int, ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -49,7 +59,7 @@ def rowwise_reference(
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.05])
-def test_rowwise_adagrad_matches_float64_reference_and_leaves_untouched_rows(wd: float) -> None:
+def test_rowwise_adagrad_matches_float64_reference_and_leaves_untouched_rows(wd: float, threads: int) -> None:
     gen = torch.Generator().manual_seed(1)
     rows, dim, lr, eps, init_acc = 60, 16, 0.3, 1e-10, 0.1
     w0 = torch.randn(rows, dim, generator=gen)
@@ -141,9 +151,15 @@ def test_coalesced_rows_is_bit_identical_to_coalesce(
     assert torch.equal(got_values, want.values())
 
 
-@pytest.mark.parametrize(("rows", "nnz"), [(50, 40), (20_000, 12_800)])
+# (50, 40, 100): 4-row chunks exercise the chunk loop; (20_000, 12_800): coalesce's sort at a real batch size
+@pytest.mark.parametrize(
+    ("rows", "nnz", "chunk_bytes"), [(50, 40, 1 << 20), (50, 40, 100), (20_000, 12_800, 1 << 20)]
+)
 @pytest.mark.parametrize("maximize", [False, True])
-def test_fast_sparse_adam_is_bit_identical_to_torch(rows: int, nnz: int, maximize: bool) -> None:
+def test_fast_sparse_adam_is_bit_identical_to_torch(
+    rows: int, nnz: int, maximize: bool, threads: int, chunk_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sparse_optim, "_CHUNK_BYTES", chunk_bytes)
     gen = torch.Generator().manual_seed(3)
     dim = 6
     w0 = [torch.randn(rows, dim, generator=gen), torch.randn(rows // 2, dim, generator=gen)]
