@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer.config import CheckpointConfig
 from trainer.distributed import DistInfo, barrier, broadcast_object
@@ -106,7 +107,8 @@ class Checkpointer:
             try:
                 dcp.load(state, checkpoint_id=str(path))
                 ok = torch.ones(1)
-            except Exception as e:  # noqa: BLE001 - any unreadable shard means: try the previous checkpoint
+            # DCP wraps read errors in CheckpointException, a BaseException subclass: name it explicitly
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - any unreadable shard: try the previous one
                 log.warning("checkpoint %s could not be loaded (%s: %s); trying an older one",
                             path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
                 ok = torch.zeros(1)

@@ -1,0 +1,323 @@
+"""The real command line on tiny data: train -> run folder -> eval -> predict -> neighbors; interrupt with
+SIGTERM and resume (only the remaining steps run, same final weights as an uninterrupted run); pretrained
+bytes never change; user errors exit 2 with one line; every encoder and sparse optimizer trains."""
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--train.threads", "1"]
+REQUIRED_TAGS = {
+    "loss/train",
+    "accuracy/valid",
+    "throughput/tokens_per_s",
+    "throughput/examples_per_s",
+    "lr/dense",
+    "lr/sparse",
+    "embeddings/pretrained_token_coverage",
+}
+
+
+def cli(*args: str, stdin: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    )
+    return proc
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def run_dir_of(config: Path) -> Path:
+    return Path(tomllib.loads(config.read_text())["run"]["dir"])
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_glove(path: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for line in path.read_text().splitlines():
+        word, *values = line.split(" ")
+        out[word] = np.array([float(v) for v in values], dtype=np.float32)
+    return out
+
+
+def assert_frozen_rows_are_source_rows(model_dir: Path, glove: Path) -> None:
+    from trainer.vocab import Vocabulary
+
+    source = read_glove(glove)
+    vocab = Vocabulary.load(model_dir / "vocab")
+    frozen = np.load(model_dir / "frozen.npy")
+    assert frozen.shape == (vocab.num_pretrained, len(next(iter(source.values()))))
+    assert vocab.num_pretrained > 0
+    for i in range(vocab.num_pretrained):
+        np.testing.assert_array_equal(frozen[i], source[vocab.words[i]], err_msg=vocab.words[i])
+
+
+# ---------------------------------------------------------------- train -> eval -> predict -> neighbors
+def test_train_eval_predict_neighbors(tiny_config, tiny_data):
+    config = tiny_config("run")
+    run = run_dir_of(config)
+    result = last_json(ok(cli("train", "--config", config, *FAST)).stdout)
+    assert result["step"] == result["steps_this_run"] == 40  # 4 epochs x ceil(300 / 32)
+    assert result["valid"]["accuracy"] > 0.5 and result["test"]["accuracy"] > 0.5  # chance is 1/3
+    assert json.loads((run / "result.json").read_text()) == result
+
+    # ---- run folder layout
+    from trainer.config import load_config
+
+    assert load_config(run / "config.toml") == load_config(config, FAST)
+    rows = jsonl((run / "metrics.jsonl").read_text())
+    assert rows and all(isinstance(r["step"], int) for r in rows)
+    tags = set().union(*rows) - {"step", "time"}
+    assert REQUIRED_TAGS <= tags, REQUIRED_TAGS - tags
+    assert rows[0]["step"] == 1 and "embeddings/pretrained_token_coverage" in rows[0]
+    assert 0 < rows[0]["embeddings/pretrained_token_coverage"] < 1  # the OOV words are not pretrained
+    assert max(r["step"] for r in rows) == 40
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    steps = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+    assert steps and steps[-1] == 40 and len(steps) <= 2  # keep_latest_k = 2
+    for step in steps:
+        folder = run / "checkpoints" / f"step-{step}"
+        assert (folder / ".metadata").is_file() and list(folder.glob("*.distcp"))
+        state = json.loads((folder / "trainer_state.json").read_text())
+        assert state["step"] == step
+    model = run / "model"
+    for name in ("weights.pt", "frozen.npy", "config.toml", "model.json", "vocab/vocab.json"):
+        assert (model / name).is_file(), name
+    weights = torch.load(model / "weights.pt", weights_only=True)
+    assert "tables.oov" in weights and "tables.pretrained" not in weights  # the frozen table is not saved
+    assert_frozen_rows_are_source_rows(model, tiny_data["glove"])
+
+    # ---- eval: JSON on stdout, per-class table on stderr and in RUN_DIR/eval
+    proc = ok(cli("eval", "--run", run, "--data", tiny_data["test"]))
+    summary = last_json(proc.stdout)
+    assert {"accuracy", "macro_f1", "n"} <= set(summary)
+    assert summary["n"] == 60
+    assert summary["accuracy"] == pytest.approx(result["test"]["accuracy"])
+    assert summary["macro_f1"] == pytest.approx(result["test"]["macro_f1"])
+    assert "precision" in proc.stderr and "macro_f1" in proc.stderr
+    for label in ("food", "sports", "tech"):
+        assert any(line.startswith(label) for line in proc.stderr.splitlines()), label
+    table = (run / "eval" / "test.csv.per_class.txt").read_text()
+    assert table.splitlines()[0].split()[:2] == ["label", "precision"]
+    assert table.strip() in proc.stderr
+    assert json.loads((run / "eval" / "test.csv.json").read_text())["accuracy"] == summary["accuracy"]
+
+    # ---- predict: stdin and --input, top-k 2
+    texts = [
+        "soccer referee stadium goal tennis",
+        "compiler kernel linux python software",
+        "garlic soup oven bread",
+    ]
+    proc = ok(cli("predict", "--run", run, "--top-k", "2", stdin="\n".join(texts) + "\n"))
+    preds = jsonl(proc.stdout)
+    assert len(preds) == 3
+    for p in preds:
+        assert set(p) == {"label", "score", "top_k"}
+        assert len(p["top_k"]) == 2
+        assert p["top_k"][0] == {"label": p["label"], "score": p["score"]}
+        assert p["top_k"][0]["score"] >= p["top_k"][1]["score"]
+        assert p["top_k"][0]["label"] != p["top_k"][1]["label"]
+        assert 0 < p["score"] <= 1
+    assert [p["label"] for p in preds] == ["sports", "tech", "food"]
+    infile = tiny_data["dir"] / "predict.txt"
+    infile.write_text("\n".join(texts) + "\n")
+    from_file = jsonl(ok(cli("predict", "--run", run, "--top-k", "2", "--input", infile)).stdout)
+    assert from_file == preds
+
+    # ---- neighbors: JSON lines with word, score, kind
+    near = jsonl(ok(cli("neighbors", "--run", run, "soccer", "--k", "5")).stdout)
+    assert len(near) == 5
+    for n in near:
+        assert set(n) == {"word", "score", "kind"}
+        assert n["kind"] in ("pretrained", "learned")
+        assert n["word"] != "soccer" and -1 <= n["score"] <= 1
+    assert [n["score"] for n in near] == sorted((n["score"] for n in near), reverse=True)
+
+
+# ---------------------------------------------------------------- interrupt and resume
+def test_sigterm_then_resume_runs_only_the_remaining_steps(tiny_config, tmp_path):
+    # long enough that SIGTERM lands mid-run (~2 s of steps): 80 epochs x ceil(300 / 64) = 400 steps, no evaluation
+    sections = {
+        "train": {"epochs": 80, "batch_size": 64, "threads": 1},
+        "checkpoint": {"every_steps": 100, "at_epoch_end": False},
+        "metrics": {"log_every_steps": 25, "tensorboard": False, "projector_words": 0},
+    }
+    config = tiny_config("interrupted", **sections)
+    reference = tiny_config("uninterrupted", **sections)
+    no_eval = ["--data.valid=", "--data.test="]
+    run = run_dir_of(config)
+    total = 400
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer", "train", "--config", str(config), *no_eval],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (
+        metrics.exists() and metrics.read_text().strip()
+    ):  # step 1 is logged: the handler is installed
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "training never logged a step"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = last_json(out)
+    assert stopped["stopped"] is True
+    k = stopped["step"]
+    print(f"SIGTERM stopped the run at step {k} of {total}")
+    assert 0 < k < total, f"SIGTERM landed at step {k} of {total}; make the run longer"
+    assert (run / "checkpoints" / f"step-{k}" / "trainer_state.json").is_file()
+    assert not (run / "model").exists() and not (run / "result.json").exists()
+    assert "checkpoint saved" in err
+
+    resumed = last_json(ok(cli("train", "--config", config, *no_eval)).stdout)
+    assert resumed["step"] == total
+    assert resumed["steps_this_run"] == total - k
+    assert json.loads((run / "result.json").read_text())["steps_this_run"] == total - k
+    logged = [r["step"] for r in jsonl(metrics.read_text())]
+    second_run = logged[logged.index(max(s for s in logged if s <= k)) + 1 :]
+    assert second_run and all(s > k for s in second_run) and second_run[-1] == total
+
+    full = last_json(ok(cli("train", "--config", reference, *no_eval)).stdout)
+    assert full["steps_this_run"] == total
+    a = torch.load(run / "model" / "weights.pt", weights_only=True)
+    b = torch.load(run_dir_of(reference) / "model" / "weights.pt", weights_only=True)
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- pretrained bytes
+def test_training_never_changes_pretrained_bytes(tiny_config, tiny_data, tmp_path):
+    from trainer.vectors import load_vectors
+
+    # full table, trainable correction, masked bag: every path that touches the pretrained rows
+    config = tiny_config(
+        "full",
+        embeddings={"full_pretrained": True, "freeze_pretrained": False},
+        model={"encoder": "masked_bag"},
+        train={"epochs": 2},
+    )
+    cache_dir = Path(tomllib.loads(config.read_text())["embeddings"]["vectors_cache_dir"])
+    vectors = load_vectors(str(tiny_data["glove"]), cache_dir=cache_dir)  # build the cache the run will map
+    cached = list(cache_dir.glob("*/vectors.npy"))
+    assert len(cached) == 1
+    before = {p: (sha256(p), p.stat().st_mtime_ns) for p in (tiny_data["glove"], cached[0])}
+    del vectors
+
+    ok(cli("train", "--config", config, *FAST))
+    after = {p: (sha256(p), p.stat().st_mtime_ns) for p in before}
+    assert after == before
+    assert list(cache_dir.glob("*/vectors.npy")) == cached  # the run used the entry, did not rebuild it
+
+    model = run_dir_of(config) / "model"
+    source = read_glove(tiny_data["glove"])
+    frozen = np.load(model / "frozen.npy")
+    assert frozen.shape[0] == len(source)  # full_pretrained: every source row, id = row
+    np.testing.assert_array_equal(frozen, np.stack(list(source.values())))
+    assert_frozen_rows_are_source_rows(model, tiny_data["glove"])
+    weights = torch.load(model / "weights.pt", weights_only=True)
+    assert weights["tables.pretrained_delta"].abs().sum() > 0  # the correction learned instead
+
+
+# ---------------------------------------------------------------- user errors
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--train.nosuch", "1"], "train.nosuch"),
+        (["--train.epochs", "abc"], "train.epochs"),
+        (["--data.train", "/nonexistent/train.csv"], "/nonexistent/train.csv"),
+        (["--data.text_column", "body"], "body"),
+    ],
+    ids=["unknown-key", "bad-value", "missing-file", "missing-column"],
+)
+def test_user_errors_exit_2_with_one_line(tiny_config, extra, needle):
+    proc = cli("train", "--config", tiny_config("bad"), *FAST, *extra)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr
+    assert needle in errors[0]
+    assert proc.stdout == ""
+
+
+# ---------------------------------------------------------------- every encoder and sparse optimizer
+@pytest.mark.parametrize(
+    ("encoder", "sparse", "extra"),
+    [
+        ("bag", "sparse_adam", []),  # the defaults
+        ("masked_bag", "rowwise_adagrad", ["--embeddings.ngram_buckets", "256"]),
+        ("lstm", "adagrad", ["--embeddings.char_ngrams", "256", "--model.lstm_hidden", "16"]),
+        ("bag", "sgd", ["--embeddings.char_ngrams", "256", "--optim.sparse_lr", "0.5"]),
+    ],
+)
+def test_each_encoder_and_sparse_optimizer_trains_one_epoch(tiny_config, encoder, sparse, extra):
+    config = tiny_config(
+        f"{encoder}-{sparse}", train={"epochs": 1}, metrics={"tensorboard": False, "projector_words": 0}
+    )
+    result = last_json(
+        ok(
+            cli(
+                "train",
+                "--config",
+                config,
+                *FAST,
+                "--model.encoder",
+                encoder,
+                "--optim.sparse",
+                sparse,
+                "--data.test=",
+                *extra,
+            )
+        ).stdout
+    )
+    assert result["steps_this_run"] == 10
+    accuracy = result["valid"]["accuracy"]
+    assert np.isfinite(result["valid"]["loss"])
+    if (encoder, sparse) == ("bag", "sparse_adam"):
+        assert accuracy > 0.4, result  # chance is 1/3
+    state = json.loads(
+        next((run_dir_of(config) / "checkpoints").glob("step-10/trainer_state.json")).read_text()
+    )
+    assert state["encoder"] == encoder
+    expected = {
+        "sparse_adam": ("SparseAdam", "FastSparseAdam"),
+        "sgd": ("SGD",),
+        "adagrad": ("Adagrad",),
+        "rowwise_adagrad": ("RowWiseAdagrad",),
+    }[sparse]
+    assert state["optimizers"]["sparse"] in expected

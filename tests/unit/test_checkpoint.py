@@ -1,0 +1,287 @@
+"""Checkpoints through the real Trainer: exact round trip of model and optimizer state, partial folders,
+pruning, falling back past a corrupted checkpoint, and refusing to resume an incompatible run."""
+
+import json
+import logging
+import shutil
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomli_w
+import torch
+
+from trainer.checkpoint import STATE_FILE, Checkpointer, ResumeError, valid_steps
+from trainer.config import CheckpointConfig, load_config
+from trainer.distributed import DistInfo
+from trainer.trainer import Trainer
+
+INFO = DistInfo(0, 0, 1, torch.device("cpu"), "none")
+QUIET = {"metrics": {"tensorboard": False, "projector_words": 0, "log_every_steps": 1000}}
+
+
+@pytest.fixture
+def quick_config(tiny_config):
+    """A tiny run without validation/test/TensorBoard: only what checkpoints need."""
+
+    def make(name: str = "run", **sections) -> Path:
+        merged = {"train": {"max_steps": 4, "threads": 1}, **QUIET}
+        for section, values in sections.items():
+            merged[section] = {**merged.get(section, {}), **values}
+        # conftest's tiny_config cannot take a `data` section (its first parameter is called `data`)
+        path = tiny_config(name, **merged)
+        doc = tomllib.loads(path.read_text())
+        doc["data"].update(valid="", test="")
+        path.write_text(tomli_w.dumps(doc))
+        return path
+
+    return make
+
+
+def make_trainer(path: Path, *overrides: str) -> Trainer:
+    return Trainer(load_config(path, list(overrides)), INFO)
+
+
+def loaded_fresh(path: Path, *overrides: str) -> tuple[Trainer, dict, dict | None]:
+    """A fresh trainer whose state is loaded from the newest checkpoint, exactly as fit() does it."""
+    t = make_trainer(path, *overrides)
+    t.build()
+    t.optim.init_state()
+    state = t.state()
+    saved = t.checkpointer.load_latest(state, t.check_resumable)
+    return t, state, saved
+
+
+def flat(state: dict) -> dict[str, torch.Tensor]:
+    return {f"{section}/{k}": v for section, d in state.items() for k, v in d.items()}
+
+
+def test_round_trip_restores_model_and_every_optimizer_state_exactly(quick_config):
+    # freeze_pretrained=false: a `pretrained` optimizer as well as `dense` (AdamW) and `sparse` (SparseAdam)
+    path = quick_config(embeddings={"ngram_buckets": 64, "freeze_pretrained": False})
+    first = make_trainer(path)
+    result = first.fit()
+    assert result["step"] == 4
+    want = flat(first.state())
+    assert set(first.optim.optimizers) == {"dense", "sparse", "pretrained"}
+    assert type(first.optim.optimizers["sparse"]).__name__ in ("SparseAdam", "FastSparseAdam")
+    for key in (
+        "optim/sparse/tables.bags.oov.weight/exp_avg",
+        "optim/sparse/tables.bags.oov.weight/exp_avg_sq",
+        "optim/sparse/tables.bags.oov.weight/step",
+        "optim/sparse/tables.bags.bigram.weight/exp_avg",
+        "optim/pretrained/tables.bags.pretrained_delta.weight/exp_avg",
+        "optim/dense/dense.head.out.weight/exp_avg",
+        "optim/dense/dense.head.out.weight/exp_avg_sq",
+        "optim/dense/dense.head.out.weight/step",
+        "model/tables.bags.oov.weight",
+        "model/dense.head.out.weight",
+    ):
+        assert key in want, key
+    assert int(want["optim/sparse/tables.bags.oov.weight/step"]) == 4
+    assert want["optim/sparse/tables.bags.oov.weight/exp_avg"].abs().sum() > 0
+
+    fresh = make_trainer(path)
+    fresh.build()
+    fresh.optim.init_state()
+    state = fresh.state()
+    before = flat(state)
+    assert before["optim/sparse/tables.bags.oov.weight/exp_avg"].abs().sum() == 0  # nothing loaded yet
+    saved = fresh.checkpointer.load_latest(state, fresh.check_resumable)
+    assert saved is not None and saved["step"] == 4 and saved["world_size"] == 1
+    got = flat(state)
+    assert set(got) == set(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype, key
+        assert torch.equal(got[key], want[key]), key
+    # loaded in place: the live parameters and optimizer states are the loaded values
+    oov = fresh.model.tables.bags["oov"].weight
+    assert torch.equal(oov, want["model/tables.bags.oov.weight"])
+    assert torch.equal(
+        fresh.optim.optimizers["sparse"].state[oov]["exp_avg"],
+        want["optim/sparse/tables.bags.oov.weight/exp_avg"],
+    )
+    head = fresh.model.dense.head.out.weight
+    assert torch.equal(
+        fresh.optim.optimizers["dense"].state[head]["exp_avg_sq"],
+        want["optim/dense/dense.head.out.weight/exp_avg_sq"],
+    )
+    assert fresh.checkpointer.last_saved_step == 4
+
+
+@pytest.mark.parametrize("sparse", ["sgd", "adagrad", "rowwise_adagrad"])
+def test_round_trip_other_sparse_optimizers(quick_config, sparse):
+    path = quick_config(optim={"sparse": sparse}, train={"max_steps": 3})
+    first = make_trainer(path)
+    first.fit()
+    want = flat(first.state())
+    _, state, saved = loaded_fresh(path)
+    assert saved["step"] == 3
+    got = flat(state)
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_checkpoint_never_contains_the_frozen_table(quick_config, tiny_data):
+    path = quick_config()
+    t = make_trainer(path)
+    t.fit()
+    keys = flat(t.state())
+    assert not any("frozen" in k or k.startswith("model/tables.pretrained") for k in keys)
+    folder = Path(t.run_dir) / "checkpoints" / "step-4"
+    meta = json.loads((folder / STATE_FILE).read_text())
+    assert meta["pretrained_fingerprint"] == t.pretrained.fingerprint
+    assert meta["step"] == 4 and meta["tokens_seen"] > 0
+
+
+def test_partial_step_folder_is_ignored(quick_config):
+    path = quick_config()
+    t = make_trainer(path)
+    t.fit()
+    ckpts = Path(t.run_dir) / "checkpoints"
+    # crash after DCP wrote everything but before trainer_state.json
+    shutil.copytree(ckpts / "step-4", ckpts / "step-100")
+    (ckpts / "step-100" / STATE_FILE).unlink()
+    # crash before .metadata
+    (ckpts / "step-200").mkdir()
+    (ckpts / "step-200" / STATE_FILE).write_text(json.dumps({"step": 200}))
+    (ckpts / "not-a-step").mkdir()
+    assert valid_steps(ckpts) == [4]
+    _, _, saved = loaded_fresh(path)
+    assert saved["step"] == 4
+
+
+def tiny_state(value: float) -> dict:
+    return {"model": {"w": torch.full((64, 8), value)}, "optim": {"s": torch.tensor(value * 10)}}
+
+
+def test_keep_latest_k_prunes_old_and_partial_folders(tmp_path):
+    ck = Checkpointer(tmp_path, CheckpointConfig(keep_latest_k=2), INFO)
+    ck.save(1, tiny_state(1), {"step": 1})
+    ck.save(2, tiny_state(2), {"step": 2})
+    (ck.folder / "step-3").mkdir()  # partial: older than the next valid one, so debris
+    ck.save(4, tiny_state(4), {"step": 4})
+    assert valid_steps(ck.folder) == [2, 4]
+    assert sorted(p.name for p in ck.folder.iterdir()) == ["step-2", "step-4"]
+    ck.save(5, tiny_state(5), {"step": 5})
+    assert valid_steps(ck.folder) == [4, 5]
+    state = tiny_state(0)
+    assert ck.load_latest(state, lambda s: None)["step"] == 5
+    assert torch.equal(state["model"]["w"], torch.full((64, 8), 5.0))
+    assert float(state["optim"]["s"]) == 50.0
+
+
+def test_keep_latest_one(tmp_path):
+    ck = Checkpointer(tmp_path, CheckpointConfig(keep_latest_k=1), INFO)
+    for step in (3, 6, 9):
+        ck.save(step, tiny_state(step), {"step": step})
+    assert valid_steps(ck.folder) == [9]
+
+
+def test_save_policy():
+    ck = Checkpointer(Path("/nonexistent"), CheckpointConfig(every_steps=5, at_epoch_end=False), INFO)
+    assert [s for s in range(1, 16) if ck.should_save(s, epoch_end=s % 4 == 0, final=s == 15)] == [5, 10, 15]
+    ck = Checkpointer(Path("/nonexistent"), CheckpointConfig(every_steps=0, at_epoch_end=True), INFO)
+    assert [s for s in range(1, 13) if ck.should_save(s, epoch_end=s % 4 == 0, final=s == 12)] == [4, 8, 12]
+    assert not ck.should_save(0, epoch_end=True, final=True)
+    ck.last_saved_step = 8
+    assert not ck.should_save(8, epoch_end=True, final=False)
+
+
+def truncate_shards(folder: Path) -> None:
+    shards = list(folder.glob("*.distcp"))
+    assert shards
+    for shard in shards:
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) // 3])
+
+
+def test_corrupted_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+    ck = Checkpointer(tmp_path, CheckpointConfig(keep_latest_k=3), INFO)
+    ck.save(1, tiny_state(1), {"step": 1})
+    ck.save(2, tiny_state(2), {"step": 2})
+    truncate_shards(ck.folder / "step-2")
+    state = tiny_state(0)
+    fresh = Checkpointer(tmp_path, CheckpointConfig(keep_latest_k=3), INFO)
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        saved = fresh.load_latest(state, lambda s: None)
+    assert saved == {"step": 1}
+    assert torch.equal(state["model"]["w"], torch.full((64, 8), 1.0))
+    assert float(state["optim"]["s"]) == 10.0
+    assert fresh.last_saved_step == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("step-2" in w and "could not be loaded" in w for w in warnings), warnings
+
+
+def test_all_checkpoints_corrupted_starts_from_scratch(tmp_path, caplog):
+    ck = Checkpointer(tmp_path, CheckpointConfig(), INFO)
+    ck.save(1, tiny_state(1), {"step": 1})
+    truncate_shards(ck.folder / "step-1")
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        assert (
+            Checkpointer(tmp_path, CheckpointConfig(), INFO).load_latest(tiny_state(0), lambda s: None)
+            is None
+        )
+
+
+def test_trainer_resumes_from_previous_checkpoint_when_newest_is_corrupted(quick_config, caplog):
+    path = quick_config(checkpoint={"every_steps": 2, "at_epoch_end": False, "keep_latest_k": 3})
+    t = make_trainer(path)
+    t.fit()
+    ckpts = Path(t.run_dir) / "checkpoints"
+    assert valid_steps(ckpts) == [2, 4]
+    truncate_shards(ckpts / "step-4")
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        result = make_trainer(path).fit()
+    assert result["step"] == 4 and result["steps_this_run"] == 2
+    assert any("step-4" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert valid_steps(ckpts) == [2, 4]  # step 4 was written again, whole this time
+    _, _, saved = loaded_fresh(path)
+    assert saved["step"] == 4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (["--embeddings.max_vocab", "10"], "vocabulary or label set differs"),
+        (["--optim.sparse", "adagrad"], "optimizers differ"),
+        (["--model.encoder", "lstm", "--model.lstm_hidden", "4"], "model.encoder differs"),
+        (["--embeddings.char_ngrams", "32"], "embedding tables differ"),
+    ],
+)
+def test_incompatible_run_raises_resume_error_naming_the_reason(quick_config, overrides, reason):
+    path = quick_config()
+    make_trainer(path).fit()
+    with pytest.raises(ResumeError, match=reason) as exc:
+        loaded_fresh(path, *overrides)
+    assert "cannot resume" in str(exc.value)
+
+
+def test_changed_pretrained_vectors_raise_resume_error(quick_config, tiny_data):
+    path = quick_config()
+    make_trainer(path).fit()
+    glove = tiny_data["glove"]
+    lines = glove.read_text().splitlines()
+    word, *values = lines[0].split()
+    lines[0] = " ".join([word, *(f"{float(v) + 1:.5f}" for v in values)])
+    glove.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ResumeError, match="pretrained table differs"):
+        make_trainer(path).fit()
+
+
+def test_resume_never_refuses_an_existing_run(quick_config):
+    path = quick_config()
+    make_trainer(path).fit()
+    with pytest.raises(ResumeError, match="train.resume = never"):
+        make_trainer(path, "--train.resume", "never").fit()
+
+
+def test_resume_after_finish_runs_no_steps(quick_config):
+    path = quick_config()
+    first = make_trainer(path).fit()
+    again = make_trainer(path).fit()
+    assert again["step"] == first["step"] == 4
+    assert again["steps_this_run"] == 0
+    w = torch.load(Path(make_trainer(path).run_dir) / "model" / "weights.pt", weights_only=True)
+    assert all(np.isfinite(v.numpy()).all() for v in w.values())

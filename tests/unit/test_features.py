@@ -1,0 +1,207 @@
+"""Featurizer.encode, EncodedDocs save/load and collate, checked by hand on tiny documents."""
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.config import DataConfig
+from trainer.features import EncodedDocs, Featurizer, collate
+from trainer.vocab import Tokenizer, Vocabulary, bigram_buckets, char_ngram_buckets, stable_hash64
+
+# ids: the=0 cat=1 (pretrained) | zork=2 blip=3 (OOV); "dog" is unknown
+VOCAB = Vocabulary(
+    words=["the", "cat", "zork", "blip"],
+    num_pretrained=2,
+    pretrained_rows=np.array([7, 3]),
+    counts=np.array([5, 4, 3, 2]),
+    labels=["neg", "pos"],
+)
+P = VOCAB.num_pretrained
+TEXTS = ["The cat zork", "dog", "", "blip the dog cat"]
+LABELS = ["pos", "neg", "neg", "other"]
+
+
+def featurizer(ngram_buckets: int = 0, char_buckets: int = 0, max_tokens: int = 100) -> Featurizer:
+    return Featurizer(
+        Tokenizer(DataConfig().token_pattern, True), VOCAB, ngram_buckets, char_buckets, 3, 3, max_tokens
+    )
+
+
+def csr(values: np.ndarray, offsets: np.ndarray) -> list[list[int]]:
+    return [np.asarray(values[offsets[i] : offsets[i + 1]]).tolist() for i in range(len(offsets) - 1)]
+
+
+def pair_bucket(a: str, b: str, buckets: int) -> int:
+    return int(bigram_buckets(np.array([stable_hash64(a), stable_hash64(b)], dtype=np.uint64), buckets)[0])
+
+
+# ---------------------------------------------------------------- encode
+def test_encode_word_ids_without_ngrams():
+    docs = featurizer().encode(TEXTS, LABELS)
+    assert len(docs) == 4
+    # unknown words are dropped when there are no character n-grams to carry them
+    assert csr(docs.token_ids, docs.token_offsets) == [[0, 1, 2], [], [], [3, 0, 1]]
+    assert docs.raw_tokens.tolist() == [3, 1, 0, 4]
+    assert docs.labels.tolist() == [1, 0, 0, -1]  # "other" was never seen in training
+    assert len(docs.bigram_ids) == 0 and docs.bigram_offsets.tolist() == [0] * 5
+    assert len(docs.char_ids) == 0 and docs.char_offsets.tolist() == [0] * 5
+    assert docs.char_token_counts.tolist() == [0] * 6
+
+
+def test_encode_without_labels_marks_all_unknown():
+    assert featurizer().encode(["the cat"]).labels.tolist() == [-1]
+
+
+def test_encode_truncates_to_max_tokens():
+    docs = featurizer(max_tokens=2).encode(["the cat zork blip"])
+    assert csr(docs.token_ids, docs.token_offsets) == [[0, 1]]
+    assert docs.raw_tokens.tolist() == [2]
+
+
+def test_bigrams_per_document_no_pairs_across_documents():
+    buckets = 1 << 40
+    docs = featurizer(ngram_buckets=buckets).encode(TEXTS, LABELS)
+    per_doc = csr(docs.bigram_ids, docs.bigram_offsets)
+    assert [len(b) for b in per_doc] == [2, 0, 0, 3]  # tokens - 1, unknown words included, empty doc -> 0
+    assert per_doc[0] == [pair_bucket("the", "cat", buckets), pair_bucket("cat", "zork", buckets)]
+    assert per_doc[3] == [
+        pair_bucket("blip", "the", buckets),
+        pair_bucket("the", "dog", buckets),
+        pair_bucket("dog", "cat", buckets),
+    ]
+    # no pair joins the last token of one document to the first of the next
+    straddling = {pair_bucket("zork", "dog", buckets), pair_bucket("dog", "blip", buckets)}
+    assert not straddling & set(docs.bigram_ids.tolist())
+
+
+def test_bigrams_with_single_token_documents_in_a_row():
+    buckets = 1 << 40
+    docs = featurizer(ngram_buckets=buckets).encode(["the", "cat", "zork blip", "", "dog"])
+    per_doc = csr(docs.bigram_ids, docs.bigram_offsets)
+    assert per_doc == [[], [], [pair_bucket("zork", "blip", buckets)], [], []]
+
+
+def test_char_ids_per_token_and_unknown_words_kept():
+    buckets = 1000
+    docs = featurizer(char_buckets=buckets).encode(TEXTS, LABELS)
+    # with char n-grams, unknown words stay as -1 so they contribute their subwords
+    assert csr(docs.token_ids, docs.token_offsets) == [[0, 1, 2], [-1], [], [3, 0, -1, 1]]
+    words = ["the", "cat", "zork", "dog", "blip", "the", "dog", "cat"]
+    expected = [char_ngram_buckets(w, 3, 3, buckets) for w in words]
+    assert docs.char_token_counts.tolist() == [len(e) for e in expected] == [len(w) for w in words]
+    np.testing.assert_array_equal(docs.char_ids, np.concatenate(expected))
+    per_doc = [sum(len(w) for w in doc.split()) for doc in ("the cat zork", "dog", "", "blip the dog cat")]
+    assert np.diff(docs.char_offsets).tolist() == per_doc
+
+
+def test_encode_empty_inputs():
+    docs = featurizer(ngram_buckets=10, char_buckets=10).encode([])
+    assert len(docs) == 0
+    assert docs.token_offsets.tolist() == [0]
+    docs = featurizer(ngram_buckets=10, char_buckets=10).encode(["", "..."])
+    assert docs.token_offsets.tolist() == [0, 0, 0]
+    assert docs.bigram_offsets.tolist() == [0, 0, 0] and docs.char_offsets.tolist() == [0, 0, 0]
+
+
+# ---------------------------------------------------------------- save / load
+def test_encoded_docs_save_load_memmap(tmp_path):
+    docs = featurizer(ngram_buckets=1000, char_buckets=1000).encode(TEXTS, LABELS)
+    docs.save(tmp_path / "enc")
+    back = EncodedDocs.load(tmp_path / "enc")
+    for name in (
+        "token_ids",
+        "token_offsets",
+        "raw_tokens",
+        "bigram_ids",
+        "bigram_offsets",
+        "char_ids",
+        "char_token_counts",
+        "char_offsets",
+        "labels",
+    ):
+        got, want = getattr(back, name), getattr(docs, name)
+        assert isinstance(got, np.memmap), name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+    assert back.token_ids.dtype == np.int32  # ids stored compactly
+    # the memory-mapped copy collates exactly like the in-memory one
+    rows = np.array([3, 0])
+    a, b = collate(docs, rows, P, False), collate(back, rows, P, False)
+    for name in a.tables:
+        for x, y in zip(a.tables[name], b.tables[name], strict=True):
+            assert x.dtype == y.dtype == torch.int64
+            assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------- collate
+def test_collate_bag_mode_by_hand():
+    docs = featurizer(ngram_buckets=1 << 40).encode(TEXTS, ["pos", "neg", "neg", "pos"])
+    batch = collate(docs, np.array([3, 1, 0]), P, token_level=False)
+    pre_ids, pre_off = batch.tables["pretrained"]
+    oov_ids, oov_off = batch.tables["oov"]
+    # doc 3: blip(3) the(0) cat(1); doc 1: nothing; doc 0: the(0) cat(1) zork(2)
+    assert pre_ids.tolist() == [0, 1, 0, 1] and pre_off.tolist() == [0, 2, 2]
+    assert oov_ids.tolist() == [3 - P, 2 - P] and oov_off.tolist() == [0, 1, 1]
+    big_ids, big_off = batch.tables["bigram"]
+    assert big_off.tolist() == [0, 3, 3] and len(big_ids) == 5
+    assert batch.tables["char"][1].tolist() == [0, 0, 0]
+    assert batch.labels.tolist() == [1, 0, 1]
+    # looked-up ids per document: words + bigrams (+ chars)
+    assert batch.lengths.tolist() == [3 + 3, 0 + 0, 3 + 2]
+    assert batch.seq_lengths.tolist() == [3, 0, 3]
+    assert batch.num_docs == 3
+    assert batch.num_tokens == 4 + 1 + 3  # raw tokenizer tokens, unknown words included
+
+
+def test_collate_bag_mode_with_chars_counts_unknown_words_only_by_their_chars():
+    docs = featurizer(char_buckets=1000).encode(["dog cat"], ["pos"])
+    batch = collate(docs, np.array([0]), P, token_level=False)
+    assert batch.tables["pretrained"][0].tolist() == [1]
+    assert batch.tables["char"][1].tolist() == [0] and len(batch.tables["char"][0]) == 6
+    assert batch.lengths.tolist() == [1 + 6]
+    assert batch.seq_lengths.tolist() == [2]
+
+
+def test_collate_token_level_by_hand():
+    docs = featurizer(char_buckets=1000).encode(TEXTS, ["pos", "neg", "neg", "pos"])
+    batch = collate(docs, np.array([0, 2, 3, 1]), P, token_level=True)
+    # segments are kept tokens: doc 0 [the cat zork], doc 2 [], doc 3 [blip the dog cat], doc 1 [dog]
+    pre_ids, pre_off = batch.tables["pretrained"]
+    oov_ids, oov_off = batch.tables["oov"]
+    assert batch.seq_lengths.tolist() == [3, 0, 4, 1]
+    assert pre_ids.tolist() == [0, 1, 0, 1]
+    assert pre_off.tolist() == [0, 1, 2, 2, 2, 3, 3, 4]  # one segment per token: 1 if pretrained else 0
+    assert oov_ids.tolist() == [0, 1]  # zork (2-P), blip (3-P)
+    assert oov_off.tolist() == [0, 0, 0, 1, 2, 2, 2, 2]
+    char_ids, char_off = batch.tables["char"]
+    lens = [3, 3, 4, 4, 3, 3, 3, 3]  # the cat zork | blip the dog cat | dog
+    assert char_off.tolist() == np.concatenate([[0], np.cumsum(lens)[:-1]]).tolist()
+    assert len(char_ids) == sum(lens)
+    assert batch.tables["bigram"][1].tolist() == [0] * 8 and len(batch.tables["bigram"][0]) == 0
+    assert batch.lengths.tolist() == [3 + 10, 0, 3 + 13, 0 + 3]
+
+
+def test_collate_empty_document_only():
+    docs = featurizer().encode([""], ["pos"])
+    for token_level in (False, True):
+        batch = collate(docs, np.array([0]), P, token_level=token_level)
+        assert batch.lengths.tolist() == [0.0]
+        assert batch.seq_lengths.tolist() == [0]
+        assert batch.tables["pretrained"][0].numel() == 0
+
+
+def test_collate_no_rows():
+    docs = featurizer().encode(TEXTS, ["pos"] * 4)
+    batch = collate(docs, np.zeros(0, dtype=np.int64), P, token_level=False)
+    assert batch.num_docs == 0 and batch.labels.numel() == 0
+    assert batch.tables["pretrained"][1].numel() == 0
+
+
+@pytest.mark.parametrize("token_level", [False, True])
+def test_collate_is_a_row_selection(token_level):
+    """Collating rows [a, b] equals concatenating what rows [a] and [b] give."""
+    docs = featurizer(char_buckets=50).encode(TEXTS, ["pos"] * 4)
+    both = collate(docs, np.array([3, 0]), P, token_level)
+    a, b = collate(docs, np.array([3]), P, token_level), collate(docs, np.array([0]), P, token_level)
+    for name in both.tables:
+        assert torch.equal(both.tables[name][0], torch.cat([a.tables[name][0], b.tables[name][0]]))
+    assert torch.equal(both.lengths, torch.cat([a.lengths, b.lengths]))

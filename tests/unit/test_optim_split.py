@@ -1,0 +1,285 @@
+"""OptimizerContainer: the parameter split and its coverage proof, the lr schedule, the unfreeze gate."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import trainer.optim as optim_mod
+from trainer.config import DataConfig, ModelConfig, OptimConfig
+from trainer.embeddings import LocalTables, build_table_specs
+from trainer.features import Featurizer, collate
+from trainer.model import TextClassifier
+from trainer.optim import OptimizerContainer, clean_name, group_of, lr_multiplier
+from trainer.vocab import Tokenizer, Vocabulary
+
+VOCAB = Vocabulary(
+    words=["the", "cat", "zork", "blip"],
+    num_pretrained=2,
+    pretrained_rows=np.array([0, 1]),
+    counts=np.array([1, 1, 1, 1]),
+    labels=["a", "b", "c"],
+)
+
+
+def make_model(encoder: str = "masked_bag", delta: bool = True, hidden: int = 4) -> TextClassifier:
+    specs = build_table_specs(
+        num_pretrained=2,
+        num_oov=2,
+        dim=3,
+        ngram_buckets=0 if encoder == "lstm" else 7,
+        char_buckets=5,
+        masked=encoder == "masked_bag",
+        pretrained_trainable=delta,
+        init_std=0.5,
+    )
+    tables = LocalTables(specs, torch.randn(2, 3, generator=torch.Generator().manual_seed(0)), seed=0)
+    model = TextClassifier(tables, ModelConfig(encoder=encoder, hidden=hidden, lstm_hidden=4), 2, 3)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for p in model.dense.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def backward(model: TextClassifier, texts=("the cat zork", "blip the dog")) -> None:
+    f = Featurizer(
+        Tokenizer(DataConfig().token_pattern, True), VOCAB, 7 if model.encoder != "lstm" else 0, 5, 3, 3, 100
+    )
+    docs = f.encode(list(texts), ["a"] * len(texts))
+    batch = collate(docs, np.arange(len(texts)), 2, model.encoder == "lstm")
+    torch.nn.functional.cross_entropy(model(batch), torch.tensor([0, 1])).backward()
+
+
+def container(
+    model, cfg: OptimConfig | None = None, total: int = 100, unfreeze: int = -1
+) -> OptimizerContainer:
+    return OptimizerContainer(model, cfg or OptimConfig(), total, unfreeze, model.tables.frozen)
+
+
+# ---------------------------------------------------------------- the split
+@pytest.mark.parametrize("encoder", ["bag", "masked_bag", "lstm"])
+def test_every_trainable_parameter_in_exactly_one_optimizer(encoder):
+    model = make_model(encoder)
+    c = container(model)
+    where: dict[str, list[str]] = {}
+    for group, opt in c.optimizers.items():
+        for pg in opt.param_groups:
+            for p in pg["params"]:
+                where.setdefault(c.names[p], []).append(group)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(where) == names
+    assert all(len(groups) == 1 for groups in where.values()), where
+    for name, (group,) in where.items():
+        if name == "tables.bags.pretrained_delta.weight":
+            assert group == "pretrained"
+        elif name.startswith("tables."):
+            assert group == "sparse"
+        else:
+            assert group == "dense"
+    assert set(c.group_names["sparse"]) >= {"tables.bags.oov.weight", "tables.bags.char.weight"}
+    assert c.group_names["pretrained"] == ["tables.bags.pretrained_delta.weight"]
+    assert type(c.optimizers["dense"]).__name__ == "AdamW"
+    assert c.optimizers["sparse"].param_groups[0]["lr"] == OptimConfig().sparse_lr
+    assert c.optimizers["pretrained"].param_groups[0]["lr"] == OptimConfig().pretrained_lr
+
+
+def test_frozen_table_in_no_optimizer():
+    model = make_model()
+    c = container(model)
+    ptr = model.tables.frozen.untyped_storage().data_ptr()
+    for opt in c.optimizers.values():
+        for pg in opt.param_groups:
+            assert all(p.untyped_storage().data_ptr() != ptr for p in pg["params"])
+
+
+def test_no_pretrained_optimizer_without_correction():
+    c = container(make_model(delta=False))
+    assert set(c.optimizers) == {"dense", "sparse"}
+
+
+def test_linear_head_without_pretrained_still_has_dense_and_sparse():
+    c = container(make_model("bag", delta=False, hidden=0))
+    assert c.group_names["dense"] == ["dense.head.out.weight", "dense.head.out.bias"]
+
+
+def test_requires_grad_false_parameters_are_skipped():
+    model = make_model()
+    model.dense.head.out.bias.requires_grad_(False)
+    c = container(model)
+    assert "dense.head.out.bias" not in c.group_names["dense"]
+
+
+def test_names_are_independent_of_ddp_wrapping():
+    assert clean_name("module.tables.bags.oov.weight") == "tables.bags.oov.weight"
+    assert clean_name("dense.module.head.out.weight") == "dense.head.out.weight"
+    assert group_of("tables.bags.pretrained_delta.weight") == "pretrained"
+    assert group_of("tables.bags.mask.weight") == "sparse"
+    assert group_of("dense.lstm.weight_ih_l0") == "dense"
+
+
+def test_coverage_assertion_fires_for_a_parameter_left_out(monkeypatch):
+    real = optim_mod.build_sparse_optimizer
+    monkeypatch.setattr(
+        optim_mod,
+        "build_sparse_optimizer",
+        lambda name, params, lr: real(name, params[:-1], lr) if len(params) > 1 else real(name, params, lr),
+    )
+    with pytest.raises(AssertionError, match="trainable parameters in no optimizer: .*tables.bags"):
+        container(make_model())
+
+
+def test_coverage_assertion_fires_for_a_duplicate(monkeypatch):
+    real = optim_mod.build_sparse_optimizer
+    seen: list = []
+
+    def sloppy(name, params, lr):
+        out = real(name, list(params) + seen, lr)  # the second call also grabs the first call's tables
+        seen.extend(params)
+        return out
+
+    monkeypatch.setattr(optim_mod, "build_sparse_optimizer", sloppy)
+    with pytest.raises(AssertionError, match="is in optimizers sparse and pretrained"):
+        container(make_model())
+
+
+def test_coverage_assertion_fires_when_an_optimizer_holds_the_frozen_table():
+    model = make_model()
+    with pytest.raises(AssertionError, match="holds the frozen pretrained table"):
+        OptimizerContainer(model, OptimConfig(), 10, -1, model.tables.bags["oov"].weight.data)
+
+
+def test_describe_lists_the_split():
+    c = container(make_model())
+    text = c.describe()
+    assert text.startswith("optimizer split:")
+    lines = text.splitlines()[1:]
+    assert [line.split()[0] for line in lines] == ["dense", "sparse", "pretrained"]
+    assert "AdamW" in lines[0] and "FastSparseAdam" in lines[1]
+    for name in (
+        "tables.bags.oov.weight",
+        "tables.bags.mask.weight",
+        "tables.bags.pretrained_delta.weight",
+        "dense.head.out.weight",
+    ):
+        assert name in text
+    oov_mask_bigram_char = 2 * 3 + 4 * 3 + 7 * 3 + 5 * 3
+    assert f"params={oov_mask_bigram_char:,}" in lines[1]
+
+
+# ---------------------------------------------------------------- schedule
+def test_linear_schedule_warmup_then_decay_to_min():
+    cfg = OptimConfig(warmup_steps=10, schedule="linear", min_lr_ratio=0.0)
+    assert lr_multiplier(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_multiplier(4, cfg, 110) == pytest.approx(0.5)
+    assert lr_multiplier(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_multiplier(10, cfg, 110) == pytest.approx(1.0)
+    assert lr_multiplier(60, cfg, 110) == pytest.approx(0.5)
+    assert lr_multiplier(110, cfg, 110) == pytest.approx(0.0)
+    cfg = OptimConfig(warmup_steps=10, schedule="linear", min_lr_ratio=0.2)
+    assert lr_multiplier(60, cfg, 110) == pytest.approx(0.2 + 0.8 * 0.5)
+    assert lr_multiplier(110, cfg, 110) == pytest.approx(0.2)
+    assert lr_multiplier(500, cfg, 110) == pytest.approx(0.2)  # never below the floor
+    values = [lr_multiplier(s, cfg, 110) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_cosine_schedule():
+    cfg = OptimConfig(warmup_steps=0, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_multiplier(0, cfg, 100) == pytest.approx(1.0)
+    assert lr_multiplier(25, cfg, 100) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_multiplier(50, cfg, 100) == pytest.approx(0.55)
+    assert lr_multiplier(100, cfg, 100) == pytest.approx(0.1)
+
+
+def test_constant_schedule_and_warmup_longer_than_run():
+    cfg = OptimConfig(warmup_steps=4, schedule="constant")
+    assert [lr_multiplier(s, cfg, 50) for s in (0, 3, 4, 49)] == pytest.approx([0.25, 1.0, 1.0, 1.0])
+    cfg = OptimConfig(warmup_steps=20, schedule="linear")
+    assert lr_multiplier(9, cfg, 10) == pytest.approx(0.5)  # a run shorter than its warm-up never decays
+    assert lr_multiplier(25, cfg, 10) == 1.0
+
+
+def test_set_lr_scales_every_optimizer():
+    cfg = OptimConfig(warmup_steps=4, sparse_lr=0.2, dense_lr=0.02, pretrained_lr=0.002)
+    c = container(make_model(), cfg, total=100)
+    c.set_lr(1)
+    assert c.lrs() == pytest.approx({"dense": 0.01, "sparse": 0.1, "pretrained": 0.001})
+    c.set_lr(52)  # halfway through the decay
+    assert c.lrs() == pytest.approx({"dense": 0.01, "sparse": 0.1, "pretrained": 0.001})
+
+
+# ---------------------------------------------------------------- stepping
+def test_pretrained_optimizer_not_stepped_before_unfreeze():
+    model = make_model()
+    model.delta_active = True  # produce correction gradients from the start, to prove only the gate holds it
+    c = container(model, OptimConfig(warmup_steps=0, pretrained_lr=0.1), unfreeze=3)
+    c.init_state()
+    delta = model.tables.bags["pretrained_delta"].weight
+    oov = model.tables.bags["oov"].weight
+    for step in range(3):
+        assert not c.pretrained_active(step)
+        oov_before = oov.detach().clone()
+        c.zero_grad()
+        backward(model)
+        assert delta.grad is not None
+        c.step(step)
+        assert torch.equal(delta, torch.zeros_like(delta)), step
+        assert not torch.equal(oov, oov_before)
+    assert int(c.optimizers["pretrained"].state[delta]["step"]) == 0
+    assert c.pretrained_active(3)
+    c.zero_grad()
+    backward(model)
+    c.step(3)
+    assert not torch.equal(delta, torch.zeros_like(delta))
+    assert int(c.optimizers["pretrained"].state[delta]["step"]) == 1
+
+
+def test_never_unfreeze():
+    c = container(make_model(), unfreeze=-1)
+    assert not any(c.pretrained_active(s) for s in (0, 10, 10**6))
+
+
+def test_clip_dense_leaves_sparse_gradients_alone():
+    model = make_model()
+    c = container(model)
+    c.zero_grad()
+    backward(model)
+    with torch.no_grad():
+        for p in c.dense_params():
+            p.grad.mul_(1000)
+    sparse_before = model.tables.bags["oov"].weight.grad.coalesce().values().clone()
+    norm = c.clip_dense(1.0)
+    assert float(norm) > 1.0
+    after = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad) for p in c.dense_params()])
+    )
+    assert float(after) == pytest.approx(1.0, rel=1e-4)
+    assert torch.equal(model.tables.bags["oov"].weight.grad.coalesce().values(), sparse_before)
+    assert float(c.clip_dense(0.0)) == pytest.approx(1.0, rel=1e-4)  # 0 only measures
+
+
+@pytest.mark.parametrize("sparse", ["sparse_adam", "sgd", "adagrad", "rowwise_adagrad"])
+def test_state_tensors_named_by_group_and_parameter(sparse):
+    model = make_model(delta=False)
+    c = container(model, OptimConfig(sparse=sparse))
+    c.init_state()
+    keys = c.state_tensors()
+    assert "dense/dense.head.out.weight/exp_avg" in keys
+    assert "dense/dense.head.out.weight/step" in keys
+    sparse_keys = {k for k in keys if k.startswith("sparse/")}
+    if sparse == "sparse_adam":
+        assert {
+            "sparse/tables.bags.oov.weight/exp_avg",
+            "sparse/tables.bags.oov.weight/exp_avg_sq",
+            "sparse/tables.bags.oov.weight/step",
+        } <= sparse_keys
+    elif sparse in ("adagrad", "rowwise_adagrad"):
+        assert "sparse/tables.bags.oov.weight/sum" in sparse_keys
+    else:
+        assert not sparse_keys  # plain SGD keeps no state
+    # one optimizer step with real gradients keeps the same keys (the state was created up front)
+    backward(model)
+    c.step(0)
+    assert set(c.state_tensors()) == set(keys)
