@@ -181,6 +181,18 @@ def test_fast_sparse_adam_is_bit_identical_to_torch(
         assert opt_ref.state[r]["step"] == int(opt_ours.state[o]["step"]) == 6
 
 
+@pytest.mark.parametrize("name", ["sparse_adam", "rowwise_adagrad"])
+def test_empty_shard_table(name: str) -> None:
+    """A rank may own zero rows of a sharded table: state, step and state export must still work."""
+    p = torch.nn.Parameter(torch.zeros(0, 8))
+    opt = build_sparse_optimizer(name, [p], lr=0.1)
+    init_optimizer_state(opt)
+    p.grad = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 8), (0, 8))
+    opt.step()
+    tensors = optimizer_state_tensors(opt, {p: "shard"})
+    assert all(t.shape[0] == 0 for k, t in tensors.items() if not k.endswith("/step"))
+
+
 def test_fast_sparse_adam_rejects_dense_gradients() -> None:
     p = torch.nn.Parameter(torch.zeros(3, 2))
     p.grad = torch.ones(3, 2)
