@@ -285,3 +285,46 @@ def test_resume_after_finish_runs_no_steps(quick_config):
     assert again["steps_this_run"] == 0
     w = torch.load(Path(make_trainer(path).run_dir) / "model" / "weights.pt", weights_only=True)
     assert all(np.isfinite(v.numpy()).all() for v in w.values())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["--model.hidden", "8", "--model.dropout", "0.3", "--train.class_weights", "inverse_log"],
+        [
+            "--embeddings.unfreeze_after_steps",
+            "4",
+            "--embeddings.ngram_buckets",
+            "32",
+        ],  # unfreezes after the resume
+        [
+            "--model.encoder",
+            "lstm",
+            "--model.lstm_hidden",
+            "4",
+            "--model.dropout",
+            "0.2",
+            "--optim.sparse",
+            "adagrad",
+        ],
+        ["--train.batch_size", "0", "--train.tokens_per_batch", "400", "--optim.sparse", "rowwise_adagrad"],
+    ],
+    ids=["dropout-weights", "unfreeze", "lstm", "token-budget"],
+)
+def test_resumed_run_ends_where_an_uninterrupted_run_ends(quick_config, overrides):
+    """Run 6 steps saving at 3 and 6; drop step 6 and the export; the resumed run (steps 4-6) must reproduce it."""
+    path = quick_config(
+        train={"max_steps": 6}, checkpoint={"every_steps": 3, "at_epoch_end": False, "keep_latest_k": 5}
+    )
+    full = make_trainer(path, *overrides)
+    assert full.fit()["steps_this_run"] == 6
+    want = {k: v.clone() for k, v in flat(full.state()).items()}
+    run = Path(full.run_dir)
+    shutil.rmtree(run / "checkpoints" / "step-6")
+    shutil.rmtree(run / "model")
+    resumed = make_trainer(path, *overrides)
+    assert resumed.fit()["steps_this_run"] == 3
+    got = flat(resumed.state())
+    assert set(got) == set(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
