@@ -66,7 +66,7 @@ class PretrainedVectors:
         return int(self.vectors.shape[0])
 
     def index(self) -> dict[str, int]:
-        """word -> row.  Built on first use (~30 ms for 400K words) and kept, so a cache hit stays cheap."""
+        """word -> row.  Built on first use (~0.1 s for 400K words) and kept, so a cache hit stays cheap."""
         found = self.__dict__.get("_index")
         if found is None:
             found = dict(zip(self.words, range(len(self.words)), strict=True))

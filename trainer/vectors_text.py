@@ -29,7 +29,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-FORMATS = ("glove", "fasttext_vec", "word2vec_bin")
 _BOM = b"\xef\xbb\xbf"
 _SNIFF_BYTES = 1 << 20
 _MAX_WORD_BYTES = 4096  # a word2vec record whose word is longer than this is treated as corrupt
@@ -260,7 +259,7 @@ def _parse_text_arrow(
         check_utf8=False,
     )
     source = pa.memory_map(str(path)).read_buffer()
-    parts, words = [], []
+    vectors, rows, words = np.empty((0, dim), np.float32), 0, []
     if bar is not None:
         bar.update(start)
     for lo, hi in _pieces(mm, start):
@@ -271,14 +270,20 @@ def _parse_text_arrow(
             return None
         if pad and pc.max(pc.binary_length(table.column("pad"))).as_py() not in (0, None):
             return None  # some line has one value too many; let the reference parser name it
-        parts.append(_to_float32(table, dim))
-        if not np.isfinite(parts[-1]).all():
+        n = table.num_rows
+        if rows + n > len(vectors):  # sized from the first piece's bytes per row (+5%), grown if that was low
+            guess = int(n * (len(mm) - lo) / max(1, hi - lo) * 1.05) + 1024
+            vectors = np.concatenate([vectors[:rows], np.empty((max(n, guess), dim), np.float32)])
+        _to_float32(table, vectors[rows : rows + n])
+        if not np.isfinite(vectors[rows : rows + n]).all():
             return None  # refused by the reference parser, with the line number
+        rows += n
         words.extend(table.column(0).chunks)
         if bar is not None:
             bar.update(hi - lo)
-    vectors = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return pa.chunked_array(words, pa.binary()), vectors
+    del table
+    pa.default_memory_pool().release_unused()  # hand the float64 scratch back instead of keeping it cached
+    return pa.chunked_array(words, pa.binary()), vectors[:rows]
 
 
 def _pieces(mm: mmap.mmap, start: int) -> list[tuple[int, int]]:
@@ -294,20 +299,18 @@ def _pieces(mm: mmap.mmap, start: int) -> list[tuple[int, int]]:
     return out
 
 
-def _to_float32(table: pa.Table, dim: int) -> np.ndarray:
-    """Arrow float64 columns -> (rows, dim) float32: per batch, gather columns then one blocked transpose
+def _to_float32(table: pa.Table, out: np.ndarray) -> None:
+    """Arrow float64 columns -> rows of `out` (float32): per batch, gather columns then one blocked transpose
     (4x faster than writing strided columns)."""
-    vectors = np.empty((table.num_rows, dim), np.float32)
     row = 0
     for batch in table.to_batches():
         n = batch.num_rows
-        columns = np.empty((dim, n), np.float32)
+        columns = np.empty((out.shape[1], n), np.float32)
         with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, which is refused
-            for j in range(dim):
+            for j in range(out.shape[1]):
                 columns[j] = batch.column(j + 1).to_numpy(zero_copy_only=False)
-        vectors[row : row + n] = columns.T
+        out[row : row + n] = columns.T
         row += n
-    return vectors
 
 
 def _bad_value_message(token: bytes) -> str:
@@ -403,7 +406,12 @@ def _parse_word2vec(mm: mmap.mmap, layout: _Layout, name: str, bar) -> tuple[lis
             pos += 1
         sp = mm.find(b" ", pos, min(size, pos + _MAX_WORD_BYTES))
         if sp < 0 or sp + 1 + rec > size or i >= capacity:
-            what = "file ends inside this record" if size - pos < _MAX_WORD_BYTES else "no word found"
+            far = sp < 0 and size - pos >= _MAX_WORD_BYTES
+            what = (
+                f"no space-terminated word in {_MAX_WORD_BYTES} bytes"
+                if far
+                else "file ends inside this record"
+            )
             raise _fail(
                 name,
                 f"record {i + 1} (byte {pos})",
