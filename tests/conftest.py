@@ -63,10 +63,10 @@ def tiny_data(tmp_path: Path) -> dict[str, Path]:
             "glove": folder / "glove.txt", "dir": folder}
 
 
-def tiny_config_text(data: dict[str, Path], run_dir: Path, **sections) -> str:
+def tiny_config_text(files: dict[str, Path], run_dir: Path, **sections) -> str:
     base = {
-        "data": {"train": str(data["train"]), "valid": str(data["valid"]), "test": str(data["test"])},
-        "embeddings": {"pretrained": str(data["glove"]), "min_freq": 1, "vectors_cache_dir": str(run_dir.parent / "vcache")},
+        "data": {"train": str(files["train"]), "valid": str(files["valid"]), "test": str(files["test"])},
+        "embeddings": {"pretrained": str(files["glove"]), "min_freq": 1, "vectors_cache_dir": str(run_dir.parent / "vcache")},
         "optim": {"sparse_lr": 0.05, "dense_lr": 0.05, "warmup_steps": 2},
         "train": {"epochs": 4, "batch_size": 32, "seed": 0},
         "metrics": {"log_every_steps": 5, "progress": False},

@@ -134,7 +134,7 @@ class OptimConfig:
     momentum: float = 0.9
     # Linear warm-up steps.
     warmup_steps: int = 50
-    # Schedule after warm-up: linear (decay to min_lr_ratio at the last step), cosine, or constant.
+    # Schedule after warm-up: linear (decay towards min_lr_ratio, reached at max_steps), cosine, or constant.
     schedule: str = "linear"
     # Final learning rate as a fraction of the peak.
     min_lr_ratio: float = 0.0

@@ -18,6 +18,7 @@ import numpy as np
 
 from trainer.config import Config
 from trainer.distributed import DistInfo, barrier
+from trainer.embeddings import pretrained_scale
 from trainer.features import EncodedDocs, Featurizer
 from trainer.tabular import TextTable, read_table
 from trainer.vectors import PretrainedVectors
@@ -34,6 +35,11 @@ class DataBundle:
     test: EncodedDocs | None
     coverage: dict[str, float]
     stats: dict[str, int]
+    # The frozen rows the vocabulary uses, memory-mapped from the cache: ranks on one host share the page cache,
+    # and a row-wise rank reads only the pages of its own slice. (0, 1) when there are no pretrained vectors.
+    frozen: np.ndarray
+    # Per-element std of the pretrained rows: trainable rows start at the same scale.
+    init_std: float
 
 
 def make_featurizer(cfg: Config, vocab: Vocabulary) -> Featurizer:
@@ -81,6 +87,12 @@ def prepare_data(cfg: Config, pretrained: PretrainedVectors | None, info: DistIn
     barrier(info)
     vocab = Vocabulary.load(folder / "vocab")
     meta = json.loads((folder / "done.json").read_text())
+    if pretrained is None:
+        frozen = np.zeros((0, 1), dtype=np.float32)
+    elif cfg.embeddings.full_pretrained:
+        frozen = pretrained.vectors
+    else:
+        frozen = np.load(folder / "frozen.npy", mmap_mode="r")
     return DataBundle(
         vocab=vocab,
         train=EncodedDocs.load(folder / "train"),
@@ -88,6 +100,8 @@ def prepare_data(cfg: Config, pretrained: PretrainedVectors | None, info: DistIn
         test=EncodedDocs.load(folder / "test") if (folder / "test").exists() else None,
         coverage=meta["coverage"],
         stats=meta["stats"],
+        frozen=frozen,
+        init_std=meta["init_std"],
     )
 
 
@@ -110,6 +124,12 @@ def _build_cache(cfg: Config, pretrained: PretrainedVectors | None, folder: Path
     if len(vocab.labels) < 2:
         raise ValueError(f"{train.source}: training data has a single class ({vocab.labels}); need at least 2")
     vocab.save(tmp / "vocab")
+    init_std = 0.1
+    if pretrained is not None:
+        # a contiguous block of rows: cheap to read, and enough to estimate the scale
+        init_std = pretrained_scale(pretrained.take(vocab.pretrained_rows[:20000]))
+        if not e.full_pretrained:
+            np.save(tmp / "frozen.npy", pretrained.take(vocab.pretrained_rows))
     featurizer = make_featurizer(cfg, vocab)
     stats = {"train_docs": len(train.texts), "train_skipped_empty": train.num_skipped_empty,
              "train_tokens": int(sum(counts.values()))}
@@ -128,7 +148,7 @@ def _build_cache(cfg: Config, pretrained: PretrainedVectors | None, folder: Path
             log.warning("%s: %d documents have labels never seen in training (%s); they count as errors",
                         table.source, stats[f"{split}_unseen_label_docs"], ", ".join(unseen[:10]))
         encoded.save(tmp / split)
-    meta = {"coverage": coverage(vocab, counts), "stats": stats}
+    meta = {"coverage": coverage(vocab, counts), "stats": stats, "init_std": init_std}
     (tmp / "done.json").write_text(json.dumps(meta, indent=1))
     if folder.exists():  # another process won the race; keep theirs
         import shutil

@@ -124,8 +124,11 @@ class LocalTables(nn.Module):
         for spec in specs:
             if not spec.trainable:
                 continue
-            bag = nn.EmbeddingBag(spec.num_rows, spec.dim, mode="sum", sparse=True)
-            init_rows_(bag.weight, spec, generator)
+            # _weight: skip EmbeddingBag's own random init, which would draw rows*dim numbers from the global
+            # generator (slow for big tables, and it would shift the dense layers' init by the table sizes)
+            weight = torch.empty(spec.num_rows, spec.dim)
+            init_rows_(weight, spec, generator)
+            bag = nn.EmbeddingBag(spec.num_rows, spec.dim, mode="sum", sparse=True, _weight=weight)
             self.bags[spec.name] = bag
 
     def has(self, name: str) -> bool:

@@ -48,18 +48,21 @@ class DenseNet(nn.Module):
     def forward(self, x: torch.Tensor, seq_lengths: torch.Tensor) -> torch.Tensor:
         if self.lstm is None:
             return self.head(x)
-        # x: (num_tokens, D) in document order; pack so the LSTM does no work on padding
+        # x: (num_tokens, D) in document order; pack so the LSTM does no work on padding. A rank with no
+        # documents runs one dummy document and drops its output, and x always reaches the output, so every
+        # table lookup of this step stays in the autograd graph (row-wise backward collectives need that).
         num_docs = seq_lengths.shape[0]
-        lengths = seq_lengths.clamp(min=1)  # an empty document is one zero token
-        padded = x.new_zeros(num_docs, int(lengths.max()) if num_docs else 1, x.shape[1])
-        if x.shape[0]:
-            doc = torch.repeat_interleave(torch.arange(num_docs), seq_lengths).to(x.device)
-            starts = torch.cumsum(seq_lengths, 0) - seq_lengths
-            pos = torch.arange(x.shape[0]) - torch.repeat_interleave(starts, seq_lengths)
-            padded[doc, pos.to(x.device)] = x
-        packed = pack_padded_sequence(padded, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        run_docs = max(num_docs, 1)
+        lengths = torch.ones(run_docs, dtype=torch.long)
+        lengths[:num_docs] = seq_lengths.clamp(min=1)  # an empty document is one zero token
+        padded = x.new_zeros(run_docs, int(lengths.max()), x.shape[1])
+        doc = torch.repeat_interleave(torch.arange(num_docs), seq_lengths).to(x.device)
+        starts = torch.cumsum(seq_lengths, 0) - seq_lengths
+        pos = torch.arange(x.shape[0]) - torch.repeat_interleave(starts, seq_lengths)
+        padded = padded.index_put((doc, pos.to(x.device)), x)
+        packed = pack_padded_sequence(padded, lengths, batch_first=True, enforce_sorted=False)
         _, (h_n, _) = self.lstm(packed)
-        last_fw, last_bw = h_n[-2], h_n[-1]
+        last_fw, last_bw = h_n[-2][:num_docs], h_n[-1][:num_docs]
         return self.head(torch.cat([last_fw, last_bw], dim=1))
 
 

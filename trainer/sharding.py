@@ -8,6 +8,7 @@
 """
 
 import logging
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -36,17 +37,25 @@ def build_tables(mode: str, specs: list[TableSpec], frozen: torch.Tensor, seed: 
     return LocalTables(specs, frozen, seed)
 
 
+def _ddp(module: nn.Module, info: DistInfo) -> DistributedDataParallel:
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates broadcast_buffers in favour of forward_sync_buffers, which still syncs at init;
+        # our modules have no buffers, and nothing may be broadcast per forward
+        warnings.simplefilter("ignore", FutureWarning)
+        return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+
 def wrap_for_training(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
     """DDP around what is data-parallel. Returns the module the training loop calls."""
     if not info.is_distributed:
         return model
-    device_ids = [info.device.index] if info.device.type == "cuda" else None
     if mode == "row_wise" or info.backend == "nccl":
-        # Tables are either sharded (each row has one owner) or synchronised by SparseGradSync (NCCL has no
+        # Tables are either sharded (each row has one owner) or synchronised by sync_sparse_grads (NCCL has no
         # sparse all-reduce); only the dense part is DDP's business.
-        model.dense = DistributedDataParallel(model.dense, device_ids=device_ids, broadcast_buffers=False)
+        model.dense = _ddp(model.dense, info)
         return model
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    return _ddp(model, info)
 
 
 def describe_plan(specs: list[TableSpec], mode: str, info: DistInfo, optim) -> str:

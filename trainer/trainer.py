@@ -21,7 +21,7 @@ from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, val
 from trainer.config import Config, dump_toml
 from trainer.data import BatchPlan, DataBundle, class_weights, prepare_data, rank_share
 from trainer.distributed import DistInfo, all_reduce_, init_distributed, shutdown_distributed
-from trainer.embeddings import LocalTables, build_table_specs, pretrained_scale
+from trainer.embeddings import build_table_specs
 from trainer.evaluation import confusion_image, evaluate, per_class_table
 from trainer.export import export_model
 from trainer.features import collate
@@ -69,16 +69,13 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def frozen_rows(pretrained, vocab, full: bool) -> torch.Tensor:
+def frozen_tensor(rows) -> torch.Tensor:
+    """A tensor over the (read-only, memory-mapped) frozen rows without copying them."""
     import warnings
 
-    if pretrained is None:
-        return torch.zeros(0, 1)
-    if full:
-        with warnings.catch_warnings():  # a read-only memmap shared by the ranks of a host: never written
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(pretrained.vectors)
-    return torch.from_numpy(pretrained.take(vocab.pretrained_rows))
+    with warnings.catch_warnings():  # torch warns that the array is not writable: it is never written
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(rows)
 
 
 class Trainer:
@@ -116,13 +113,13 @@ class Trainer:
         log.info("vocabulary: %d words (%d pretrained, %d OOV), %d labels; pretrained coverage %.1f%% of types, "
                  "%.1f%% of tokens", len(vocab.words), vocab.num_pretrained, vocab.num_oov, len(vocab.labels),
                  100 * cov["pretrained_type_coverage"], 100 * cov["pretrained_token_coverage"])
-        self.frozen = frozen_rows(self.pretrained, vocab, e.full_pretrained)
+        self.frozen = frozen_tensor(self.data.frozen)
         dim = self.pretrained.dim if self.pretrained is not None else e.dim
         self.specs = build_table_specs(
             num_pretrained=vocab.num_pretrained, num_oov=vocab.num_oov, dim=dim,
             ngram_buckets=e.ngram_buckets, char_buckets=e.char_ngrams, masked=cfg.model.encoder == "masked_bag",
             pretrained_trainable=cfg.pretrained_trainable,
-            init_std=pretrained_scale(self.frozen.numpy()) if self.frozen.numel() else 0.1,
+            init_std=self.data.init_std,
         )
         self.sharding = resolve_sharding(cfg.dist, self.specs, info)
         tables = build_tables(self.sharding, self.specs, self.frozen, cfg.train.seed, info)

@@ -623,11 +623,6 @@ def test_harness_times_out_a_hung_run():
         run_distributed(_sleep_forever, 2, timeout_s=2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model.DenseNet: a rank with zero documents cannot pack an empty LSTM "
-    "batch, so an LSTM run with a global batch smaller than W fails (any sharding mode)",
-)
 def test_lstm_rank_without_documents():
     net = DenseNet(ModelConfig(encoder="lstm", lstm_hidden=3), DIM, CLASSES)
     x = torch.zeros(0, DIM, requires_grad=True)
