@@ -52,12 +52,29 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=dev if dev.type == "cuda" else None,
+            **_restart_store(rank, world, timeout),
         )
     return DistInfo(rank, local_rank, world, dev, backend)
+
+
+def _restart_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
+    """A fresh key space for a group that torchrun restarted on its agent's store (static rendezvous).
+
+    torch 2.13's static rendezvous hands every restart the same agent TCPStore without a per-attempt prefix, so
+    the workers of a restarted group read the previous group's gloo addresses and fail ("connectFullMesh ...
+    Connection refused") or hang. Prefixing the keys with the restart count gives each attempt its own."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restart == 0:
+        return {}
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    client = dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
+    store = dist.PrefixStore(f"/worker/restart_{restart}", client)
+    return {"store": store, "rank": rank, "world_size": world}
 
 
 def shutdown_distributed() -> None:
