@@ -318,7 +318,8 @@ class Trainer:
         correct = (logits.argmax(1) == batch.labels).sum().float() if batch.num_docs else torch.zeros(())
         stats = torch.stack([local_mean.float(), correct.float(), torch.tensor(float(batch.num_docs))]).cpu()
         summed = all_reduce_(stats.clone().to(info.device), info, op="sum").cpu()
-        peak = all_reduce_(stats[:1].clone().to(info.device), info, op="max").cpu()
+        mem = torch.tensor([float(local_mean), peak_rss_bytes() / 2**30], dtype=torch.float64)
+        peak = all_reduce_(mem.to(info.device), info, op="max").cpu()
         values = {
             "loss/train": float(summed[0]) / info.world_size,
             "loss/train_max_rank": float(peak[0]),
@@ -328,6 +329,7 @@ class Trainer:
             "progress/tokens_seen": tokens_seen,
             "memory/rss_gb": current_rss_bytes() / 2**30,
             "memory/peak_rss_gb": peak_rss_bytes() / 2**30,
+            "memory/peak_rss_gb_max_rank": float(peak[1]),
         }
         values.update({f"lr/{k}": v for k, v in self.optim.lrs().items()})
         rates = meter.rates()
