@@ -4,10 +4,16 @@ For each table size (default 20K and 2M rows x 300) and each sparse optimizer, t
 sparse gradient of a real `nn.Embedding(sparse=True)` backward over a 256 x 50 id batch. The batch touches exactly
 `--touched` distinct rows (default 10K, spread uniformly over the table, the rest repeats), so both table sizes do
 the same work; uniform ids would touch ~9K rows of 20K but ~12.8K of 2M and skew the ratio. State is created
-(and page-faulted in) before timing and a few warm-up steps run first. A dense-gradient Adam step is timed for
+(and page-faulted in) before timing and a few warm-up steps run first. `sparse_adam[torch]` is
+torch.optim.SparseAdam, which `sparse_adam` (FastSparseAdam) replaces; a dense-gradient Adam step is timed for
 contrast on tables up to `--dense-max-rows` (at 2M it takes seconds).
 
-    python benchmarks/bench_sparse_optim.py [--rows 20000 2000000] [--repeats 7] [--json out.json]
+Reading the ratio: a 20K x 300 table (24 MB, 72 MB with Adam state) largely sits in cache, a 2M one does not, so
+even a perfectly row-proportional step pays more per random row at 2M. `--rows 200000 2000000` compares two
+out-of-cache sizes. Process CPU time is printed next to wall time because on a shared machine the wall time of
+multi-threaded steps swings several-fold with load (`--threads 1` is the steadiest).
+
+    python benchmarks/bench_sparse_optim.py [--rows 20000 2000000] [--threads 1] [--repeats 9] [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import time
 import warnings
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\noptimizer step, table rows x {args.dim}, batch {args.batch}x{args.tokens} ids touching "
         f"{args.touched:,} rows; torch {torch.__version__}, {torch.get_num_threads()} threads; wall median of "
-        f"{args.repeats} (min-max), and median process CPU time"
+        f"{args.repeats} (min-max), and median process CPU time; load average at end {os.getloadavg()[0]:.1f}"
     )
     print(
         f"{'optimizer':<20} {'class':<16} {'rows':>10} {'median ms':>10} {'min-max ms':>16} {'cpu ms':>8} "
@@ -161,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             "config": vars(args),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(),
             "results": results,
             "ratios": ratios,
         }
