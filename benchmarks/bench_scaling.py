@@ -54,7 +54,8 @@ def run_training(nproc: int, args: list[str], run_dir: Path, timeout: int = 1800
     tps = [r["throughput/tokens_per_s"] for r in rows if "throughput/tokens_per_s" in r]
     eps = [r["throughput/examples_per_s"] for r in rows if "throughput/examples_per_s" in r]
     peak = max((r.get("memory/peak_rss_gb_max_rank", 0.0) for r in rows), default=0.0)
-    return {"tokens_per_s": statistics.median(tps[1:] or tps), "examples_per_s": statistics.median(eps[1:] or eps),
+    return {"tokens_per_s": statistics.median(tps[1:] or tps or [0.0]),
+            "examples_per_s": statistics.median(eps[1:] or eps or [0.0]),
             "peak_rss_gb_max_rank": peak, "wall_s": wall}
 
 
