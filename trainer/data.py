@@ -64,9 +64,13 @@ def _source_key(spec: str) -> str:
     return spec
 
 
+# Bump when the cache's layout or contents change, so old caches are never misread.
+CACHE_FORMAT = "2"
+
+
 def _cache_key(cfg: Config, *parts: str) -> str:
     d, e = cfg.data, cfg.embeddings
-    settings = [d.text_column, d.label_column, str(d.lowercase), d.token_pattern, str(d.max_tokens_per_doc),
+    settings = [CACHE_FORMAT, d.text_column, d.label_column, str(d.lowercase), d.token_pattern, str(d.max_tokens_per_doc),
                 str(e.ngram_buckets), str(e.char_ngrams), str(e.char_minn), str(e.char_maxn), *parts]
     return hashlib.blake2b("\x00".join(settings).encode(), digest_size=10).hexdigest()
 

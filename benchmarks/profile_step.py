@@ -1,0 +1,75 @@
+"""Profile training steps of a config with torch.profiler: where does a step's time go?
+
+Builds the real Trainer (data, tables, optimizers) in one process, runs warm-up steps, then profiles a few
+steps and prints the top operators by self CPU time, plus wall time per phase.
+
+    python benchmarks/profile_step.py --config configs/demo.toml [--steps 10] [--section.field VALUE ...]
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from trainer.config import load_config
+from trainer.data import rank_share
+from trainer.distributed import init_distributed
+from trainer.features import collate
+from trainer.trainer import Trainer
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", required=True)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rows", type=int, default=25)
+    args, rest = p.parse_known_args()
+    cfg = load_config(args.config, rest + ["--run.dir", str(Path("/tmp") / "profile-step-run"),
+                                           "--metrics.tensorboard", "false", "--metrics.progress", "false"])
+    info = init_distributed("cpu")
+    trainer = Trainer(cfg, info)
+    trainer.build()
+    trainer.optim.init_state()
+    batches = trainer.plan.epoch(0)
+    phases = {"collate": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+
+    def one_step(i: int) -> None:
+        t0 = time.perf_counter()
+        rows = batches[i % len(batches)]
+        batch = collate(trainer.data.train, rank_share(rows, 0, 1), trainer.data.vocab.num_pretrained,
+                        trainer.token_level)
+        t1 = time.perf_counter()
+        trainer.optim.zero_grad()
+        loss, _ = trainer._loss(trainer.train_model(batch), batch, rows)
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        trainer.optim.clip_dense(cfg.optim.grad_clip)
+        trainer.optim.step(i)
+        t4 = time.perf_counter()
+        for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            phases[k] += v
+
+    for i in range(args.warmup):
+        one_step(i)
+    phases = dict.fromkeys(phases, 0.0)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        for i in range(args.steps):
+            one_step(args.warmup + i)
+    tokens = np.mean([trainer.data.train.raw_tokens[b].sum() for b in batches[: args.steps]])
+    total = sum(phases.values())
+    print(f"threads {torch.get_num_threads()}, {args.steps} steps, {total / args.steps * 1000:.1f} ms/step "
+          f"(profiler on), ~{tokens * args.steps / total:,.0f} tokens/s")
+    for k, v in phases.items():
+        print(f"  {k:<10} {v / args.steps * 1000:8.1f} ms  {100 * v / total:5.1f}%")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
