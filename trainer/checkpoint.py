@@ -7,6 +7,7 @@ state may be DTensors (row-wise sharding): DCP then saves row shards and reshard
 The frozen pretrained table is never saved, only its fingerprint, which a resume checks.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -50,6 +51,37 @@ def valid_steps(folder: Path) -> list[int]:
         if m and (child / STATE_FILE).exists() and (child / ".metadata").exists():
             steps.append(int(m.group(1)))
     return sorted(steps)
+
+
+def _describe(e: BaseException) -> str:
+    """One line for a failed load: the underlying error of each failing rank, not DCP's wrapped traceback."""
+    if isinstance(e, CheckpointException) and e.failures:
+        parts = []
+        for rank, failure in sorted(e.failures.items()):
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            text = str(inner).strip().splitlines()[0][:200] if str(inner).strip() else ""
+            parts.append(f"rank {rank}: {type(inner).__name__}: {text}".rstrip(": "))
+        return "; ".join(parts)
+    text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}".rstrip(": ")
+
+
+class _DropDcpTracebacks(logging.Filter):
+    """DCP logs the metadata fallbacks of a failed load on the root logger with full tracebacks; the caller
+    reports the failure in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torch/distributed/checkpoint" not in record.pathname.replace("\\", "/")
+
+
+@contextlib.contextmanager
+def _quiet_dcp_logging():
+    root, quiet = logging.getLogger(), _DropDcpTracebacks()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 class Checkpointer:
@@ -102,15 +134,21 @@ class Checkpointer:
         steps = broadcast_object(valid_steps(self.folder), self.info)
         for step in reversed(steps):
             path = self.folder / f"step-{step}"
-            trainer_state = json.loads((path / STATE_FILE).read_text())
+            try:
+                trainer_state = json.loads((path / STATE_FILE).read_text())
+                if not isinstance(trainer_state, dict) or not isinstance(trainer_state.get("step"), int):
+                    raise ValueError("not a trainer state object with an integer 'step'")
+            except (OSError, ValueError) as e:  # every rank reads the same file, so every rank skips it
+                log.warning("checkpoint %s is unusable: %s is corrupt (%s); trying an older one", path, STATE_FILE, e)
+                continue
             check(trainer_state)
             try:
-                dcp.load(state, checkpoint_id=str(path))
+                with _quiet_dcp_logging():
+                    dcp.load(state, checkpoint_id=str(path))
                 ok = torch.ones(1)
             # DCP wraps read errors in CheckpointException, a BaseException subclass: name it explicitly
             except (Exception, CheckpointException) as e:  # noqa: BLE001 - any unreadable shard: try the previous one
-                log.warning("checkpoint %s could not be loaded (%s: %s); trying an older one",
-                            path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                log.warning("checkpoint %s could not be loaded (%s); trying an older one", path, _describe(e))
                 ok = torch.zeros(1)
             if self.info.is_distributed:
                 import torch.distributed as dist

@@ -18,6 +18,7 @@ commands:
   predict    --run RUN_DIR [--top-k K] [--input FILE]    one JSON object per input line
   neighbors  --run RUN_DIR WORD [--k 10]                 nearest words by cosine
   data       debian --out DIR                            build the demo dataset from the apt lists
+  report     --run RUN_DIR [--no-plots]                  summary of a run: metrics, throughput, time split, plots
 """
 
 
@@ -29,21 +30,20 @@ def _setup_logging() -> None:
                         datefmt="%H:%M:%S")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from trainer.checkpoint import ResumeError
-    from trainer.config import ConfigError
-    from trainer.debian import DebianListsMissing
-    from trainer.tabular import DataError
-    from trainer.trainer import TrainingStopped
-    from trainer.vectors import VectorFileError
+_USER_ERRORS = {"trainer.checkpoint": "ResumeError", "trainer.config": "ConfigError",
+                "trainer.debian": "DebianListsMissing", "trainer.tabular": "DataError",
+                "trainer.trainer": "TrainingStopped", "trainer.vectors_text": "VectorFileError"}
 
-    return (ConfigError, DataError, VectorFileError, ResumeError, TrainingStopped, DebianListsMissing,
-            FileNotFoundError, KeyError)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    # An exception's class is defined in a module that is already imported: take the classes from sys.modules
+    # rather than importing torch (seconds) just to print a one-line config error.
+    found = tuple(getattr(sys.modules[m], name) for m, name in _USER_ERRORS.items() if m in sys.modules)
+    return (*found, FileNotFoundError, KeyError)
 
 
 def cmd_train(argv: list[str]) -> int:
     from trainer.config import describe_fields, load_config
-    from trainer.trainer import run_training
 
     if "--help-config" in argv or "-h" in argv or "--help" in argv:
         print("python -m trainer train --config FILE [--section.field VALUE ...]\n")
@@ -71,6 +71,8 @@ def cmd_train(argv: list[str]) -> int:
         from trainer.config import ConfigError
 
         raise ConfigError("data.train: no training data given (set it in the config or pass --data.train PATH)")
+    from trainer.trainer import run_training  # torch: imported once the configuration is known to be valid
+
     result = run_training(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
@@ -132,8 +134,14 @@ def cmd_data(argv: list[str]) -> int:
     return debian_main(argv[1:])
 
 
+def cmd_report(argv: list[str]) -> int:
+    from trainer.report import main as report_main
+
+    return report_main(argv)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "neighbors": cmd_neighbors,
-            "data": cmd_data}
+            "data": cmd_data, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except _user_errors() as e:
-        message = str(e).strip("'\"") if isinstance(e, KeyError) else str(e)
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         sys.stderr.write(f"error: {message}\n")
         return 2

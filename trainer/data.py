@@ -20,7 +20,7 @@ from trainer.config import Config
 from trainer.distributed import DistInfo, barrier
 from trainer.embeddings import pretrained_scale
 from trainer.features import EncodedDocs, Featurizer
-from trainer.tabular import TextTable, read_table
+from trainer.tabular import DataError, TextTable, read_table
 from trainer.vectors import PretrainedVectors
 from trainer.vocab import Tokenizer, Vocabulary, build_vocabulary, count_words, coverage
 
@@ -110,10 +110,29 @@ def prepare_data(cfg: Config, pretrained: PretrainedVectors | None, info: DistIn
 
 
 def _build_cache(cfg: Config, pretrained: PretrainedVectors | None, folder: Path) -> None:
+    """Written into a temporary folder renamed into place at the end; a failure (bad data) removes it, so the
+    run folder keeps no debris."""
+    import shutil
+
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        _fill_cache(cfg, pretrained, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():  # another process won the race; keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    tmp.rename(folder)
+
+
+def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) -> None:
     train = _read(cfg.data.train, cfg)
     log.info("read %s: %d documents (%d empty skipped)", train.source, len(train.texts), train.num_skipped_empty)
+    if not train.texts:
+        raise DataError(f"{train.source}: no training rows with text (all {train.num_skipped_empty} texts are empty "
+                        f"or whitespace in column {cfg.data.text_column!r})")
     tokenizer = Tokenizer(cfg.data.token_pattern, cfg.data.lowercase)
     counts: Counter = count_words(train.texts, tokenizer, cfg.data.max_tokens_per_doc)
     e = cfg.embeddings
@@ -126,7 +145,8 @@ def _build_cache(cfg: Config, pretrained: PretrainedVectors | None, folder: Path
         full_pretrained_rows=pretrained.num_rows if (pretrained is not None and e.full_pretrained) else 0,
     )
     if len(vocab.labels) < 2:
-        raise ValueError(f"{train.source}: training data has a single class ({vocab.labels}); need at least 2")
+        raise DataError(f"{train.source}: training data has a single class ({vocab.labels}) in column "
+                        f"{cfg.data.label_column!r}; need at least 2")
     vocab.save(tmp / "vocab")
     init_std = 0.1
     if pretrained is not None:
@@ -154,12 +174,6 @@ def _build_cache(cfg: Config, pretrained: PretrainedVectors | None, folder: Path
         encoded.save(tmp / split)
     meta = {"coverage": coverage(vocab, counts), "stats": stats, "init_std": init_std}
     (tmp / "done.json").write_text(json.dumps(meta, indent=1))
-    if folder.exists():  # another process won the race; keep theirs
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    tmp.rename(folder)
 
 
 def class_weights(labels: np.ndarray, num_classes: int, kind: str) -> np.ndarray:

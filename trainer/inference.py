@@ -1,6 +1,7 @@
 """eval / predict / neighbors over an exported model (single process)."""
 
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable, Iterator
@@ -29,6 +30,13 @@ def model_folder(run: str) -> Path:
                             "training exports it when it finishes")
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Temp file + rename (not trainer.checkpoint's: that import pulls in DCP, seconds for a predict)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _local_info(device: torch.device) -> DistInfo:
     return DistInfo(0, 0, 1, device, "none")
 
@@ -51,8 +59,8 @@ def run_eval(run: str, data: str, device: str = "cpu") -> tuple[dict, str]:
     out_dir = folder.parent / "eval"
     out_dir.mkdir(exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data).name)
-    (out_dir / f"{name}.per_class.txt").write_text(text + "\n")
-    (out_dir / f"{name}.json").write_text(json.dumps(metrics))
+    _write_atomic(out_dir / f"{name}.per_class.txt", text + "\n")
+    _write_atomic(out_dir / f"{name}.json", json.dumps(metrics))
     summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "n", "loss", "unseen_label_docs", "skipped_empty")}
     return summary, text
 

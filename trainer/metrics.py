@@ -3,6 +3,11 @@
 Tags are grouped (`loss/`, `accuracy/`, `throughput/`, `time/`, `memory/`, `lr/`, `embeddings/`). Throughput
 skips the first `metrics.warmup_steps` steps after every (re)start, and counters reset after each log, so each
 logged figure describes the interval since the previous one.
+
+Files in the run folder: `metrics.jsonl` is append-only, one line-buffered JSON line per log, so a crash can cost at
+most the last (partial) line, which readers skip; TensorBoard event files are append-only record streams with
+per-record checksums. Neither is rewritten in place. The event file is created on the first write, so a run
+refused before training starts (bad data, a run folder it cannot resume) leaves no empty event file behind.
 """
 
 import json
@@ -30,11 +35,17 @@ class MetricsLogger(NullLogger):
     def __init__(self, run_dir: Path, tensorboard: bool) -> None:
         self.run_dir = run_dir
         self.jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
-        self.writer = None
-        if tensorboard:
+        self.tensorboard = tensorboard
+        self._writer = None
+
+    @property
+    def writer(self):
+        """The SummaryWriter, created on first use (None when TensorBoard is off)."""
+        if self._writer is None and self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+        return self._writer
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in values.items()}
@@ -66,14 +77,14 @@ class MetricsLogger(NullLogger):
 
     def flush(self) -> None:
         self.jsonl.flush()
-        if self.writer is not None:
-            self.writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
         self.flush()
         self.jsonl.close()
-        if self.writer is not None:
-            self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 class StepTimer:

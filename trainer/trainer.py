@@ -43,7 +43,17 @@ log = logging.getLogger("trainer")
 
 
 class TrainingStopped(RuntimeError):
-    """Training cannot go on (non-finite loss); the last good checkpoint is kept."""
+    """Training cannot go on (non-finite loss or gradient, out of memory); the last good checkpoint is kept."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA), MemoryError, or the CPU allocator's RuntimeError."""
+    if isinstance(e, TrainingStopped):
+        return False
+    if isinstance(e, MemoryError | torch.OutOfMemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 class StopFlag:
@@ -103,9 +113,9 @@ class Trainer:
             cache = Path(e.vectors_cache_dir) if e.vectors_cache_dir else None
             t0 = time.perf_counter()
             self.pretrained = load_vectors(e.pretrained, cache_dir=cache, progress=info.is_main and cfg.metrics.progress)
-            log.info("pretrained %s: %d x %d in %.2fs (%d duplicates skipped)", e.pretrained,
-                     self.pretrained.num_rows, self.pretrained.dim, time.perf_counter() - t0,
-                     self.pretrained.num_duplicates)
+            log.info("pretrained %s: %d x %d in %.2fs (%d duplicates skipped, %d words with invalid UTF-8 bytes "
+                     "replaced)", e.pretrained, self.pretrained.num_rows, self.pretrained.dim,
+                     time.perf_counter() - t0, self.pretrained.num_duplicates, self.pretrained.num_bad_utf8)
         cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir / "cache"
         self.data: DataBundle = prepare_data(cfg, self.pretrained, info, cache_dir)
         vocab = self.data.vocab
@@ -137,9 +147,6 @@ class Trainer:
         self.weights = class_weights(np.asarray(self.data.train.labels), len(vocab.labels), tc.class_weights)
         self.weights_t = torch.from_numpy(self.weights).to(info.device)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, info)
-        if info.is_main:
-            atomic_write_text(self.run_dir / "config.toml", dump_toml(cfg))
-            self.logger.text("config", dump_toml(cfg))
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict:
@@ -186,8 +193,12 @@ class Trainer:
         state = self.state()  # init_state created the optimizer tensors: take the views again
         plan_text = describe_plan(self.specs, self.sharding, self.info, self.optim)
         log.info("%s\n%s", plan_text, self.optim.describe())
-        self.logger.text("sharding_plan", plan_text + "\n" + self.optim.describe())
         resumed = self.checkpointer.load_latest(state, self.check_resumable)
+        # only now that the run folder is known to be ours (a refused resume leaves it untouched)
+        if info.is_main:
+            atomic_write_text(self.run_dir / "config.toml", dump_toml(cfg))
+        self.logger.text("config", dump_toml(cfg))
+        self.logger.text("sharding_plan", plan_text + "\n" + self.optim.describe())
         step = resumed["step"] if resumed else 0
         tokens_seen = resumed["tokens_seen"] if resumed else 0
         if resumed:
@@ -196,9 +207,26 @@ class Trainer:
         self.stop.install()
         try:
             result = self._loop(step, tokens_seen)
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+            raise TrainingStopped(self._oom_message(e)) from None
         finally:
             self.stop.uninstall()
         return result
+
+    def _oom_message(self, e: BaseException) -> str:
+        tc = self.cfg.train
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return (f"out of memory during training ({first}); lower train.batch_size (now {tc.batch_size}) or set "
+                f"train.tokens_per_batch (now {tc.tokens_per_batch}; it caps the tokens per step). "
+                f"{self._kept_checkpoint()}")
+
+    def _kept_checkpoint(self) -> str:
+        steps = valid_steps(self.checkpointer.folder)
+        if not steps:
+            return "No checkpoint had been saved yet."
+        return f"The last good checkpoint, step {steps[-1]}, is kept in {self.checkpointer.folder}."
 
     def _loss(self, logits: torch.Tensor, batch, global_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss whose DDP-averaged gradient equals the gradient of the global-batch weighted mean loss.
@@ -251,13 +279,14 @@ class Trainer:
             log_now = step_count == 1 or step_count % cfg.metrics.log_every_steps == 0 or final
             save_now = self.checkpointer.should_save(step_count, epoch_end, final)
             if cpu or log_now or save_now:
-                # host sync: cheap on CPU, limited to logging/checkpoint steps on CUDA
-                finite = torch.isfinite(loss.detach()).float()
+                # host sync: cheap on CPU, limited to logging/checkpoint steps on CUDA. A non-finite dense gradient
+                # norm is caught too: stepping with it would write NaN into the weights the next save keeps.
+                finite = (torch.isfinite(loss.detach()) & torch.isfinite(grad_norm.to(loss.device))).float()
                 all_reduce_(finite, info, op="sum")
                 if float(finite) < info.world_size:
                     raise TrainingStopped(
-                        f"non-finite loss at step {step_count}; stopped without saving. The last good checkpoint "
-                        f"is kept in {self.checkpointer.folder}. Lower optim.sparse_lr / optim.dense_lr.")
+                        f"non-finite loss or gradient at step {step_count}; stopped without saving. "
+                        f"{self._kept_checkpoint()} Lower optim.sparse_lr / optim.dense_lr.")
             self.optim.step(step)
             timer.mark("optimizer")
             step = step_count

@@ -397,9 +397,11 @@ def _parse_word2vec(mm: mmap.mmap, layout: _Layout, name: str, bar) -> tuple[lis
     assert layout.header_rows is not None and layout.dim is not None
     n, dim = layout.header_rows, layout.dim
     size, pos, rec = len(mm), layout.start, 4 * dim
-    capacity = min(n, (size - pos) // (rec + 2) + 1)
+    # a record is at least `<space><rec bytes>`: never allocate for more records than the bytes can hold (a
+    # corrupt header such as `1 1000000000000` would otherwise ask for terabytes before the truncation check)
+    capacity = min(n, (size - pos) // (rec + 1))
     out = np.empty((capacity, dim), "<f4")
-    flat = memoryview(out).cast("B")
+    flat = memoryview(out).cast("B") if out.size else memoryview(b"")  # no record fits: the loop reports it
     words: list[bytes] = []
     for i in range(n):
         while pos < size and mm[pos] == 10:
