@@ -84,11 +84,11 @@ def throughput(args, work: Path) -> dict:
     summary = {name: {"tokens_per_s": summarize([o["tokens_per_s"] for o in outs]),
                       "step_s": summarize([batch / o["examples_per_s"] for o in outs])}
                for name, outs in results.items()}
-    ratios_2v1 = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(results["1proc"], results["2proc_replicated"])]
+    ratios_2v1 = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(results["1proc"], results["2proc_replicated"], strict=True)]
     ratios_rw = [b["tokens_per_s"] / a["tokens_per_s"]
-                 for a, b in zip(results["1proc"], results["2proc_row_wise"])]
+                 for a, b in zip(results["1proc"], results["2proc_row_wise"], strict=True)]
     ratio_step = [(batch / b["examples_per_s"]) / (batch / a["examples_per_s"])
-                  for a, b in zip(results["2proc_replicated"], results["2proc_row_wise"])]
+                  for a, b in zip(results["2proc_replicated"], results["2proc_row_wise"], strict=True)]
     summary["ratio_2proc_replicated_over_1proc"] = summarize(ratios_2v1)
     summary["ratio_2proc_row_wise_over_1proc"] = summarize(ratios_rw)
     summary["ratio_row_wise_step_over_replicated"] = summarize(ratio_step)
@@ -122,7 +122,7 @@ def memory(args, work: Path) -> dict:
     if not data.exists():
         ids = (rng.zipf(1.2, size=(4000, 40)) - 1) % rows
         labels = rng.integers(0, 4, 4000)
-        lines = ["text,label"] + [" ".join(f"w{i:07d}" for i in doc) + f",c{y}" for doc, y in zip(ids, labels)]
+        lines = ["text,label"] + [" ".join(f"w{i:07d}" for i in doc) + f",c{y}" for doc, y in zip(ids, labels, strict=True)]
         data.write_text("\n".join(lines) + "\n")
     base = ["--data.train", str(data), "--embeddings.pretrained", str(vec), "--embeddings.full_pretrained", "true",
             "--embeddings.ngram_buckets", str(args.trainable_rows), "--embeddings.vectors_cache_dir",

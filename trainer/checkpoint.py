@@ -16,12 +16,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer.config import CheckpointConfig
-from trainer.distributed import DistInfo, barrier, broadcast_object
+from trainer.distributed import DistInfo, agree_any, barrier, broadcast_object
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -145,16 +144,12 @@ class Checkpointer:
             try:
                 with _quiet_dcp_logging():
                     dcp.load(state, checkpoint_id=str(path))
-                ok = torch.ones(1)
+                failed = False
             # DCP wraps read errors in CheckpointException, a BaseException subclass: name it explicitly
             except (Exception, CheckpointException) as e:  # noqa: BLE001 - any unreadable shard: try the previous one
                 log.warning("checkpoint %s could not be loaded (%s); trying an older one", path, _describe(e))
-                ok = torch.zeros(1)
-            if self.info.is_distributed:
-                import torch.distributed as dist
-
-                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-            if ok.item() == 1:
+                failed = True
+            if not agree_any(failed, self.info):  # one rank's unreadable shard sends every rank back a step
                 self.last_saved_step = step
                 return trainer_state
         return None

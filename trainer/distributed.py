@@ -29,6 +29,19 @@ class DistInfo:
         return self.rank == 0
 
 
+_control_group = None  # gloo group for host-side flags when the main backend is NCCL (else the default group)
+
+
+def agree_any(flag: bool, info: DistInfo) -> bool:
+    """True on every rank if any rank says True. Runs on the CPU (a gloo group), so a CUDA step needs no host
+    sync for it; every rank must call it at the same points."""
+    if not info.is_distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group)
+    return bool(t.item())
+
+
 def _launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
 
@@ -59,6 +72,10 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
             device_id=dev if dev.type == "cuda" else None,
             **_restart_store(rank, world, timeout),
         )
+    global _control_group
+    if backend == "nccl":
+        # CPU-side agreement (stop requests) without touching the GPU stream: a small gloo group
+        _control_group = dist.new_group(backend="gloo")
     return DistInfo(rank, local_rank, world, dev, backend)
 
 
@@ -78,6 +95,8 @@ def _restart_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
 
 
 def shutdown_distributed() -> None:
+    global _control_group
+    _control_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -20,12 +20,19 @@ import torch.nn.functional as F
 from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, valid_steps
 from trainer.config import Config, dump_toml
 from trainer.data import BatchPlan, DataBundle, class_weights, prepare_data, rank_share
-from trainer.distributed import DistInfo, all_reduce_, init_distributed, shutdown_distributed
+from trainer.distributed import DistInfo, agree_any, all_reduce_, init_distributed, shutdown_distributed
 from trainer.embeddings import build_table_specs
 from trainer.evaluation import confusion_image, evaluate, per_class_table
 from trainer.export import export_model
 from trainer.features import collate
-from trainer.metrics import MetricsLogger, NullLogger, StepTimer, Throughput, current_rss_bytes, peak_rss_bytes
+from trainer.metrics import (
+    MetricsLogger,
+    NullLogger,
+    StepTimer,
+    Throughput,
+    current_rss_bytes,
+    peak_rss_bytes,
+)
 from trainer.model import TextClassifier
 from trainer.optim import OptimizerContainer, clean_name, unwrap
 from trainer.progress import progress_bar
@@ -325,10 +332,8 @@ class Trainer:
         return result
 
     def _agree_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop.requested else 0.0])
-        if self.info.is_distributed:
-            all_reduce_(flag.to(self.info.device), self.info, op="max")
-        return bool(flag.item())
+        """Ranks receive SIGTERM at slightly different times: all stop at the same step boundary."""
+        return agree_any(self.stop.requested, self.info)
 
     def _trainer_state(self, step: int, tokens_seen: int, epoch: int) -> dict:
         return {
