@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from emulator import Cluster, Pod
+from cluster import Cluster, Pod
 
 VENV_BIN = Path(sys.executable).parent
 ETC_NETNS = Path("/etc/netns")
