@@ -72,7 +72,7 @@ def throughput(args, work: Path) -> dict:
             "--train.batch_size", str(batch), "--checkpoint.at_epoch_end", "false",
             "--metrics.log_every_steps", "10", "--metrics.warmup_steps", "5", "--metrics.tensorboard", "false",
             "--data.valid", "", "--data.test", "", "--data.cache_dir", str(work / "cache"),
-            "--metrics.projector_words", "0"]
+            "--metrics.projector_words", "0", *args.train_args]
     setups = {"1proc": (1, []), "2proc_replicated": (2, ["--dist.embedding_sharding", "replicated"]),
               "2proc_row_wise": (2, ["--dist.embedding_sharding", "row_wise"])}
     results: dict[str, list[dict]] = {k: [] for k in setups}
@@ -152,6 +152,8 @@ def main() -> int:
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--work", default="", help="work folder (kept); default: a temporary folder")
     p.add_argument("--json", default="")
+    p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
+                   help="extra `trainer train` flags for the throughput runs, e.g. --model.encoder bag (last option)")
     args = p.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-scaling-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ class NullLogger:
     """What non-logging ranks get: same interface, does nothing."""
 
     def scalars(self, values: dict[str, float], step: int) -> None: ...
+    def tb_scalars(self, values: dict[str, float], x: int) -> None: ...
     def text(self, tag: str, text: str, step: int = 0) -> None: ...
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None: ...
     def image(self, tag: str, image_HWC: np.ndarray, step: int) -> None: ...
@@ -53,6 +54,12 @@ class MetricsLogger(NullLogger):
         if self.writer is not None:
             for tag, value in clean.items():
                 self.writer.add_scalar(tag, value, step)
+
+    def tb_scalars(self, values: dict[str, float], x: int) -> None:
+        """TensorBoard only, at an x other than the step (e.g. tokens seen): convergence against data consumed."""
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, float(value), x)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         if self.writer is not None:

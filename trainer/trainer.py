@@ -379,6 +379,8 @@ class Trainer:
         if step == 1:
             values.update({f"embeddings/{k}": v for k, v in self.data.coverage.items()})
         self.logger.scalars(values, step)
+        # the same curve against tokens seen (x = tokens), for comparing runs with different batch sizes
+        self.logger.tb_scalars({"loss_vs_tokens/train": values["loss/train"]}, tokens_seen)
         log.info("step %d/%d loss %.4f (max over ranks %.4f) %s", step, self.total_steps, values["loss/train"],
                  values["loss/train_max_rank"],
                  f"{values['throughput/tokens_per_s']:,.0f} tokens/s" if "throughput/tokens_per_s" in values else "")
@@ -397,6 +399,7 @@ class Trainer:
             atomic_write_text(self.run_dir / "eval" / f"{split}_per_class.txt",
                               per_class_table(m, self.data.vocab.labels))
             self.logger.image(f"confusion/{split}", confusion_image(np.array(m["confusion"], dtype=np.float64)), step)
+            self.logger.text(f"per_class/{split}", per_class_table(m, self.data.vocab.labels), step)
         return m
 
     def _final_logs(self, result: dict, step: int) -> None:
