@@ -112,6 +112,12 @@ class StepTimer:
         self.totals[phase] = self.totals.get(phase, 0.0) + (now - self._last)
         self._last = now
 
+    def move(self, seconds: float, from_phase: str, to_phase: str) -> None:
+        """Re-attribute time measured inside another phase (collectives inside forward/backward)."""
+        seconds = min(seconds, self.totals.get(from_phase, 0.0))
+        self.totals[from_phase] = self.totals.get(from_phase, 0.0) - seconds
+        self.totals[to_phase] = self.totals.get(to_phase, 0.0) + seconds
+
     def shares(self) -> dict[str, float]:
         total = sum(self.totals.values()) or 1.0
         return {f"time/{k}_share": v / total for k, v in self.totals.items()}

@@ -28,6 +28,7 @@ the others until the process-group timeout.
 """
 
 import re
+import time
 
 import torch
 import torch.distributed as dist
@@ -73,9 +74,16 @@ class _AllToAllRows(torch.autograd.Function):
         return grad_in, None, None, None, None
 
 
+# Seconds spent inside all-to-all calls (forward and backward), read by the trainer for the `time/communication`
+# share. Host wall time: exact for gloo's blocking collectives; on NCCL it times only the launch.
+COMM_SECONDS = [0.0]
+
+
 def _exchange(send: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    start = time.perf_counter()
     recv = send.new_empty((sum(out_splits), *send.shape[1:]))
     dist.all_to_all_single(recv, send.contiguous(), out_splits, in_splits, group=group)
+    COMM_SECONDS[0] += time.perf_counter() - start
     return recv
 
 

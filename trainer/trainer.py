@@ -36,6 +36,7 @@ from trainer.metrics import (
 from trainer.model import TextClassifier
 from trainer.optim import OptimizerContainer, clean_name, unwrap
 from trainer.progress import progress_bar
+from trainer.row_wise import COMM_SECONDS as comm_counter
 from trainer.sharding import (
     build_tables,
     describe_plan,
@@ -258,6 +259,8 @@ class Trainer:
         model.train()
         t_start = time.perf_counter()
         steps_this_run = 0
+        # row-wise all-to-alls run inside forward and backward; their time is reported as its own share
+        comm_seen = comm_counter[0]
         while step < self.total_steps:
             epoch, index = self.plan.position(step)
             batches = self.plan.epoch(epoch)
@@ -274,8 +277,12 @@ class Trainer:
             logits = model(batch)
             loss, local_mean = self._loss(logits, batch, global_rows)
             timer.mark("forward")
+            timer.move(comm_counter[0] - comm_seen, "forward", "communication")
+            comm_seen = comm_counter[0]
             loss.backward()
             timer.mark("backward")
+            timer.move(comm_counter[0] - comm_seen, "backward", "communication")
+            comm_seen = comm_counter[0]
             if self.sync_tables:
                 sync_sparse_grads(unwrap(self.model).tables, info)
                 timer.mark("communication")
