@@ -146,6 +146,10 @@ class LocalTables(nn.Module):
                 return F.embedding_bag(ids, self.frozen, offsets, mode="sum")
         return self.bags[name](ids, offsets)
 
+    def pooled_many(self, requests: list[tuple[str, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """`pooled` for several tables (the row-wise implementation fuses their collectives)."""
+        return [self.pooled(name, ids, offsets) for name, ids, offsets in requests]
+
     def checkpoint_view(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """How a table-row-indexed tensor is saved: whole here; row-wise sharded tables return a DTensor."""
         return tensor

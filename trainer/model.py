@@ -80,44 +80,47 @@ class TextClassifier(nn.Module):
         # bf16 autocast for the dense part on CUDA (train.bf16); lookups and pooling stay float32
         self.dense_autocast = False
 
-    def _word_rows(self, batch: Batch, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pretrained (+ correction) and OOV rows, pooled per segment or per id."""
+    def _lookups(self, batch: Batch, per_token: bool) -> dict[str, torch.Tensor]:
+        """Every table lookup of the step in one `pooled_many` call (row-wise tables fuse its collectives).
+
+        Word tables are pooled per segment, or per id (`per_token`, masked_bag) so they can be multiplied by
+        their mask rows. The list of lookups depends only on the configuration and on `delta_active`, which all
+        ranks agree on, so row-wise collectives stay in lock-step."""
         (pre_ids, pre_off), (oov_ids, oov_off) = batch.tables["pretrained"], batch.tables["oov"]
         if per_token:
             pre_off = per_token_offsets(pre_ids.shape[0], pre_ids.device)
             oov_off = per_token_offsets(oov_ids.shape[0], oov_ids.device)
-        pre = self.tables.pooled("pretrained", pre_ids, pre_off)
+        requests = [("pretrained", pre_ids, pre_off), ("oov", oov_ids, oov_off)]
         if self.tables.has("pretrained_delta"):
-            ids = pre_ids if self.delta_active else pre_ids[:0]
-            offsets = pre_off if self.delta_active else torch.zeros_like(pre_off)
-            pre = pre + self.tables.pooled("pretrained_delta", ids, offsets)
-        return pre, self.tables.pooled("oov", oov_ids, oov_off)
-
-    def _ngram_rows(self, batch: Batch) -> torch.Tensor | None:
-        total = None
+            if self.delta_active:
+                requests.append(("pretrained_delta", pre_ids, pre_off))
+            else:  # called with no ids: every table joins every step (DDP, row-wise collectives)
+                requests.append(("pretrained_delta", pre_ids[:0], torch.zeros_like(pre_off)))
+        if per_token:
+            mask_ids = torch.cat([pre_ids, oov_ids + self.num_pretrained])
+            requests.append(("mask", mask_ids, per_token_offsets(mask_ids.shape[0], mask_ids.device)))
         for name in ("bigram", "char"):
             if self.tables.has(name):
-                ids, offsets = batch.tables[name]
-                rows = self.tables.pooled(name, ids, offsets)
-                total = rows if total is None else total + rows
-        return total
+                requests.append((name, *batch.tables[name]))
+        rows = dict(zip([r[0] for r in requests], self.tables.pooled_many(requests), strict=True))
+        if "pretrained_delta" in rows:
+            rows["pretrained"] = rows["pretrained"] + rows.pop("pretrained_delta")
+        return rows
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """Document vectors (B, D) for bag encoders; token vectors (N, D) for the LSTM."""
-        if self.encoder == "masked_bag":
+        masked = self.encoder == "masked_bag"
+        rows = self._lookups(batch, per_token=masked)
+        if masked:
             (pre_ids, pre_off), (oov_ids, oov_off) = batch.tables["pretrained"], batch.tables["oov"]
-            pre_rows, oov_rows = self._word_rows(batch, per_token=True)
-            mask_ids = torch.cat([pre_ids, oov_ids + self.num_pretrained])
-            mask_rows = self.tables.pooled("mask", mask_ids, per_token_offsets(mask_ids.shape[0], mask_ids.device))
             seg = torch.cat([segment_index(pre_off, pre_ids.shape[0]), segment_index(oov_off, oov_ids.shape[0])])
-            x = torch.zeros(batch.num_docs, self.tables.dim, device=mask_rows.device, dtype=mask_rows.dtype)
-            x = x.index_add(0, seg, torch.cat([pre_rows, oov_rows]) * mask_rows)
+            words = torch.cat([rows["pretrained"], rows["oov"]]) * rows["mask"]
+            x = words.new_zeros(batch.num_docs, self.tables.dim).index_add(0, seg, words)
         else:
-            pre_rows, oov_rows = self._word_rows(batch, per_token=False)
-            x = pre_rows + oov_rows
-        ngrams = self._ngram_rows(batch)
-        if ngrams is not None:
-            x = x + ngrams
+            x = rows["pretrained"] + rows["oov"]
+        for name in ("bigram", "char"):
+            if name in rows:
+                x = x + rows[name]
         if self.encoder == "lstm":
             # a token's vector is the mean of its word row and its character n-gram rows
             has_word = (torch.diff(batch.tables["pretrained"][1], append=_end(batch, "pretrained"))
