@@ -149,7 +149,7 @@ class Checkpointer:
             except (Exception, CheckpointException) as e:  # noqa: BLE001 - any unreadable shard: try the previous one
                 log.warning("checkpoint %s could not be loaded (%s); trying an older one", path, _describe(e))
                 failed = True
-            if not agree_any(failed, self.info):  # one rank's unreadable shard sends every rank back a step
+            if not agree_any(failed, info=self.info):  # one rank's unreadable shard sends every rank back a step
                 self.last_saved_step = step
                 return trainer_state
         return None

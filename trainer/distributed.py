@@ -32,14 +32,14 @@ class DistInfo:
 _control_group = None  # gloo group for host-side flags when the main backend is NCCL (else the default group)
 
 
-def agree_any(flag: bool, info: DistInfo) -> bool:
-    """True on every rank if any rank says True. Runs on the CPU (a gloo group), so a CUDA step needs no host
-    sync for it; every rank must call it at the same points."""
-    if not info.is_distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group)
-    return bool(t.item())
+def agree_any(*flags: bool, info: DistInfo) -> bool | tuple[bool, ...]:
+    """For each flag, True on every rank if any rank says True (one collective for all flags). Runs on the CPU
+    (a gloo group), so a CUDA step needs no host sync for it; every rank must call it at the same points."""
+    if info.is_distributed:
+        t = torch.tensor([1.0 if f else 0.0 for f in flags])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group)
+        flags = tuple(bool(v) for v in t.tolist())
+    return flags[0] if len(flags) == 1 else tuple(flags)
 
 
 def _launched_by_torchrun() -> bool:

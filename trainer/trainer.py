@@ -292,15 +292,18 @@ class Trainer:
             final = step_count == self.total_steps
             log_now = step_count == 1 or step_count % cfg.metrics.log_every_steps == 0 or final
             save_now = self.checkpointer.should_save(step_count, epoch_end, final)
-            if cpu or log_now or save_now:
-                # host sync: cheap on CPU, limited to logging/checkpoint steps on CUDA. A non-finite dense gradient
-                # norm is caught too: stepping with it would write NaN into the weights the next save keeps.
-                finite = (torch.isfinite(loss.detach()) & torch.isfinite(grad_norm.to(loss.device))).float()
-                all_reduce_(finite, info, op="sum")
-                if float(finite) < info.world_size:
-                    raise TrainingStopped(
-                        f"non-finite loss or gradient at step {step_count}; stopped without saving. "
-                        f"{self._kept_checkpoint()} Lower optim.sparse_lr / optim.dense_lr.")
+            # One host-side agreement per step on CPU: "is any rank's loss or dense gradient non-finite" (stepping
+            # with it would write NaN into weights the next save keeps) and "was any rank asked to stop". On CUDA
+            # the finite check syncs with the GPU, so it runs on logging / checkpoint steps only.
+            check_finite = cpu or log_now or save_now
+            bad = False
+            if check_finite:
+                bad = not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm.to(loss.device)))
+            bad, stop_now = agree_any(bad, self.stop.requested, info=info)
+            if bad:
+                raise TrainingStopped(
+                    f"non-finite loss or gradient at step {step_count}; stopped without saving. "
+                    f"{self._kept_checkpoint()} Lower optim.sparse_lr / optim.dense_lr.")
             self.optim.step(step)
             timer.mark("optimizer")
             step = step_count
@@ -315,7 +318,6 @@ class Trainer:
                 or (not cfg.train.eval_every_steps and epoch_end) or final
             ):
                 last_valid = self._evaluate("valid", step)
-            stop_now = self._agree_stop()
             if save_now or stop_now:
                 self.checkpointer.save(step, self.state(), self._trainer_state(step, tokens_seen, epoch))
             if stop_now:
@@ -337,10 +339,6 @@ class Trainer:
         if info.is_main:
             atomic_write_text(self.run_dir / "result.json", json.dumps(result, indent=1))
         return result
-
-    def _agree_stop(self) -> bool:
-        """Ranks receive SIGTERM at slightly different times: all stop at the same step boundary."""
-        return agree_any(self.stop.requested, self.info)
 
     def _trainer_state(self, step: int, tokens_seen: int, epoch: int) -> dict:
         return {
