@@ -187,19 +187,42 @@ def parse_file(path: Path, name: str, progress: bool = False) -> Parsed:
             if layout.format == "word2vec_bin":
                 words, vectors = _parse_word2vec(mm, layout, name, bar)
             else:
-                words, vectors = _parse_text(path, mm, layout, name, bar)
+                try:
+                    words, vectors = _parse_text(path, mm, layout, name, bar)
+                    _check_rows(layout, words, name)
+                except VectorFileError as text_error:
+                    # Ambiguous content: a small word2vec binary whose value bytes happen to be printable (dim 1,
+                    # say) sniffs as fastText text. Accept the binary reading only if it parses completely.
+                    layout, words, vectors = _binary_instead(mm, layout, name, text_error)
     finally:
         if bar is not None:
             bar.close()
-    if not words:
-        raise _fail(name, "", "no vectors in file")
-    if layout.header_rows is not None and layout.header_rows != len(words):
-        raise _fail(name, "line 1", f"header says {layout.header_rows} rows, file has {len(words)}")
+    _check_rows(layout, words, name)
     if isinstance(words, list):
         words, bad = decode_words(words)
     else:
         words, bad = _decode_arrow(words)
     return Parsed(layout.format, words, vectors, bad)
+
+
+def _check_rows(layout: _Layout, words, name: str) -> None:
+    if not len(words):
+        raise _fail(name, "", "no vectors in file")
+    if layout.header_rows is not None and layout.header_rows != len(words):
+        raise _fail(name, "line 1", f"header says {layout.header_rows} rows, file has {len(words)}")
+
+
+def _binary_instead(mm: mmap.mmap, layout: _Layout, name: str, text_error: VectorFileError):
+    """Re-read a headed file as word2vec binary; re-raise the text error unless that reading is complete."""
+    if layout.format != "fasttext_vec":
+        raise text_error
+    binary = _Layout("word2vec_bin", layout.start, 2, layout.header_rows, layout.dim)
+    try:
+        words, vectors = _parse_word2vec(mm, binary, name, None)
+        _check_rows(binary, words, name)
+    except VectorFileError:
+        raise text_error from None
+    return binary, words, vectors
 
 
 def _progress_bar(path: Path, name: str, progress: bool):  # -> tqdm | None

@@ -393,3 +393,21 @@ def test_meta_is_small_json(tmp_path):
     meta = json.loads((entry / "meta.json").read_text())
     assert meta["num_rows"] == 6 and meta["dim"] == 3 and len(meta["fingerprint"]) == 64
     assert struct.calcsize("<f") * 18 + 128 == meta["vectors_bytes"]
+
+
+def test_dim1_word2vec_binary_whose_bytes_look_like_text(tmp_path):
+    """Found by hypothesis: a 1-dimensional word2vec binary can sniff as fastText text; the binary reading is
+    taken when the text reading fails and the binary one parses completely."""
+    from trainer.vectors_text import parse_file
+
+    for words, values in ((["0"], [[6.2498646e16]]), (["0", "00"], [[6.2498646e16], [0.0]])):
+        vectors = np.array(values, dtype=np.float32)
+        data = f"{len(words)} 1\n".encode() + b"".join(
+            w.encode() + b" " + row.tobytes() for w, row in zip(words, vectors, strict=True)
+        )
+        path = tmp_path / f"v{len(words)}.txt"
+        path.write_bytes(data)
+        parsed = parse_file(path, path.name)
+        assert parsed.format == "word2vec_bin"
+        assert parsed.words == words
+        assert parsed.vectors.tobytes() == vectors.tobytes()
