@@ -213,10 +213,14 @@ def _check_rows(layout: _Layout, words, name: str) -> None:
 
 
 def _binary_instead(mm: mmap.mmap, layout: _Layout, name: str, text_error: VectorFileError):
-    """Re-read a headed file as word2vec binary; re-raise the text error unless that reading is complete."""
-    if layout.format != "fasttext_vec":
+    """Re-read a file whose first line is an `N D` header as word2vec binary; re-raise the text error unless that
+    reading is complete (every record, exactly N of them)."""
+    off = 3 if mm[:3] == _BOM else 0
+    nl = mm.find(b"\n", off)
+    header = _parse_header(mm[off:nl]) if nl >= 0 else None
+    if header is None:
         raise text_error
-    binary = _Layout("word2vec_bin", layout.start, 2, layout.header_rows, layout.dim)
+    binary = _Layout("word2vec_bin", nl + 1, 2, header[0], header[1])
     try:
         words, vectors = _parse_word2vec(mm, binary, name, None)
         _check_rows(binary, words, name)

@@ -400,12 +400,18 @@ def test_dim1_word2vec_binary_whose_bytes_look_like_text(tmp_path):
     taken when the text reading fails and the binary one parses completely."""
     from trainer.vectors_text import parse_file
 
-    for words, values in ((["0"], [[6.2498646e16]]), (["0", "00"], [[6.2498646e16], [0.0]])):
+    cases = (
+        (["0"], [[6.2498646e16]]),  # sniffs as fastText text
+        (["0", "00"], [[6.2498646e16], [0.0]]),
+        (["0"], [[6.2498646e16, 0.0]]),  # its bytes contain "0\n": sniffs as GloVe with a numeric first word
+        (["0", "00"], [[6.2498646e16, 0.0], [0.0, 0.0]]),
+    )
+    for words, values in cases:
         vectors = np.array(values, dtype=np.float32)
-        data = f"{len(words)} 1\n".encode() + b"".join(
+        data = f"{len(words)} {vectors.shape[1]}\n".encode() + b"".join(
             w.encode() + b" " + row.tobytes() for w, row in zip(words, vectors, strict=True)
         )
-        path = tmp_path / f"v{len(words)}.txt"
+        path = tmp_path / f"v{len(words)}x{vectors.shape[1]}.txt"
         path.write_bytes(data)
         parsed = parse_file(path, path.name)
         assert parsed.format == "word2vec_bin"
