@@ -340,7 +340,7 @@ def _init_torch_state(optimizer: torch.optim.Optimizer, p: Tensor, group: dict) 
             return
         if group["dampening"] != 0:
             # SGD's first step copies the gradient into the buffer without dampening; a zero buffer would dampen it.
-            raise NotImplementedError(
+            raise ValueError(
                 "init_optimizer_state: SGD with momentum and dampening != 0 cannot be pre-initialised"
             )
         state["momentum_buffer"] = zeros()  # 0 * momentum + grad == grad: the first step is unchanged

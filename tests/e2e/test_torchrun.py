@@ -13,7 +13,6 @@ Each subprocess gets a timeout and is killed, with its whole process tree (torch
 sessions of their own), in a `finally`. Ports come from binding port 0.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -678,10 +677,6 @@ def test_two_processes_replicated_equal_one_process(e2e: E2E, ref_1: Path, ref_2
 
 
 def test_two_processes_row_wise_equal_one_process(e2e: E2E, ref_1: Path) -> None:
-    if importlib.util.find_spec("trainer.row_wise") is None:
-        pytest.skip(
-            "trainer/row_wise.py does not exist yet (dist.embedding_sharding = row_wise is not implemented)"
-        )
     run = e2e.run_dir("row_wise_2")
     run_to_end(e2e.torchrun(e2e.plain, run, 2, "--dist.embedding_sharding", "row_wise"))
     assert "embedding plan: row_wise, world size 2" in (run.parent / "row_wise_2.log").read_text()
