@@ -51,9 +51,8 @@ def write_glove(path: Path, dim: int = 8, seed: int = 0) -> list[str]:
     return words
 
 
-@pytest.fixture
-def tiny_data(tmp_path: Path) -> dict[str, Path]:
-    folder = tmp_path / "data"
+def make_tiny_data(folder: Path) -> dict[str, Path]:
+    """Write the tiny train/valid/test splits and the GloVe file into a new `folder`; return their paths."""
     folder.mkdir()
     write_csv(folder / "train.csv", make_texts(300, 1))
     write_csv(folder / "valid.csv", make_texts(60, 2))
@@ -61,6 +60,11 @@ def tiny_data(tmp_path: Path) -> dict[str, Path]:
     write_glove(folder / "glove.txt")
     return {"train": folder / "train.csv", "valid": folder / "valid.csv", "test": folder / "test.csv",
             "glove": folder / "glove.txt", "dir": folder}
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> dict[str, Path]:
+    return make_tiny_data(tmp_path / "data")
 
 
 def tiny_config_text(files: dict[str, Path], run_dir: Path, **sections) -> str:

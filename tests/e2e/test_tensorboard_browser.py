@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import make_texts, tiny_config_text, write_csv, write_glove
+from conftest import make_tiny_data, tiny_config_text
 
 pytestmark = pytest.mark.slow
 
@@ -71,18 +71,7 @@ def browser_binary() -> str:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, browser_binary) -> Path:
     root = tmp_path_factory.mktemp("tb-browser")
-    data = root / "data"
-    data.mkdir()
-    write_csv(data / "train.csv", make_texts(300, 1))
-    write_csv(data / "valid.csv", make_texts(60, 2))
-    write_csv(data / "test.csv", make_texts(60, 3))
-    write_glove(data / "glove.txt")
-    files = {
-        "train": data / "train.csv",
-        "valid": data / "valid.csv",
-        "test": data / "test.csv",
-        "glove": data / "glove.txt",
-    }
+    files = make_tiny_data(root / "data")
     config = root / "run.toml"
     # 10 steps logged every 2: throughput appears once the 3 warm-up steps are past
     config.write_text(

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import make_texts, tiny_config_text, write_csv, write_glove
+from conftest import make_tiny_data, tiny_config_text
 
 pytestmark = pytest.mark.slow
 
@@ -314,19 +314,7 @@ class E2E:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        data = root / "data"
-        data.mkdir()
-        write_csv(data / "train.csv", make_texts(300, 1))
-        write_csv(data / "valid.csv", make_texts(60, 2))
-        write_csv(data / "test.csv", make_texts(60, 3))
-        write_glove(data / "glove.txt")
-        self.data = {
-            "train": data / "train.csv",
-            "valid": data / "valid.csv",
-            "test": data / "test.csv",
-            "glove": data / "glove.txt",
-            "dir": data,
-        }
+        self.data = make_tiny_data(root / "data")
         self.plain = self._config("plain", BASE)
         self.dropout = self._config("dropout", BASE, DROPOUT)
         self.env = clean_env(root)
