@@ -5,8 +5,10 @@ sparse gradient of a real `nn.Embedding(sparse=True)` backward over a 256 x 50 i
 `--touched` distinct rows (default 10K, spread uniformly over the table, the rest repeats), so both table sizes do
 the same work; uniform ids would touch ~9K rows of 20K but ~12.8K of 2M and skew the ratio. State is created
 (and page-faulted in) before timing and a few warm-up steps run first. `sparse_adam[torch]` is
-torch.optim.SparseAdam, which `sparse_adam` (FastSparseAdam) replaces; a dense-gradient Adam step is timed for
-contrast on tables up to `--dense-max-rows` (at 2M it takes seconds).
+torch.optim.SparseAdam, which `sparse_adam` (FastSparseAdam) replaces. For contrast, dense optimizers on the
+full table (`--dense dense_adam dense_adamw`: torch Adam / AdamW over a dense gradient, which is what a plain
+`nn.Embedding` + AdamW setup does) are timed on tables up to `--dense-max-rows` (at 2M a step takes seconds and
+the table, its gradient and two moments need 9.6 GB).
 
 Reading the ratio: a 20K x 300 table (24 MB, 72 MB with Adam state) largely sits in cache, a 2M one does not, so
 even a perfectly row-proportional step pays more per random row at 2M. `--rows 200000 2000000` compares two
@@ -32,6 +34,8 @@ from trainer.sparse_optim import SPARSE_OPTIMIZERS, build_sparse_optimizer, init
 
 # torch's Adagrad builds sparse tensors without invariant checks and says so on every call.
 warnings.filterwarnings("ignore", message="Sparse invariant checks")
+
+DENSE_OPTIMIZERS = ("dense_adam", "dense_adamw")
 
 
 def make_ids(rows: int, batch: int, tokens: int, touched: int, gen: torch.Generator) -> torch.Tensor:
@@ -76,6 +80,8 @@ def bench_one(name: str, emb: torch.nn.Embedding, ids: torch.Tensor, args: argpa
         opt: torch.optim.Optimizer = torch.optim.SparseAdam([emb.weight], lr=1e-3)
     elif name == "dense_adam":
         opt = torch.optim.Adam([emb.weight], lr=1e-3)
+    elif name == "dense_adamw":
+        opt = torch.optim.AdamW([emb.weight], lr=1e-3)
     else:
         opt = build_sparse_optimizer(name, [emb.weight], lr=1e-3)
     t0 = time.perf_counter()
@@ -111,7 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--optimizers", nargs="+", default=[*SPARSE_OPTIMIZERS, "sparse_adam[torch]"])
     ap.add_argument(
-        "--dense-max-rows", type=int, default=100_000, help="time dense Adam only up to this size"
+        "--dense",
+        nargs="*",
+        default=["dense_adam"],
+        choices=DENSE_OPTIMIZERS,
+        help="dense full-table optimizers timed for contrast (none: pass --dense with no names)",
+    )
+    ap.add_argument(
+        "--dense-max-rows", type=int, default=100_000, help="time the dense optimizers only up to this size"
     )
     ap.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
@@ -127,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for rows in args.rows:
         ids = make_ids(rows, args.batch, args.tokens, args.touched, gen)
-        names = list(args.optimizers) + (["dense_adam"] if rows <= args.dense_max_rows else [])
+        names = list(args.optimizers) + (list(args.dense) if rows <= args.dense_max_rows else [])
         for name in names:
             torch.manual_seed(0)
-            emb = torch.nn.Embedding(rows, args.dim, sparse=name != "dense_adam")
+            emb = torch.nn.Embedding(rows, args.dim, sparse=name not in DENSE_OPTIMIZERS)
             results.append(bench_one(name, emb, ids, args))
             r = results[-1]
             print(f"  {name:<20} rows={rows:>9,}  {r['median_ms']:8.2f} ms", flush=True)
@@ -157,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if lo != hi:
         print(f"\nratio {hi:,} / {lo:,} rows (target <= 1.2x)      median   min    cpu")
         by_key = {(r["optimizer"], r["rows"]): r for r in results}
-        for name in args.optimizers:
+        for name in [*args.optimizers, *args.dense]:
             if (name, lo) in by_key and (name, hi) in by_key:
                 a, b = by_key[(name, lo)], by_key[(name, hi)]
                 ratios[name] = {k: b[k] / a[k] for k in ("median_ms", "min_ms", "cpu_median_ms")}
