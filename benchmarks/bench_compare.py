@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -55,6 +56,10 @@ from fasttext_baseline import write_fasttext_file  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 
 DATA = ROOT / "data" / "debian"
+# side outputs the other systems do not write; otherwise ours runs the config as shipped
+SIDE_OUTPUTS_OFF = (
+    "--checkpoint.at_epoch_end false --metrics.tensorboard false --metrics.projector_words 0 --metrics.progress false"
+).split()
 VECTORS_WORK = Path(tempfile.gettempdir()) / "trainer-bench-vectors"  # bench_vectors.py's default work folder
 
 
@@ -150,30 +155,9 @@ def run_system(ctx: Context, system: System, tag: str) -> dict | None:
 
 
 def ours_system(ctx: Context, key: str, label: str, *extra: str) -> System:
-    cmd = [
-        sys.executable,
-        "-m",
-        "trainer",
-        "train",
-        "--config",
-        str(ctx.config),
-        "--run.dir",
-        "{run}",
-        "--data.cache_dir",
-        "{cache}",
-        "--train.threads",
-        str(ctx.args.threads),
-        "--checkpoint.at_epoch_end",
-        "false",
-        "--metrics.tensorboard",
-        "false",
-        "--metrics.projector_words",
-        "0",
-        "--metrics.progress",
-        "false",
-        *extra,
-    ]
-    return System(key, label, cmd, "ours")
+    cmd = [sys.executable, "-m", "trainer", "train", "--config", str(ctx.config), "--run.dir", "{run}"]
+    cmd += ["--data.cache_dir", "{cache}", "--train.threads", str(ctx.args.threads)]
+    return System(key, label, [*cmd, *SIDE_OUTPUTS_OFF, *extra], "ours")
 
 
 def fasttext_available() -> bool:
@@ -212,16 +196,11 @@ def build_systems(ctx: Context) -> list[System]:
         f"ours: {ctx.config.name} ({cfg.model.encoder}, {cfg.embeddings.ngram_buckets:,} bigram buckets, "
         f"{cfg.embeddings.pretrained or 'no pretrained'} frozen={cfg.embeddings.freeze_pretrained}, {ctx.epochs} epochs)"
     )
+    unigram_bag = ("--model.encoder", "bag", "--embeddings.ngram_buckets", "0")
     systems = [
         ours_system(ctx, "ours_default", ours_label),
         ours_system(
-            ctx,
-            "ours_bag_unigram",
-            f"ours: bag encoder, unigrams only, {ctx.epochs} epochs",
-            "--model.encoder",
-            "bag",
-            "--embeddings.ngram_buckets",
-            "0",
+            ctx, "ours_bag_unigram", f"ours: bag encoder, unigrams only, {ctx.epochs} epochs", *unigram_bag
         ),
     ]
     if fasttext_available():
@@ -233,22 +212,9 @@ def build_systems(ctx: Context) -> list[System]:
             f"fastText input written once, untimed: {time.perf_counter() - t0:.1f} s (lowercase, the trainer's "
             "token pattern, space-joined)"
         )
-        ft = [
-            py,
-            str(BENCH / "fasttext_baseline.py"),
-            "--train",
-            str(ctx.fasttext_files["train"]),
-            "--test",
-            str(ctx.fasttext_files["test"]),
-            "--thread",
-            str(args.threads),
-            "--dim",
-            "50",
-            "--epoch",
-            "5",
-            "--lr",
-            "1.0",
-        ]
+        ft = [py, str(BENCH / "fasttext_baseline.py"), "--thread", str(args.threads)]
+        ft += ["--train", str(ctx.fasttext_files["train"]), "--test", str(ctx.fasttext_files["test"])]
+        ft += ["--dim", "50", "--epoch", "5", "--lr", "1.0"]
         systems += [
             System(
                 "fasttext_unigram",
@@ -290,7 +256,9 @@ def build_systems(ctx: Context) -> list[System]:
             "child",
         )
     )
-    if args.with_svm:
+    if args.with_svm and importlib.util.find_spec("sklearn") is None:
+        ctx.note("scikit-learn is not installed (pip install -e .[bench]): TF-IDF SVM row skipped")
+    elif args.with_svm:
         systems.append(
             System(
                 "tfidf_svm",
@@ -486,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "optim_threads": args.optim_threads,
             "quick": args.quick,
+            "with_svm": args.with_svm,
             "config": str(ctx.config.relative_to(ROOT)),
             "config_epochs": ctx.epochs,
             "config_sparse_optimizer": load_config(ctx.config).optim.sparse,

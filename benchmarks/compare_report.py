@@ -65,7 +65,13 @@ def targets(report: dict) -> list[dict]:
                 )
             )
         else:
-            why = "not run (pass --with-svm)" if key == "tfidf_svm" and not other else "missing figures"
+            if key == "tfidf_svm":
+                svm_asked = report["settings"].get("with_svm")
+                why = (
+                    "no result (scikit-learn missing or failed)" if svm_asked else "not run (pass --with-svm)"
+                )
+            else:
+                why = "no result (fastText missing or failed)"
             lines.append(_line("a", f"accuracy: ours (default config) >= {name}", why, None))
 
     tta = report.get("time_to_accuracy")
