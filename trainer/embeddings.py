@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.kernels import advise_hugepages
+
 TRAINABLE_TABLES = ("oov", "pretrained_delta", "mask", "bigram", "char")
 
 
@@ -126,7 +128,7 @@ class LocalTables(nn.Module):
                 continue
             # _weight: skip EmbeddingBag's own random init, which would draw rows*dim numbers from the global
             # generator (slow for big tables, and it would shift the dense layers' init by the table sizes)
-            weight = torch.empty(spec.num_rows, spec.dim)
+            weight = advise_hugepages(torch.empty(spec.num_rows, spec.dim))
             init_rows_(weight, spec, generator)
             bag = nn.EmbeddingBag(spec.num_rows, spec.dim, mode="sum", sparse=True, _weight=weight)
             self.bags[spec.name] = bag

@@ -37,6 +37,7 @@ from torch import nn
 
 from trainer.distributed import DistInfo
 from trainer.embeddings import TableSpec, init_rows_, segment_index
+from trainer.kernels import advise_hugepages
 
 _TABLE_PARAM = re.compile(r"(?:^|\.)bags\.([^.]+)\.weight$")
 _SEGMENT_BITS = 40  # (source rank, segment) packed into one int64 key on the owner
@@ -136,7 +137,7 @@ class RowWiseTables(nn.Module):
             # `_weight` skips EmbeddingBag's own random init (it would draw from the global RNG an amount that
             # depends on the shard size); init_rows_ gives each row its replicated value.
             bag = nn.EmbeddingBag(
-                end - start, spec.dim, mode="sum", sparse=True, _weight=torch.empty(end - start, spec.dim)
+                end - start, spec.dim, mode="sum", sparse=True, _weight=advise_hugepages(torch.empty(end - start, spec.dim)),
             )
             init_rows_(bag.weight, spec, generator, row_start=start)
             self.bags[spec.name] = bag

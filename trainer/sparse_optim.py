@@ -17,11 +17,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
 from torch import Tensor
 
+from trainer import kernels
+
 SPARSE_OPTIMIZERS = ("sparse_adam", "sgd", "adagrad", "rowwise_adagrad")
+
+
+def _workspace_block(optimizer: torch.optim.Optimizer, rows: int, cols: int, like: Tensor) -> Tensor:
+    """A reused (rows, cols) block from the optimizer's workspace (created on first use: loaded optimizers too)."""
+    ws = optimizer.__dict__.setdefault("_ws", _Workspace())
+    return ws.get("fused_block", rows, cols, like)
 
 
 class _Workspace:
@@ -167,6 +176,9 @@ class RowWiseAdagrad(torch.optim.Optimizer):
     def _sparse_update(
         self, table: Tensor, grad: Tensor, acc: Tensor, lr: float, eps: float, wd: float
     ) -> None:
+        if kernels.can_fuse(table, acc, grad._values()):
+            kernels.rowwise_adagrad_step(table, acc, kernels.RowGroups(grad, partial(_workspace_block, self)), lr, eps, wd)
+            return
         rows, g = _coalesced_rows(grad, self._ws, "grad")
         if rows.numel() == 0:
             return
@@ -208,8 +220,8 @@ class FastSparseAdam(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.int64)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = kernels.zeros_hugepages(p)
+            state["exp_avg_sq"] = kernels.zeros_hugepages(p)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -231,12 +243,18 @@ class FastSparseAdam(torch.optim.Optimizer):
                 else:  # state loaded from a torch.optim.SparseAdam state_dict
                     state["step"] = state["step"] + 1
                 step = int(state["step"])
+                step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+                views = [_rows_view(t) for t in (p, state["exp_avg"], state["exp_avg_sq"])]
+                if kernels.can_fuse(*views, p.grad._values()):
+                    kernels.sparse_adam_step(
+                        *views, kernels.RowGroups(p.grad, partial(_workspace_block, self)), beta1, beta2, eps, step_size, group["maximize"]
+                    )
+                    continue
                 rows, g = _coalesced_rows(p.grad, self._ws, "grad")
                 if rows.numel() == 0:
                     continue
                 if group["maximize"]:
                     g.neg_()
-                step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
                 self._update(p, state, rows, g, beta1, beta2, eps, step_size)
         return loss
 
@@ -271,6 +289,30 @@ class FastSparseAdam(torch.optim.Optimizer):
         table.index_add_(0, add_rows, numer.div_(denom).mul_(-step_size))
 
 
+class SparseSGD(torch.optim.SGD):
+    """torch's SGD whose plain sparse steps (no momentum, no weight decay) run the fused row kernel.
+
+    Same state and state_dict as torch.optim.SGD; anything the kernel does not cover goes to torch's step.
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        fused = all(
+            not g["momentum"] and not g["weight_decay"] and not g["maximize"]
+            and all(p.grad is None or (p.grad.is_sparse and kernels.can_fuse(_rows_view(p), p.grad._values()))
+                    for p in g["params"])
+            for g in self.param_groups
+        )
+        if not fused:
+            return super().step(closure)
+        loss = _run_closure(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    kernels.sgd_step(_rows_view(p), kernels.RowGroups(p.grad, partial(_workspace_block, self)), float(group["lr"]))
+        return loss
+
+
 def build_sparse_optimizer(
     name: str, params: list[torch.nn.Parameter], lr: float, **kw
 ) -> torch.optim.Optimizer:
@@ -294,7 +336,7 @@ def build_sparse_optimizer(
             raise ValueError(
                 "optim.sparse: sgd with momentum is not supported for sparse gradients (momentum must be 0)"
             )
-        return torch.optim.SGD(params, lr=lr, **kw)
+        return SparseSGD(params, lr=lr, **kw)
     if name == "adagrad":
         return torch.optim.Adagrad(params, lr=lr, **kw)
     return RowWiseAdagrad(params, lr=lr, **kw)
@@ -312,7 +354,7 @@ def _init_torch_state(optimizer: torch.optim.Optimizer, p: Tensor, group: dict) 
     state = optimizer.state[p]
     if state:
         return
-    zeros = lambda: torch.zeros_like(p, memory_format=torch.preserve_format)  # noqa: E731
+    zeros = lambda: kernels.zeros_hugepages(p)  # noqa: E731
     if isinstance(optimizer, torch.optim.SparseAdam):
         state.update(step=0, exp_avg=zeros(), exp_avg_sq=zeros())
     elif isinstance(optimizer, torch.optim.Adagrad):

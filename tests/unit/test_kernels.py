@@ -1,0 +1,111 @@
+"""Fused CPU optimizer kernels (trainer/kernels.py) against the torch-op path they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer import kernels
+from trainer.sparse_optim import FastSparseAdam, RowWiseAdagrad, SparseSGD
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Sparse invariant checks"),
+    pytest.mark.skipif(not kernels.fused_kernels_enabled(), reason="numba not installed"),
+]
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request: pytest.FixtureRequest):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def grads(rows: int, dim: int, nnz: int, steps: int, seed: int, coalesced: bool = False) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for step in range(steps):
+        n = 0 if step == 2 else nnz  # an empty gradient still advances Adam's step count
+        ids = torch.randint(0, max(1, rows // 2), (n,), generator=gen)
+        ids = torch.cat([ids, ids[: n // 3]])  # repeated rows, not adjacent
+        g = torch.sparse_coo_tensor(ids.view(1, -1), torch.randn(ids.numel(), dim, generator=gen), (rows, dim))
+        out.append(g.coalesce() if coalesced else g)
+    return out
+
+
+def run(make, w0: torch.Tensor, steps: list[torch.Tensor], fused: bool, monkeypatch) -> tuple[torch.Tensor, dict]:
+    monkeypatch.setenv("TRAINER_FUSED_KERNELS", "1" if fused else "0")
+    p = torch.nn.Parameter(w0.clone())
+    opt = make([p])
+    for g in steps:
+        p.grad = g.clone()
+        opt.step()
+    return p.detach(), opt.state[p]
+
+
+OPTIMIZERS = {
+    "sparse_adam": lambda ps: FastSparseAdam(ps, lr=0.05, betas=(0.8, 0.99)),
+    "sparse_adam_maximize": lambda ps: FastSparseAdam(ps, lr=0.05, maximize=True),
+    "rowwise_adagrad": lambda ps: RowWiseAdagrad(ps, lr=0.3),
+    "rowwise_adagrad_wd": lambda ps: RowWiseAdagrad(ps, lr=0.3, weight_decay=0.05),
+    "sgd": lambda ps: SparseSGD(ps, lr=0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize(("rows", "dim", "nnz"), [(40, 3, 30), (20_000, 16, 8_000), (7, 50, 0)])
+@pytest.mark.parametrize("coalesced", [False, True])
+def test_fused_step_matches_torch_ops(name, rows, dim, nnz, coalesced, threads, monkeypatch) -> None:
+    w0 = torch.randn(rows, dim, generator=torch.Generator().manual_seed(1))
+    steps = grads(rows, dim, nnz, steps=5, seed=rows + dim, coalesced=coalesced)
+    calls = []
+    real = {k: getattr(kernels, k) for k in ("sparse_adam_step", "rowwise_adagrad_step", "sgd_step")}
+    for k, fn in real.items():
+        monkeypatch.setattr(kernels, k, lambda *a, _fn=fn, **kw: calls.append(1) or _fn(*a, **kw))
+    want_w, want_state = run(OPTIMIZERS[name], w0, steps, fused=False, monkeypatch=monkeypatch)
+    assert not calls, "TRAINER_FUSED_KERNELS=0 must keep the torch ops"
+    got_w, got_state = run(OPTIMIZERS[name], w0, steps, fused=True, monkeypatch=monkeypatch)
+    assert len(calls) == 5, "the fused kernel must run for contiguous float32 CPU tables"
+    # Rounding only: a sqrt (torch's vectorised sqrt is not always correctly rounded) and row-wise Adagrad's
+    # row mean (torch sums in blocks, the kernel in order).
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+    for key, value in want_state.items():
+        if isinstance(value, torch.Tensor) and value.numel() > 1:
+            torch.testing.assert_close(got_state[key], value, rtol=1e-5, atol=1e-8)
+        else:
+            assert int(got_state[key]) == int(value)
+    touched = set()
+    for g in steps:
+        touched.update(g.coalesce().indices()[0].tolist())
+    untouched = [r for r in range(rows) if r not in touched]
+    assert torch.equal(got_w[untouched], w0[untouched]), "rows without gradient must stay bit-identical"
+
+
+def test_sparse_adam_state_is_bit_identical(monkeypatch) -> None:
+    """exp_avg / exp_avg_sq involve no sqrt: the fused kernel reproduces torch's float32 ops exactly."""
+    w0 = torch.randn(300, 8, generator=torch.Generator().manual_seed(2))
+    steps = grads(300, 8, 200, steps=4, seed=5)
+    _, want = run(OPTIMIZERS["sparse_adam"], w0, steps, fused=False, monkeypatch=monkeypatch)
+    _, got = run(OPTIMIZERS["sparse_adam"], w0, steps, fused=True, monkeypatch=monkeypatch)
+    assert torch.equal(got["exp_avg"], want["exp_avg"])
+    assert torch.equal(got["exp_avg_sq"], want["exp_avg_sq"])
+
+
+def test_can_fuse_only_contiguous_float32_cpu(monkeypatch) -> None:
+    t = torch.zeros(4, 3)
+    assert kernels.can_fuse(t)
+    assert not kernels.can_fuse(t.double())
+    assert not kernels.can_fuse(t.t())
+    monkeypatch.setenv("TRAINER_FUSED_KERNELS", "0")
+    assert not kernels.can_fuse(t)
+
+
+def test_sgd_with_momentum_falls_back_to_torch(monkeypatch) -> None:
+    """What the kernel does not implement must not silently change meaning: weight decay goes to torch's step."""
+    p = torch.nn.Parameter(torch.ones(5, 2))
+    opt = SparseSGD([p], lr=0.1, weight_decay=0.5)
+    monkeypatch.setattr(kernels, "sgd_step", lambda *a, **k: pytest.fail("fused kernel used with weight decay"))
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 2), (5, 2))
+    with pytest.raises(RuntimeError):  # torch's SGD refuses weight decay with sparse gradients
+        opt.step()
