@@ -85,6 +85,13 @@ class Context:
         self.notes.append(text)
 
 
+def child_env() -> dict[str, str]:
+    """Children import `trainer` from this checkout (not whichever one is pip-installed), so running this script
+    from a clean `git worktree` measures exactly that commit."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+
+
 def run_measured(cmd: list[str], log_stem: Path, timeout_s: float) -> dict:
     """Run one child to completion; wall time and the child's own peak RSS from wait4; its last stdout JSON line.
 
@@ -92,10 +99,9 @@ def run_measured(cmd: list[str], log_stem: Path, timeout_s: float) -> dict:
     that child alone (getrusage(RUSAGE_CHILDREN) would be the maximum over every child so far).
     """
     out_path, err_path = log_stem.with_suffix(".out"), log_stem.with_suffix(".err")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(out_path, "w") as out, open(err_path, "w") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, env=env)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, env=child_env())
         watchdog = threading.Timer(timeout_s, proc.kill)
         watchdog.start()
         try:
@@ -306,7 +312,7 @@ def run_json_script(ctx: Context, name: str, script_args: list[str]) -> dict | N
     out = ctx.work / f"{name}.json"
     cmd = [sys.executable, str(BENCH / f"{name}.py"), *script_args, "--json", str(out)]
     print(f"\n$ {' '.join(cmd[1:])}", flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, timeout=ctx.args.timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), timeout=ctx.args.timeout)
     if proc.returncode != 0:
         ctx.note(f"{name}.py failed with exit status {proc.returncode}")
         return None
