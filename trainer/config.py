@@ -98,6 +98,9 @@ class ModelConfig:
     encoder: str = "bag"
     # Pooling for the bag encoder: mean or sum.
     pooling: str = "mean"
+    # How bag encoders combine words, bigrams and char n-grams: sum (one D-dim vector, pooled over all ids) or
+    # concat (each family pooled over its own count, then concatenated: the head sees D x families).
+    combine: str = "sum"
     # Hidden layer width of the classifier head; 0 means a linear head.
     hidden: int = 0
     # Dropout on the pooled document vector (and the hidden layer).
@@ -110,6 +113,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _choice(self.encoder, "model.encoder", ("bag", "masked_bag", "lstm"))
         _choice(self.pooling, "model.pooling", ("mean", "sum"))
+        _choice(self.combine, "model.combine", ("sum", "concat"))
         _check(self.hidden >= 0, "model.hidden", f"must be >= 0, got {self.hidden}")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(self.lstm_hidden > 0, "model.lstm_hidden", f"must be > 0, got {self.lstm_hidden}")
@@ -130,6 +134,9 @@ class OptimConfig:
     pretrained_lr: float = 0.001
     # Weight decay of the dense optimizer.
     weight_decay: float = 0.0
+    # Decoupled weight decay of the trainable tables' rows (sparse_adam; L2 for rowwise_adagrad), applied lazily to the
+    # rows a step touches; the mask table decays towards 1 (its initial value), the others towards 0.
+    sparse_weight_decay: float = 0.0
     # Momentum for dense SGD.
     momentum: float = 0.9
     # Linear warm-up steps.
@@ -148,6 +155,10 @@ class OptimConfig:
             value = getattr(self, name)
             _check(value > 0, f"optim.{name}", f"must be > 0, got {value}")
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.sparse_weight_decay >= 0, "optim.sparse_weight_decay",
+               f"must be >= 0, got {self.sparse_weight_decay}")
+        _check(self.sparse_weight_decay == 0 or self.sparse in ("sparse_adam", "rowwise_adagrad"),
+               "optim.sparse_weight_decay", f"needs optim.sparse = sparse_adam or rowwise_adagrad, not {self.sparse}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _choice(self.schedule, "optim.schedule", ("linear", "cosine", "constant"))
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")

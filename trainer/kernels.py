@@ -145,12 +145,15 @@ if numba is not None:
 
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _sparse_adam_kernel(table, exp_avg, exp_avg_sq, rows, starts, order, values, block, c1, c2, eps, neg_step,
-                            sign):
+                            sign, neg_lr_wd, center):
         # All scalars are float32 so every operation rounds as torch's float32 ops do (no float64 promotion).
         for u in prange(rows.shape[0]):
             r = rows[u]
             g_row = _summed_row(u, starts, order, values, block)
             w, m, v = table[r], exp_avg[r], exp_avg_sq[r]
+            if neg_lr_wd != 0:  # decoupled weight decay first, as torch's AdamW (see sparse_optim._decay_rows)
+                for j in range(w.shape[0]):
+                    w[j] = w[j] + (w[j] - center) * neg_lr_wd
             for j in range(w.shape[0]):
                 g = g_row[j] * sign
                 old = m[j]
@@ -164,20 +167,20 @@ if numba is not None:
                 w[j] = w[j] + (numer / denom) * neg_step
 
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
-    def _rowwise_adagrad_kernel(table, acc, rows, starts, order, values, block, wd, inv_dim, eps, neg_lr):
+    def _rowwise_adagrad_kernel(table, acc, rows, starts, order, values, block, wd, center, inv_dim, eps, neg_lr):
         for u in prange(rows.shape[0]):
             r = rows[u]
             g_row = _summed_row(u, starts, order, values, block)
             w = table[r]
             total = np.float32(0.0)
             for j in range(w.shape[0]):
-                g = g_row[j] + w[j] * wd
+                g = g_row[j] + (w[j] - center) * wd
                 total += g * g
             s = acc[r] + total * inv_dim
             acc[r] = s
             step = neg_lr / (np.float32(np.sqrt(s)) + eps)
             for j in range(w.shape[0]):
-                w[j] = w[j] + (g_row[j] + w[j] * wd) * step
+                w[j] = w[j] + (g_row[j] + (w[j] - center) * wd) * step
 
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _sgd_kernel(table, rows, starts, order, values, block, neg_lr):
@@ -190,7 +193,7 @@ if numba is not None:
 
 def sparse_adam_step(
     table: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, groups: RowGroups,
-    beta1: float, beta2: float, eps: float, step_size: float, maximize: bool,
+    beta1: float, beta2: float, eps: float, step_size: float, maximize: bool, lr_wd: float = 0.0, center: float = 0.0,
 ) -> None:
     """torch's `sparse_adam` update of the touched rows, in one fused pass (tables as (rows, dim) views)."""
     if not len(groups):
@@ -199,12 +202,12 @@ def sparse_adam_step(
     f = np.float32
     _sparse_adam_kernel(
         table.detach().numpy(), exp_avg.numpy(), exp_avg_sq.numpy(), *groups.arrays(),
-        f(1 - beta1), f(1 - beta2), f(eps), f(-step_size), f(-1.0 if maximize else 1.0),
+        f(1 - beta1), f(1 - beta2), f(eps), f(-step_size), f(-1.0 if maximize else 1.0), f(-lr_wd), f(center),
     )
 
 
 def rowwise_adagrad_step(
-    table: Tensor, acc: Tensor, groups: RowGroups, lr: float, eps: float, weight_decay: float
+    table: Tensor, acc: Tensor, groups: RowGroups, lr: float, eps: float, weight_decay: float, center: float = 0.0
 ) -> None:
     """Row-wise Adagrad on the touched rows in one fused pass. The row mean of g^2 is summed sequentially, torch's
     `.mean` in blocks, so results agree with the torch-op path to float32 rounding, not bit for bit."""
@@ -213,7 +216,7 @@ def rowwise_adagrad_step(
     _sync_threads()
     f = np.float32
     _rowwise_adagrad_kernel(
-        table.detach().numpy(), acc.numpy(), *groups.arrays(), f(weight_decay), f(1.0 / table.shape[1]), f(eps), f(-lr)
+        table.detach().numpy(), acc.numpy(), *groups.arrays(), f(weight_decay), f(center), f(1.0 / table.shape[1]), f(eps), f(-lr)
     )
 
 

@@ -36,10 +36,10 @@ class ClassifierHead(nn.Module):
 class DenseNet(nn.Module):
     """Everything dense: an optional bidirectional LSTM over token vectors, then the head."""
 
-    def __init__(self, cfg: ModelConfig, dim: int, num_classes: int) -> None:
+    def __init__(self, cfg: ModelConfig, dim: int, num_classes: int, families: int = 1) -> None:
         super().__init__()
         self.lstm = None
-        in_dim = dim
+        in_dim = dim * families
         if cfg.encoder == "lstm":
             self.lstm = nn.LSTM(dim, cfg.lstm_hidden, num_layers=cfg.lstm_layers, bidirectional=True, batch_first=True)
             in_dim = 2 * cfg.lstm_hidden
@@ -73,7 +73,13 @@ class TextClassifier(nn.Module):
         self.encoder = cfg.encoder
         self.pooling = cfg.pooling
         self.num_pretrained = num_pretrained
-        self.dense = DenseNet(cfg, tables.dim, num_classes)
+        # concat: words, then each n-gram table, pooled separately (bag encoders only)
+        self.concat_tables = (
+            [n for n in ("bigram", "char") if tables.has(n)]
+            if cfg.combine == "concat" and cfg.encoder != "lstm" else None
+        )
+        families = 1 + len(self.concat_tables) if self.concat_tables is not None else 1
+        self.dense = DenseNet(cfg, tables.dim, num_classes, families)
         # The pretrained-row correction joins the lookups only once unfrozen (set by the trainer at a step that
         # every rank agrees on, so row-wise collectives stay in lock-step).
         self.delta_active = False
@@ -118,6 +124,8 @@ class TextClassifier(nn.Module):
             x = words.new_zeros(batch.num_docs, self.tables.dim).index_add(0, seg, words)
         else:
             x = rows["pretrained"] + rows["oov"]
+        if self.concat_tables is not None:
+            return self._concat(batch, x, rows)
         for name in ("bigram", "char"):
             if name in rows:
                 x = x + rows[name]
@@ -131,12 +139,26 @@ class TextClassifier(nn.Module):
             x = x / batch.lengths.clamp(min=1).unsqueeze(1)
         return x
 
+    def _concat(self, batch: Batch, words: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[words | bigrams | chars], each family pooled over its own ids (as TF-IDF blocks are normalised
+        separately): a long document's thousands of char n-grams then cannot drown its words."""
+        parts = [(words, _counts(batch, "pretrained") + _counts(batch, "oov"))]
+        parts += [(rows[name], _counts(batch, name)) for name in self.concat_tables]
+        if self.pooling == "mean":
+            return torch.cat([x / n.clamp(min=1).unsqueeze(1).to(x.dtype) for x, n in parts], dim=1)
+        return torch.cat([x for x, _ in parts], dim=1)
+
     def forward(self, batch: Batch) -> torch.Tensor:
         x = self.embed(batch)
         if self.dense_autocast:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return self.dense(x, batch.seq_lengths).float()
         return self.dense(x, batch.seq_lengths)
+
+
+def _counts(batch: Batch, name: str) -> torch.Tensor:
+    """Per-document number of ids of one table (from its EmbeddingBag offsets)."""
+    return torch.diff(batch.tables[name][1], append=_end(batch, name))
 
 
 def _end(batch: Batch, name: str) -> torch.Tensor:

@@ -30,6 +30,20 @@ def clean_name(name: str) -> str:
     return name.replace("module.", "")
 
 
+def _decay_groups(named: list[tuple[str, nn.Parameter]]) -> list[dict]:
+    """Sparse-table param groups by the value their rows decay towards: the mask (M starts at 1, and M = 1 means
+    "the pretrained row as is") towards 1, every other table towards 0. One group when there is no mask."""
+    groups = [
+        {"params": [p for n, p in named if not _is_mask(n)], "decay_to": 0.0},
+        {"params": [p for n, p in named if _is_mask(n)], "decay_to": 1.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _is_mask(name: str) -> bool:
+    return name.split(".")[-2:-1] == ["mask"]  # tables.bags.mask.weight
+
+
 def group_of(name: str) -> str:
     if name.startswith("tables."):
         return "pretrained" if ".pretrained_delta." in name else "sparse"
@@ -82,7 +96,9 @@ class OptimizerContainer:
                     params, lr=cfg.dense_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
                 )
         if named["sparse"]:
-            self.optimizers["sparse"] = build_sparse_optimizer(cfg.sparse, [p for _, p in named["sparse"]], cfg.sparse_lr)
+            self.optimizers["sparse"] = build_sparse_optimizer(
+                cfg.sparse, _decay_groups(named["sparse"]), cfg.sparse_lr, weight_decay=cfg.sparse_weight_decay
+            )
         if named["pretrained"]:
             self.optimizers["pretrained"] = build_sparse_optimizer(
                 cfg.sparse, [p for _, p in named["pretrained"]], cfg.pretrained_lr

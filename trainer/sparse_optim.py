@@ -97,6 +97,17 @@ def _coalesced_rows(grad: Tensor, ws: _Workspace, key: str) -> tuple[Tensor, Ten
     return rows, out.index_add_(0, _add_index(inverse, out.shape[0]), src)
 
 
+def _decay_rows(table: Tensor, rows: Tensor, lr_wd: float, center: float, ws: _Workspace) -> None:
+    """Decoupled (AdamW-style) weight decay of the touched rows only: w -= lr * wd * (w - center).
+
+    Lazy on purpose: decaying every row every step would cost O(table) and undo the point of sparse updates. A row
+    therefore decays only on steps where it gets a gradient, i.e. rare features (which overfit most) shrink per
+    use. `center` is the value rows decay towards: 0, or 1 for the multiplicative mask table (its initial value).
+    """
+    cur = torch.index_select(table, 0, rows, out=ws.get("decay", rows.numel(), table.shape[1], table))
+    table.index_add_(0, _add_index(rows, table.shape[0]), cur.sub_(center).mul_(-lr_wd))
+
+
 def _run_closure(closure: Callable[[], float] | None) -> float | None:
     if closure is None:
         return None
@@ -121,6 +132,7 @@ class RowWiseAdagrad(torch.optim.Optimizer):
         eps: float = 1e-10,
         weight_decay: float = 0.0,
         initial_accumulator_value: float = 0.0,
+        decay_to: float = 0.0,
     ) -> None:
         if not lr > 0.0:
             raise ValueError(f"RowWiseAdagrad: lr must be > 0, got {lr}")
@@ -137,6 +149,7 @@ class RowWiseAdagrad(torch.optim.Optimizer):
             "eps": eps,
             "weight_decay": weight_decay,
             "initial_accumulator_value": initial_accumulator_value,
+            "decay_to": decay_to,
         }
         super().__init__(params, defaults)
         self._ws = _Workspace()
@@ -156,6 +169,7 @@ class RowWiseAdagrad(torch.optim.Optimizer):
         loss = _run_closure(closure)
         for group in self.param_groups:
             lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
+            center = float(group.get("decay_to", 0.0))
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -163,28 +177,30 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                 acc: Tensor = self.state[p]["sum"]
                 table = _rows_view(p)
                 if p.grad.is_sparse:
-                    self._sparse_update(table, p.grad, acc, lr, eps, wd)
+                    self._sparse_update(table, p.grad, acc, lr, eps, wd, center)
                 else:
                     g = _rows_view(p.grad)
                     if wd:
-                        g = g.add(table, alpha=wd)
+                        g = g.add(table - center if center else table, alpha=wd)
                     acc.add_(g.square().mean(dim=1).to(acc.dtype))
                     std = acc.sqrt().add_(eps).to(g.dtype)
                     table.addcdiv_(g, std.unsqueeze(1), value=-lr)
         return loss
 
     def _sparse_update(
-        self, table: Tensor, grad: Tensor, acc: Tensor, lr: float, eps: float, wd: float
+        self, table: Tensor, grad: Tensor, acc: Tensor, lr: float, eps: float, wd: float, center: float
     ) -> None:
         if kernels.can_fuse(table, acc, grad._values()):
-            kernels.rowwise_adagrad_step(table, acc, kernels.RowGroups(grad, partial(_workspace_block, self)), lr, eps, wd)
+            groups = kernels.RowGroups(grad, partial(_workspace_block, self))
+            kernels.rowwise_adagrad_step(table, acc, groups, lr, eps, wd, center)
             return
         rows, g = _coalesced_rows(grad, self._ws, "grad")
         if rows.numel() == 0:
             return
         tmp = self._ws.get("tmp", g.shape[0], g.shape[1], g)
         if wd:
-            g.add_(torch.index_select(table, 0, rows, out=tmp), alpha=wd)
+            current = torch.index_select(table, 0, rows, out=tmp)
+            g.add_(current.sub_(center) if center else current, alpha=wd)
         row_mean_sq = torch.mul(g, g, out=tmp).mean(dim=1).to(acc.dtype)
         acc.index_add_(0, rows, row_mean_sq)
         std = acc.index_select(0, rows).sqrt_().add_(eps).to(g.dtype)
@@ -206,14 +222,20 @@ class FastSparseAdam(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         maximize: bool = False,
+        weight_decay: float = 0.0,
+        decay_to: float = 0.0,
     ) -> None:
         if not lr > 0.0:
             raise ValueError(f"FastSparseAdam: lr must be > 0, got {lr}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"FastSparseAdam: weight_decay must be >= 0, got {weight_decay}")
         if not eps > 0.0:
             raise ValueError(f"FastSparseAdam: eps must be > 0, got {eps}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"FastSparseAdam: betas must be in [0, 1), got {betas}")
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "maximize": maximize})
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "maximize": maximize, "weight_decay": weight_decay,
+                    "decay_to": decay_to}
+        super().__init__(params, defaults)
         self._ws = _Workspace()
 
     def _init_state(self, p: Tensor, group: dict) -> None:
@@ -247,7 +269,8 @@ class FastSparseAdam(torch.optim.Optimizer):
                 views = [_rows_view(t) for t in (p, state["exp_avg"], state["exp_avg_sq"])]
                 if kernels.can_fuse(*views, p.grad._values()):
                     kernels.sparse_adam_step(
-                        *views, kernels.RowGroups(p.grad, partial(_workspace_block, self)), beta1, beta2, eps, step_size, group["maximize"]
+                        *views, kernels.RowGroups(p.grad, partial(_workspace_block, self)), beta1, beta2, eps,
+                        step_size, group["maximize"], lr * group.get("weight_decay", 0.0), group.get("decay_to", 0.0),
                     )
                     continue
                 rows, g = _coalesced_rows(p.grad, self._ws, "grad")
@@ -255,6 +278,8 @@ class FastSparseAdam(torch.optim.Optimizer):
                     continue
                 if group["maximize"]:
                     g.neg_()
+                if group.get("weight_decay", 0.0):
+                    _decay_rows(_rows_view(p), rows, lr * group["weight_decay"], group.get("decay_to", 0.0), self._ws)
                 self._update(p, state, rows, g, beta1, beta2, eps, step_size)
         return loss
 
@@ -324,11 +349,14 @@ def build_sparse_optimizer(
         raise ValueError(
             f"optim.sparse: unknown sparse optimizer {name!r}; expected one of {', '.join(SPARSE_OPTIMIZERS)}"
         )
-    if name != "rowwise_adagrad" and kw.get("weight_decay", 0.0):
+    decays = name in ("sparse_adam", "rowwise_adagrad")
+    if not decays and kw.get("weight_decay", 0.0):
         raise ValueError(
-            f"optim.sparse: {name} cannot apply weight_decay to sparse gradients; use rowwise_adagrad"
+            f"optim.sparse_weight_decay: {name} cannot decay sparse rows; use sparse_adam or rowwise_adagrad"
         )
-    kw = {k: v for k, v in kw.items() if k != "weight_decay" or name == "rowwise_adagrad"}
+    if not decays:  # decay keys (also in param groups) mean nothing to torch's SGD / Adagrad
+        kw = {k: v for k, v in kw.items() if k not in ("weight_decay", "decay_to")}
+        params = [{k: v for k, v in g.items() if k != "decay_to"} if isinstance(g, dict) else g for g in params]
     if name == "sparse_adam":
         return FastSparseAdam(params, lr=lr, **kw)
     if name == "sgd":

@@ -50,6 +50,9 @@ OPTIMIZERS = {
     "rowwise_adagrad": lambda ps: RowWiseAdagrad(ps, lr=0.3),
     "rowwise_adagrad_wd": lambda ps: RowWiseAdagrad(ps, lr=0.3, weight_decay=0.05),
     "sgd": lambda ps: SparseSGD(ps, lr=0.5),
+    "sparse_adam_decay": lambda ps: FastSparseAdam(ps, lr=0.05, weight_decay=0.3),
+    "sparse_adam_decay_to_1": lambda ps: FastSparseAdam(ps, lr=0.05, weight_decay=0.3, decay_to=1.0),
+    "rowwise_adagrad_wd_to_1": lambda ps: RowWiseAdagrad(ps, lr=0.3, weight_decay=0.05, decay_to=1.0),
 }
 
 
@@ -109,3 +112,34 @@ def test_sgd_with_momentum_falls_back_to_torch(monkeypatch) -> None:
     p.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.ones(1, 2), (5, 2))
     with pytest.raises(RuntimeError):  # torch's SGD refuses weight decay with sparse gradients
         opt.step()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("center", [0.0, 1.0])
+def test_sparse_adam_decay_equals_adamw_when_every_row_is_touched(fused, center, monkeypatch) -> None:
+    """Lazy decay is AdamW's decoupled decay on the touched rows: with every row touched every step the two agree
+    (up to where Adam and SparseAdam put eps). A center c decays w towards c: AdamW on w - c."""
+    monkeypatch.setenv("TRAINER_FUSED_KERNELS", "1" if fused else "0")
+    gen = torch.Generator().manual_seed(4)
+    rows, dim = 30, 5
+    w0 = torch.randn(rows, dim, generator=gen)
+    ours = torch.nn.Parameter(w0.clone())
+    ref = torch.nn.Parameter(w0.clone() - center)
+    opt = FastSparseAdam([ours], lr=0.05, weight_decay=0.5, decay_to=center, eps=1e-12)
+    opt_ref = torch.optim.AdamW([ref], lr=0.05, weight_decay=0.5, eps=1e-12)
+    for _ in range(6):
+        g = torch.randn(rows, dim, generator=gen)
+        ours.grad = torch.sparse_coo_tensor(torch.arange(rows).view(1, -1), g.clone(), (rows, dim))
+        ref.grad = g
+        opt.step()
+        opt_ref.step()
+    torch.testing.assert_close(ours.detach(), ref.detach() + center, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours.detach(), w0, atol=1e-3)
+
+
+def test_decay_leaves_untouched_rows_alone() -> None:
+    p = torch.nn.Parameter(torch.ones(10, 4) * 3)
+    opt = FastSparseAdam([p], lr=0.1, weight_decay=1.0)
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[2, 5]]), torch.zeros(2, 4), (10, 4))
+    opt.step()
+    assert torch.all(p[[2, 5]] < 3) and torch.equal(p.detach()[[0, 1, 3, 4, 6, 7, 8, 9]], torch.full((8, 4), 3.0))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import trainer.optim as optim_mod
-from trainer.config import DataConfig, ModelConfig, OptimConfig
+from trainer.config import ConfigError, DataConfig, ModelConfig, OptimConfig
 from trainer.embeddings import LocalTables, build_table_specs
 from trainer.features import Featurizer, collate
 from trainer.model import TextClassifier
@@ -119,13 +119,18 @@ def test_names_are_independent_of_ddp_wrapping():
     assert group_of("dense.lstm.weight_ih_l0") == "dense"
 
 
+def _params(groups) -> list:
+    return [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+
+
 def test_coverage_assertion_fires_for_a_parameter_left_out(monkeypatch):
     real = optim_mod.build_sparse_optimizer
-    monkeypatch.setattr(
-        optim_mod,
-        "build_sparse_optimizer",
-        lambda name, params, lr: real(name, params[:-1], lr) if len(params) > 1 else real(name, params, lr),
-    )
+
+    def drop_last(name, groups, lr, **kw):
+        params = _params(groups)
+        return real(name, params[:-1] if len(params) > 1 else params, lr, **kw)
+
+    monkeypatch.setattr(optim_mod, "build_sparse_optimizer", drop_last)
     with pytest.raises(AssertionError, match="trainable parameters in no optimizer: .*tables.bags"):
         container(make_model())
 
@@ -134,8 +139,9 @@ def test_coverage_assertion_fires_for_a_duplicate(monkeypatch):
     real = optim_mod.build_sparse_optimizer
     seen: list = []
 
-    def sloppy(name, params, lr):
-        out = real(name, list(params) + seen, lr)  # the second call also grabs the first call's tables
+    def sloppy(name, groups, lr, **kw):
+        params = _params(groups)
+        out = real(name, params + seen, lr, **kw)  # the second call also grabs the first call's tables
         seen.extend(params)
         return out
 
@@ -283,3 +289,23 @@ def test_state_tensors_named_by_group_and_parameter(sparse):
     backward(model)
     c.step(0)
     assert set(c.state_tensors()) == set(keys)
+
+
+@pytest.mark.parametrize("sparse", ["sparse_adam", "rowwise_adagrad"])
+def test_sparse_weight_decay_sends_the_mask_towards_one(sparse):
+    """The mask multiplies frozen rows, so "no information" is M = 1: it decays towards 1, every other table
+    towards 0."""
+    model = make_model("masked_bag")
+    c = container(model, OptimConfig(sparse=sparse, sparse_weight_decay=0.1))
+    centers = {
+        id(p): pg["decay_to"] for pg in c.optimizers["sparse"].param_groups for p in pg["params"]
+    }
+    assert all(pg["weight_decay"] == 0.1 for pg in c.optimizers["sparse"].param_groups)
+    bags = model.tables.bags
+    assert centers[id(bags["mask"].weight)] == 1.0
+    assert {centers[id(bags[n].weight)] for n in ("oov", "bigram", "char")} == {0.0}
+
+
+def test_sparse_weight_decay_refused_for_optimizers_that_cannot_decay():
+    with pytest.raises(ConfigError, match="optim.sparse_weight_decay"):
+        OptimConfig(sparse="sgd", sparse_weight_decay=0.1)
