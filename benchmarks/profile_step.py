@@ -7,19 +7,22 @@ steps and prints the top operators by self CPU time, plus wall time per phase.
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch.profiler import ProfilerActivity, profile
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the trainer's CLI does (trainer/cli.py); before torch loads
 
-from trainer.config import load_config
-from trainer.data import rank_share
-from trainer.distributed import init_distributed
-from trainer.features import collate
-from trainer.trainer import Trainer
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from trainer.config import load_config  # noqa: E402
+from trainer.data import rank_share  # noqa: E402
+from trainer.distributed import init_distributed  # noqa: E402
+from trainer.features import collate  # noqa: E402
+from trainer.trainer import Trainer  # noqa: E402
 
 
 def main() -> int:

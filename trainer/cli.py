@@ -144,7 +144,20 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "neigh
             "data": cmd_data, "report": cmd_report}
 
 
+def _passive_openmp_threads() -> None:
+    """Idle OpenMP threads sleep instead of spinning (unless the user set OMP_WAIT_POLICY).
+
+    Why: torch's and numba's OpenMP pools spin after every parallel region by default. When the cores are shared
+    (other processes, a Kubernetes CPU limit, two ranks per core pair) the spinning threads steal the cores the
+    working ones need: measured on the 2-core dev VM under load, a bag-encoder step took 326 ms with spinning
+    and 23.5 ms with passive waiting (benchmarks/profile_step.py, batch 2048, 2 threads). It must be set before
+    the OpenMP runtime loads, i.e. before torch is imported, which this module never does at import time.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _passive_openmp_threads()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         sys.stderr.write(USAGE)
