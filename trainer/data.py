@@ -11,6 +11,8 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,3 +244,38 @@ class BatchPlan:
 def rank_share(global_batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """Contiguous split of a global batch; with fewer documents than ranks some shares are empty."""
     return np.array_split(global_batch, world_size)[rank]
+
+
+class BatchPrefetcher:
+    """Builds step N+1's batch on a background thread while step N computes.
+
+    Why: collating (numpy gathers over the token-id arrays) was 10-20 % of a bag-encoder step on CPU, run
+    serially before the forward pass. numpy and torch release the GIL in their loops, so the next batch's
+    collate overlaps the current step's kernels. One batch ahead only: memory stays one batch, and the batch for
+    a step is a pure function of the step (the plan), so the results are bit-identical to collating inline.
+    """
+
+    def __init__(self, make: Callable[[int], tuple], total_steps: int, pin: bool = False) -> None:
+        self._make = make
+        self._total = total_steps
+        self._pin = pin
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate")
+        self._pending: tuple[int, Future] | None = None
+
+    def _build(self, step: int) -> tuple:
+        out = self._make(step)
+        if self._pin:  # page-locked host memory, so the main thread's copy to the GPU is asynchronous
+            out = (*out[:1], out[1].pinned(), *out[2:])
+        return out
+
+    def get(self, step: int) -> tuple:
+        """`make(step)`, from the thread if it was prefetched; then starts building step + 1."""
+        if self._pending is not None and self._pending[0] == step:
+            out = self._pending[1].result()
+        else:  # first step of a run, or the caller jumped: build inline (an unused prefetch is just dropped)
+            out = self._build(step)
+        self._pending = (step + 1, self._pool.submit(self._build, step + 1)) if step + 1 < self._total else None
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -168,6 +168,17 @@ class Batch:
     num_docs: int
     num_tokens: int
 
+    def pinned(self) -> "Batch":
+        """A copy in page-locked host memory (for asynchronous copies to a GPU)."""
+        return Batch(
+            tables={k: (i.pin_memory(), o.pin_memory()) for k, (i, o) in self.tables.items()},
+            labels=self.labels.pin_memory(),
+            lengths=self.lengths.pin_memory(),
+            seq_lengths=self.seq_lengths,
+            num_docs=self.num_docs,
+            num_tokens=self.num_tokens,
+        )
+
     def to(self, device: torch.device) -> "Batch":
         if device.type == "cpu":
             return self

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 
 from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, valid_steps
 from trainer.config import Config, dump_toml
-from trainer.data import BatchPlan, DataBundle, class_weights, prepare_data, rank_share
+from trainer.data import BatchPlan, BatchPrefetcher, DataBundle, class_weights, prepare_data, rank_share
 from trainer.distributed import DistInfo, agree_any, all_reduce_, init_distributed, shutdown_distributed
 from trainer.embeddings import build_table_specs
 from trainer.evaluation import confusion_image, evaluate, per_class_table
 from trainer.export import export_model
-from trainer.features import collate
+from trainer.features import Batch, collate
 from trainer.metrics import (
     MetricsLogger,
     NullLogger,
@@ -249,25 +249,38 @@ class Trainer:
         return local_sum * (self.info.world_size / denom), local_sum.detach() / local_w.clamp(min=1e-12)
 
     def _loop(self, step: int, tokens_seen: int) -> dict:
-        cfg, info, model = self.cfg, self.info, self.train_model
-        vocab = self.data.vocab
+        cfg, info = self.cfg, self.info
         timer, meter = StepTimer(), Throughput(cfg.metrics.warmup_steps)
         bar = progress_bar(total=self.total_steps, initial=step, desc="train",
                            enabled=info.is_main and cfg.metrics.progress)
+        self.train_model.train()
+        t_start = time.perf_counter()
+        prefetch = BatchPrefetcher(self._make_batch, self.total_steps, pin=info.device.type != "cpu")
+        try:
+            return self._steps(step, tokens_seen, prefetch, timer, meter, bar, t_start)
+        finally:
+            prefetch.close()
+
+    def _make_batch(self, step: int) -> tuple[np.ndarray, Batch, int]:
+        """Step `step`'s global rows, this rank's collated share of them, and the number of batches in its epoch."""
+        epoch, index = self.plan.position(step)
+        batches = self.plan.epoch(epoch)
+        rows = rank_share(batches[index], self.info.rank, self.info.world_size)
+        return batches[index], collate(self.data.train, rows, self.data.vocab.num_pretrained, self.token_level), len(
+            batches)
+
+    def _steps(self, step, tokens_seen, prefetch, timer, meter, bar, t_start) -> dict:
+        cfg, info, model = self.cfg, self.info, self.train_model
         cpu = info.device.type == "cpu"
         last_valid: dict = {}
-        model.train()
-        t_start = time.perf_counter()
         steps_this_run = 0
         # row-wise all-to-alls run inside forward and backward; their time is reported as its own share
         comm_seen = comm_counter[0]
         while step < self.total_steps:
             epoch, index = self.plan.position(step)
-            batches = self.plan.epoch(epoch)
-            global_rows = batches[index]
             timer.start()
-            rows = rank_share(global_rows, info.rank, info.world_size)
-            batch = collate(self.data.train, rows, vocab.num_pretrained, self.token_level).to(info.device)
+            global_rows, batch, num_batches = prefetch.get(step)
+            batch = batch.to(info.device)
             timer.mark("data")
             # dropout randomness from (seed, step, rank): a resumed run draws exactly what it would have
             torch.manual_seed(cfg.train.seed * 1_000_003 + step * 7919 + info.rank)
@@ -288,7 +301,7 @@ class Trainer:
                 timer.mark("communication")
             grad_norm = self.optim.clip_dense(cfg.optim.grad_clip)
             step_count = step + 1
-            epoch_end = index + 1 == len(batches)
+            epoch_end = index + 1 == num_batches
             final = step_count == self.total_steps
             log_now = step_count == 1 or step_count % cfg.metrics.log_every_steps == 0 or final
             save_now = self.checkpointer.should_save(step_count, epoch_end, final)

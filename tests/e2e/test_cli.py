@@ -316,7 +316,7 @@ def test_each_encoder_and_sparse_optimizer_trains_one_epoch(tiny_config, encoder
     assert state["encoder"] == encoder
     expected = {
         "sparse_adam": ("SparseAdam", "FastSparseAdam"),
-        "sgd": ("SGD",),
+        "sgd": ("SparseSGD",),
         "adagrad": ("Adagrad",),
         "rowwise_adagrad": ("RowWiseAdagrad",),
     }[sparse]
