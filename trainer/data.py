@@ -199,13 +199,16 @@ class BatchPlan:
         self.seed = seed
         self.shuffle = shuffle
         self._cache: dict[int, list[np.ndarray]] = {}
+        self._counts: dict[int, int] = {}  # steps per epoch, kept for every epoch seen (position() walks them)
 
     def epoch(self, epoch: int) -> list[np.ndarray]:
         if epoch not in self._cache:
             n = len(self.doc_tokens)
             order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
                      else np.arange(n, dtype=np.int64))
-            self._cache = {epoch: self._cut(order)}  # keep one epoch: plans are cheap to recompute
+            # keep two epochs: the current one and the next (the prefetch thread reaches it one step early)
+            self._cache = {e: b for e, b in self._cache.items() if e == epoch - 1} | {epoch: self._cut(order)}
+            self._counts[epoch] = len(self._cache[epoch])
         return self._cache[epoch]
 
     def _cut(self, order: np.ndarray) -> list[np.ndarray]:
@@ -225,7 +228,11 @@ class BatchPlan:
         return batches
 
     def steps_in_epoch(self, epoch: int) -> int:
-        return len(self.epoch(epoch))
+        if not self.tokens_per_batch:  # fixed-size batches: no need to build the epoch's plan
+            return -(-len(self.doc_tokens) // self.batch_size)
+        if epoch not in self._counts:
+            self.epoch(epoch)
+        return self._counts[epoch]
 
     def total_steps(self, epochs: int) -> int:
         if not self.tokens_per_batch:
