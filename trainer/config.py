@@ -96,7 +96,7 @@ class EmbeddingsConfig:
 class ModelConfig:
     # Encoder: bag (EmbeddingBag pooling), masked_bag (sum of E(w) * M(w), M a trainable per-word mask), lstm (BiLSTM, packed).
     encoder: str = "bag"
-    # Pooling for the bag encoder: mean or sum.
+    # Pooling for the bag encoders: mean, sum, or sqrt (sum / sqrt(count): the scale of an L2-normalised bag of words).
     pooling: str = "mean"
     # How bag encoders combine words, bigrams and char n-grams: sum (one D-dim vector, pooled over all ids) or
     # concat (each family pooled over its own count, then concatenated: the head sees D x families).
@@ -112,7 +112,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice(self.encoder, "model.encoder", ("bag", "masked_bag", "lstm"))
-        _choice(self.pooling, "model.pooling", ("mean", "sum"))
+        _choice(self.pooling, "model.pooling", ("mean", "sum", "sqrt"))
         _choice(self.combine, "model.combine", ("sum", "concat"))
         _check(self.hidden >= 0, "model.hidden", f"must be >= 0, got {self.hidden}")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")

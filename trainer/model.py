@@ -135,18 +135,14 @@ class TextClassifier(nn.Module):
                         + torch.diff(batch.tables["oov"][1], append=_end(batch, "oov")))
             n_chars = torch.diff(batch.tables["char"][1], append=_end(batch, "char"))
             return x / (has_word + n_chars).clamp(min=1).unsqueeze(1).to(x.dtype)
-        if self.pooling == "mean":
-            x = x / batch.lengths.clamp(min=1).unsqueeze(1)
-        return x
+        return x / _pool_divisor(batch.lengths, self.pooling).unsqueeze(1).to(x.dtype)
 
     def _concat(self, batch: Batch, words: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """[words | bigrams | chars], each family pooled over its own ids (as TF-IDF blocks are normalised
         separately): a long document's thousands of char n-grams then cannot drown its words."""
         parts = [(words, _counts(batch, "pretrained") + _counts(batch, "oov"))]
         parts += [(rows[name], _counts(batch, name)) for name in self.concat_tables]
-        if self.pooling == "mean":
-            return torch.cat([x / n.clamp(min=1).unsqueeze(1).to(x.dtype) for x, n in parts], dim=1)
-        return torch.cat([x for x, _ in parts], dim=1)
+        return torch.cat([x / _pool_divisor(n, self.pooling).unsqueeze(1).to(x.dtype) for x, n in parts], dim=1)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         x = self.embed(batch)
@@ -154,6 +150,14 @@ class TextClassifier(nn.Module):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return self.dense(x, batch.seq_lengths).float()
         return self.dense(x, batch.seq_lengths)
+
+
+def _pool_divisor(counts: torch.Tensor, pooling: str) -> torch.Tensor:
+    """What a bag's sum is divided by: its count (mean), sqrt of it (sqrt), or 1 (sum)."""
+    if pooling == "sum":
+        return torch.ones_like(counts, dtype=torch.float32)
+    n = counts.clamp(min=1).to(torch.float32)
+    return n if pooling == "mean" else n.sqrt()
 
 
 def _counts(batch: Batch, name: str) -> torch.Tensor:

@@ -32,6 +32,7 @@ def make_model(
     char: int = 0,
     delta: bool = False,
     frozen: torch.Tensor = FROZEN,
+    combine: str = "sum",
 ) -> TextClassifier:
     specs = build_table_specs(
         num_pretrained=2,
@@ -50,7 +51,8 @@ def make_model(
             if name in tables.bags:
                 n = tables.bags[name].weight.shape[0]
                 tables.bags[name].weight.copy_(torch.arange(n * D, dtype=torch.float32).view(n, D) / 7)
-    return TextClassifier(tables, ModelConfig(encoder=encoder, pooling=pooling, lstm_hidden=4), 2, 3)
+    cfg = ModelConfig(encoder=encoder, pooling=pooling, lstm_hidden=4, combine=combine)
+    return TextClassifier(tables, cfg, 2, 3)
 
 
 def batch_for(texts: list[str], ngram: int = 0, char: int = 0, token_level: bool = False):
@@ -67,7 +69,11 @@ def randomize_head(model: TextClassifier) -> None:
 
 
 # ---------------------------------------------------------------- bag
-@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def pool(v: torch.Tensor, n: int, pooling: str) -> torch.Tensor:
+    return {"mean": v / max(n, 1), "sqrt": v / max(n, 1) ** 0.5, "sum": v}[pooling]
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean", "sqrt"])
 def test_bag_document_vectors_by_hand(pooling):
     buckets = 5
     model = make_model(pooling=pooling, ngram=buckets)
@@ -80,16 +86,37 @@ def test_bag_document_vectors_by_hand(pooling):
         bigrams = docs.bigram_ids[docs.bigram_offsets[d] : docs.bigram_offsets[d + 1]]
         v = E[words].sum(0) + bigram_w[bigrams].sum(0)
         n = len(words) + len(bigrams)
-        expected.append(v / max(n, 1) if pooling == "mean" else v)
+        expected.append(pool(v, n, pooling))
     expected = torch.stack(expected)
     # spot-check one row fully by hand: "dog blip" = blip + bigram(dog, blip)
     assert torch.allclose(
-        expected[1] * (2 if pooling == "mean" else 1), OOV_ROWS[1] + bigram_w[docs.bigram_ids[2]]
+        expected[1] * {"mean": 2, "sqrt": 2**0.5, "sum": 1}[pooling], OOV_ROWS[1] + bigram_w[docs.bigram_ids[2]]
     )
     got = model.embed(batch)
     assert torch.allclose(got, expected, atol=1e-5)
     assert torch.equal(got[2], torch.zeros(D))  # the empty document
     assert model(batch).shape == (4, 3)
+
+
+@pytest.mark.parametrize("encoder", ["bag", "masked_bag"])
+@pytest.mark.parametrize("pooling", ["mean", "sqrt"])
+def test_concat_pools_each_family_over_its_own_count(encoder, pooling):
+    model = make_model(encoder=encoder, pooling=pooling, ngram=5, char=4, combine="concat")
+    texts = ["the cat zork", "dog blip", ""]
+    docs, batch = batch_for(texts, ngram=5, char=4)
+    got = model.embed(batch)
+    assert got.shape == (3, 3 * D) and model(batch).shape == (3, 3)
+    tables = model.tables.bags
+    for d in range(len(texts)):
+        words = docs.token_ids[docs.token_offsets[d] : docs.token_offsets[d + 1]]
+        words = words[words >= 0]
+        parts = [(E[words].sum(0), len(words))]  # the mask starts at 1: masked_bag equals bag here
+        for name, ids, offs in (("bigram", docs.bigram_ids, docs.bigram_offsets), ("char", docs.char_ids,
+                                                                                   docs.char_offsets)):
+            rows = ids[offs[d] : offs[d + 1]]
+            parts.append((tables[name].weight.detach()[rows].sum(0), len(rows)))
+        expected = torch.cat([pool(v, n, pooling) for v, n in parts])
+        assert torch.allclose(got[d], expected, atol=1e-4), d
 
 
 def test_bag_with_char_ngrams_by_hand():
