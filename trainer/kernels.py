@@ -77,11 +77,19 @@ def can_fuse(*tensors: Tensor) -> bool:
     )
 
 
-def _sync_threads() -> None:
-    """Use as many kernel threads as torch uses intra-op threads (`train.threads`), capped by numba's pool."""
-    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != want:
-        numba.set_num_threads(want)
+def _launch(kernel: Callable, *args) -> None:
+    """Run a parallel kernel on as many threads as torch uses (`train.threads`), leaving torch's count as it was.
+
+    Why the restore: numba's OpenMP layer shares the OpenMP runtime with torch, and starting it (first launch) set
+    torch's intra-op thread count to the core count: a run asked for 1 thread continued on 2 (measured).
+    """
+    want = torch.get_num_threads()
+    use = max(1, min(want, numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != use:
+        numba.set_num_threads(use)
+    kernel(*args)
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
 
 
 class RowGroups:
@@ -242,10 +250,9 @@ def sparse_adam_step(
     """torch's `sparse_adam` update of the touched rows, in one fused pass (tables as (rows, dim) views)."""
     if not len(groups):
         return
-    _sync_threads()
     f = np.float32
-    _sparse_adam_kernel(
-        table.detach().numpy(), exp_avg.numpy(), exp_avg_sq.numpy(), *groups.arrays(),
+    _launch(
+        _sparse_adam_kernel, table.detach().numpy(), exp_avg.numpy(), exp_avg_sq.numpy(), *groups.arrays(),
         f(1 - beta1), f(1 - beta2), f(eps), f(-step_size), f(-1.0 if maximize else 1.0), f(-lr_wd), f(center),
     )
 
@@ -257,10 +264,9 @@ def rowwise_adagrad_step(
     `.mean` in blocks, so results agree with the torch-op path to float32 rounding, not bit for bit."""
     if not len(groups):
         return
-    _sync_threads()
     f = np.float32
-    _rowwise_adagrad_kernel(
-        table.detach().numpy(), acc.numpy(), *groups.arrays(), f(weight_decay), f(center), f(1.0 / table.shape[1]), f(eps), f(-lr)
+    _launch(
+        _rowwise_adagrad_kernel, table.detach().numpy(), acc.numpy(), *groups.arrays(), f(weight_decay), f(center), f(1.0 / table.shape[1]), f(eps), f(-lr)
     )
 
 
@@ -268,5 +274,4 @@ def sgd_step(table: Tensor, groups: RowGroups, lr: float) -> None:
     """Plain SGD on the touched rows (duplicates summed first), in one fused pass."""
     if not len(groups):
         return
-    _sync_threads()
-    _sgd_kernel(table.detach().numpy(), *groups.arrays(), np.float32(-lr))
+    _launch(_sgd_kernel, table.detach().numpy(), *groups.arrays(), np.float32(-lr))

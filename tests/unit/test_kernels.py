@@ -160,3 +160,19 @@ def test_decay_leaves_untouched_rows_alone() -> None:
     p.grad = torch.sparse_coo_tensor(torch.tensor([[2, 5]]), torch.zeros(2, 4), (10, 4))
     opt.step()
     assert torch.all(p[[2, 5]] < 3) and torch.equal(p.detach()[[0, 1, 3, 4, 6, 7, 8, 9]], torch.full((8, 4), 3.0))
+
+
+def test_a_kernel_launch_keeps_torchs_thread_count() -> None:
+    """numba's OpenMP layer shares the runtime with torch; starting it used to reset torch to all cores."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from trainer.sparse_optim import FastSparseAdam\n"
+        "p = torch.nn.Parameter(torch.randn(100, 4)); o = FastSparseAdam([p])\n"
+        "p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 2, 1]]), torch.ones(3, 4), (100, 4))\n"
+        "o.step(); print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"
