@@ -143,7 +143,7 @@ class Trainer:
             num_pretrained=vocab.num_pretrained, num_oov=vocab.num_oov, dim=dim,
             ngram_buckets=e.ngram_buckets, char_buckets=e.char_ngrams, masked=cfg.model.encoder == "masked_bag",
             pretrained_trainable=cfg.pretrained_trainable,
-            init_std=self.data.init_std,
+            init_std=self.data.init_std * e.init_scale,
         )
         self.sharding = resolve_sharding(cfg.dist, self.specs, info)
         tables = build_tables(self.sharding, self.specs, self.frozen, cfg.train.seed, info)
