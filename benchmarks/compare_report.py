@@ -105,10 +105,13 @@ def targets(report: dict) -> list[dict]:
     else:
         lines.append(_line("b", target_b, "missing figures (fastText not run, or a run failed)", None))
 
-    ours_tps = figure(system_runs(report, "ours_bag_unigram"), "tokens_per_s")
+    # the bag encoder at its throughput setting (batch 1024) when that row ran, else at the default batch
+    bag_row = "ours_bag_unigram_b1024" if system_runs(report, "ours_bag_unigram_b1024") else "ours_bag_unigram"
+    ours_tps = figure(system_runs(report, bag_row), "tokens_per_s")
     ft_tps = figure(system_runs(report, "fasttext_unigram"), "tokens_per_s")
     threads = report["settings"]["threads"]
-    target_c = f"throughput: ours bag encoder tokens/s >= fastText unigram tokens/s ({threads} threads)"
+    batch = "batch 1024" if bag_row.endswith("b1024") else "default batch"
+    target_c = f"throughput: ours bag encoder ({batch}) tokens/s >= fastText unigram tokens/s ({threads} threads)"
     if ours_tps and ft_tps:
         ratio = ours_tps["median"] / ft_tps["median"]
         lines.append(
