@@ -30,6 +30,7 @@ import warnings
 
 import torch
 
+from trainer.kernels import advise_hugepages
 from trainer.sparse_optim import SPARSE_OPTIMIZERS, build_sparse_optimizer, init_optimizer_state
 
 # torch's Adagrad builds sparse tensors without invariant checks and says so on every call.
@@ -143,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         names = list(args.optimizers) + (list(args.dense) if rows <= args.dense_max_rows else [])
         for name in names:
             torch.manual_seed(0)
-            emb = torch.nn.Embedding(rows, args.dim, sparse=name not in DENSE_OPTIMIZERS)
+            # allocated as the trainer allocates its tables (huge pages where the kernel allows, then initialised)
+            weight = advise_hugepages(torch.empty(rows, args.dim)).normal_()
+            emb = torch.nn.Embedding(rows, args.dim, sparse=name not in DENSE_OPTIMIZERS, _weight=weight)
             results.append(bench_one(name, emb, ids, args))
             r = results[-1]
             print(f"  {name:<20} rows={rows:>9,}  {r['median_ms']:8.2f} ms", flush=True)

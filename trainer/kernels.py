@@ -158,7 +158,8 @@ if numba is not None:
 
     @njit(cache=True, nogil=True, boundscheck=False, inline="always")
     def _prefetch_rows(rows, u, a, b, c):
-        """Prefetch every cache line of row rows[u + _AHEAD] of up to three (rows, dim) arrays (None skips one).
+        """Prefetch every cache line of row rows[u + _AHEAD] of up to three (rows, width) arrays (None skips one;
+        `b` and `c` may be narrower than `a`, e.g. row-wise Adagrad's one float per row as (rows, 1)).
 
         Why: a sparse step touches rows scattered over tables far larger than the caches, so each row is a
         cache (and TLB) miss that the loop would otherwise wait for, one row at a time."""
@@ -167,9 +168,9 @@ if numba is not None:
             r = rows[ahead]
             for j in range(0, a.shape[1], 16):  # 16 floats = one 64-byte line
                 _prefetch(a, r, j)
-                if b is not None:
+                if b is not None and j < b.shape[1]:
                     _prefetch(b, r, j)
-                if c is not None:
+                if c is not None and j < c.shape[1]:
                     _prefetch(c, r, j)
 
     @njit(cache=True, nogil=True, boundscheck=False)
@@ -260,8 +261,9 @@ if numba is not None:
 
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _rowwise_adagrad_kernel(table, acc, rows, starts, order, values, block, wd, center, inv_dim, eps, neg_lr):
+        acc_2d = acc.reshape(acc.shape[0], 1)  # a view, so the row prefetch applies to the one-float state too
         for u in prange(rows.shape[0]):
-            _prefetch_rows(rows, u, table, None, None)
+            _prefetch_rows(rows, u, table, acc_2d, None)
             r = rows[u]
             g_row = _summed_row(u, starts, order, values, block)
             w = table[r]
