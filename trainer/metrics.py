@@ -10,9 +10,11 @@ per-record checksums. Neither is rewritten in place. The event file is created o
 refused before training starts (bad data, a run folder it cannot resume) leaves no empty event file behind.
 """
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +149,16 @@ class Throughput:
                 return
             self.tokens += tokens
             self.examples += examples
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time inside this block (evaluation, checkpoint saves) is left out of the rates."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.start is not None:
+                self.start += time.perf_counter() - t0
 
     def rates(self) -> dict[str, float]:
         if self.start is None or self.tokens == 0:

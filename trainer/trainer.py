@@ -338,9 +338,11 @@ class Trainer:
                 (cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0)
                 or (not cfg.train.eval_every_steps and epoch_end) or final
             ):
-                last_valid = self._evaluate("valid", step)
+                with meter.paused():  # throughput is training throughput: evaluation and saving do not count
+                    last_valid = self._evaluate("valid", step)
             if save_now or stop_now:
-                self.checkpointer.save(step, self.state(), self._trainer_state(step, tokens_seen, epoch))
+                with meter.paused():
+                    self.checkpointer.save(step, self.state(), self._trainer_state(step, tokens_seen, epoch))
             if stop_now:
                 log.warning("stopped by signal at step %d; checkpoint saved", step)
                 bar.close()
