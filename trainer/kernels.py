@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 
 import numpy as np
@@ -127,7 +128,33 @@ class RowGroups:
                 self.block.numpy())
 
 
+def _numba_cache_dir() -> bool:
+    """Point numba's on-disk cache of compiled kernels at a folder this process can write; False if none.
+
+    Why: numba's default places the cache next to the package (site-packages, read-only for a non-root container
+    user) or under $HOME/.cache (often unwritable or absent in pods), and when it finds neither it refuses to
+    import the module. Same places as the vector cache: $TRAINER_CACHE_DIR, else ~/.cache/trainer, else the
+    temp folder. NUMBA_CACHE_DIR, when set, wins.
+    """
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return True
+    bases = [os.environ.get("TRAINER_CACHE_DIR"), os.path.join(os.path.expanduser("~"), ".cache", "trainer"),
+             os.path.join(tempfile.gettempdir(), f"trainer-{os.getuid() if hasattr(os, 'getuid') else 'user'}")]
+    for base in filter(None, bases):
+        path = os.path.join(base, "numba")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(path, os.W_OK):
+            numba.config.CACHE_DIR = path
+            return True
+    return False
+
+
 if numba is not None:
+    _CACHE = _numba_cache_dir()  # without a writable folder kernels compile in every process (a few seconds)
+
     # Prefer the OpenMP layer: measured here it runs beside torch's own OpenMP pool without stalls, while numba's
     # default choice (tbb when present, else workqueue) made every torch op in the step 3-10x slower.
     if os.environ.get("NUMBA_THREADING_LAYER") is None:
@@ -156,7 +183,7 @@ if numba is not None:
             return context.get_dummy_value()
         return numba.types.void(arr, row, col), codegen
 
-    @njit(cache=True, nogil=True, boundscheck=False, inline="always")
+    @njit(cache=_CACHE, nogil=True, boundscheck=False, inline="always")
     def _prefetch_rows(rows, u, a, b, c):
         """Prefetch every cache line of row rows[u + _AHEAD] of up to three (rows, width) arrays (None skips one;
         `b` and `c` may be narrower than `a`, e.g. row-wise Adagrad's one float per row as (rows, 1)).
@@ -173,7 +200,7 @@ if numba is not None:
                 if c is not None and j < c.shape[1]:
                     _prefetch(c, r, j)
 
-    @njit(cache=True, nogil=True, boundscheck=False)
+    @njit(cache=_CACHE, nogil=True, boundscheck=False)
     def _group_rows(ids):
         """Group equal ids with a hash table (linear probing): O(n), serial, no sort.
 
@@ -218,7 +245,7 @@ if numba is not None:
             fill[g] += 1
         return rows[:groups].copy(), starts, order
 
-    @njit(cache=True, nogil=True, boundscheck=False, inline="always")
+    @njit(cache=_CACHE, nogil=True, boundscheck=False, inline="always")
     def _summed_row(u, starts, order, values, block):
         """The u-th touched row's gradient: its one gradient row (most rows), or the sum of its duplicates written
         to block[u], in their original order. Singletons are read in place: no copy."""
@@ -235,7 +262,7 @@ if numba is not None:
                 out[j] += src[j]
         return out
 
-    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    @njit(parallel=True, cache=_CACHE, nogil=True, boundscheck=False)
     def _sparse_adam_kernel(table, exp_avg, exp_avg_sq, rows, starts, order, values, block, c1, c2, eps, neg_step,
                             sign, neg_lr_wd, center):
         # All scalars are float32 so every operation rounds as torch's float32 ops do (no float64 promotion).
@@ -259,7 +286,7 @@ if numba is not None:
                 denom = np.float32(np.sqrt(upd_sq + old_sq)) + eps
                 w[j] = w[j] + (numer / denom) * neg_step
 
-    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    @njit(parallel=True, cache=_CACHE, nogil=True, boundscheck=False)
     def _rowwise_adagrad_kernel(table, acc, rows, starts, order, values, block, wd, center, inv_dim, eps, neg_lr):
         acc_2d = acc.reshape(acc.shape[0], 1)  # a view, so the row prefetch applies to the one-float state too
         for u in prange(rows.shape[0]):
@@ -277,7 +304,7 @@ if numba is not None:
             for j in range(w.shape[0]):
                 w[j] = w[j] + (g_row[j] + (w[j] - center) * wd) * step
 
-    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    @njit(parallel=True, cache=_CACHE, nogil=True, boundscheck=False)
     def _sgd_kernel(table, rows, starts, order, values, block, neg_lr):
         for u in prange(rows.shape[0]):
             _prefetch_rows(rows, u, table, None, None)

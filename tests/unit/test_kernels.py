@@ -176,3 +176,24 @@ def test_a_kernel_launch_keeps_torchs_thread_count() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "1"
+
+
+def test_compiled_kernels_are_cached_under_trainer_cache_dir(tmp_path) -> None:
+    """Not next to the package (read-only for a container's non-root user) and not only under $HOME: numba refuses
+    to import a cached kernel module when it finds no writable place."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(TRAINER_CACHE_DIR=str(tmp_path), HOME=str(tmp_path / "no-home"))
+    code = (
+        "import torch\n"
+        "from trainer.sparse_optim import FastSparseAdam\n"
+        "p = torch.nn.Parameter(torch.randn(100, 4)); o = FastSparseAdam([p])\n"
+        "p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 2, 1]]), torch.ones(3, 4), (100, 4))\n"
+        "o.step()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=300)
+    cached = list((tmp_path / "numba").rglob("*.nbi"))
+    assert cached, "no compiled kernel index written under TRAINER_CACHE_DIR/numba"
