@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the trainer's CLI does (trainer/cli.py); before torch loads
+if "OMP_WAIT_POLICY" not in os.environ:  # as the trainer's CLI does (trainer/cli.py); before torch loads
+    os.environ.setdefault("GOMP_SPINCOUNT", "100000")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

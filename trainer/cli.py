@@ -144,20 +144,23 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "neigh
             "data": cmd_data, "report": cmd_report}
 
 
-def _passive_openmp_threads() -> None:
-    """Idle OpenMP threads sleep instead of spinning (unless the user set OMP_WAIT_POLICY).
+def _bounded_openmp_spinning() -> None:
+    """Idle OpenMP threads spin briefly, then sleep (GOMP_SPINCOUNT=100000), unless the user chose a policy.
 
-    Why: torch's and numba's OpenMP pools spin after every parallel region by default. When the cores are shared
-    (other processes, a Kubernetes CPU limit, two ranks per core pair) the spinning threads steal the cores the
-    working ones need: measured on the 2-core dev VM under load, a bag-encoder step took 326 ms with spinning
-    and 23.5 ms with passive waiting (benchmarks/profile_step.py, batch 2048, 2 threads). It must be set before
-    the OpenMP runtime loads, i.e. before torch is imported, which this module never does at import time.
+    Why: torch's and numba's OpenMP pools spin after every parallel region. Spinning is fastest on dedicated cores
+    and disastrous on shared ones (other jobs, a Kubernetes CPU limit): spinning threads steal the cores the working
+    ones need. Measured on the 2-core dev VM, bag encoder, batch 1024, 2 threads (tokens/s, quiet / with two busy
+    loops beside it): spin without limit 17.5M / 2.1M; sleep at once (OMP_WAIT_POLICY=PASSIVE) 13.5M / 7.7M;
+    spin up to 100000 iterations 16.7M / 5.1M. Set OMP_WAIT_POLICY=PASSIVE on heavily shared machines, ACTIVE on
+    dedicated ones. It must be set before the OpenMP runtime loads, i.e. before torch is imported, which this module
+    never does at import time.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = "100000"
 
 
 def main(argv: list[str] | None = None) -> int:
-    _passive_openmp_threads()
+    _bounded_openmp_spinning()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         sys.stderr.write(USAGE)
