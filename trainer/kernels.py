@@ -3,21 +3,22 @@
 Why: profiling the bag encoder on CPU (benchmarks/profile_step.py, batch 1024, 2 threads) put 89 % of a step in the
 sparse optimizer, two thirds of it in `index_add_` / `index_select`. Each of those is a separate random-access
 pass over rows of a table that does not fit in cache (the torch-op SparseAdam makes five: sum duplicates, read
-and write exp_avg, read and write exp_avg_sq, write the table), and each pass is serial. The kernels here walk the
-gradient's rows grouped by table row (from one sort of the ids) and, for every touched row, sum its duplicate
-gradient rows and update the optimizer state and the table in place, in parallel over rows. Every row is owned by
-one thread, so there are no races and no atomics.
+and write exp_avg, read and write exp_avg_sq, write the table), and each pass is serial. The kernels here group
+the gradient's rows by table row (a hash table, no sort) and, for every touched row, sum its duplicate gradient
+rows and update the optimizer state and the table in place, in parallel over rows, prefetching rows ahead. Every
+row is owned by one thread, so there are no races and no atomics.
 
 The arithmetic is the torch optimizers' float32 arithmetic op for op, so results agree with the torch-op path to
 float32 rounding (tests/unit/test_kernels.py): duplicate gradient rows are summed in their original order rather
 than coalesce's sort order, one sqrt may round differently, and row-wise Adagrad's row mean is summed in order.
-Results are deterministic: the same gradient always gives the same bits. The kernels run only for contiguous float32 CPU tensors; CUDA and anything else keep the torch
-ops, and `TRAINER_FUSED_KERNELS=0` turns the kernels off.
+Results are deterministic: the same gradient always gives the same bits. The kernels run only for contiguous
+float32 CPU tensors; CUDA and anything else keep the torch ops, and `TRAINER_FUSED_KERNELS=0` turns them off.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 import tempfile
@@ -93,6 +94,17 @@ def _launch(kernel: Callable, *args) -> None:
         torch.set_num_threads(want)
 
 
+def row_sparse_parts(grad: Tensor) -> tuple[Tensor, Tensor]:
+    """A row-sparse COO gradient's row ids and its values as (nnz, row width) rows (0-row tables included)."""
+    if grad.sparse_dim() != 1:
+        raise ValueError(
+            "sparse gradient must be row-sparse (sparse_dim 1, as nn.Embedding(sparse=True) makes), "
+            f"got sparse_dim {grad.sparse_dim()}"
+        )
+    idx = grad._indices()[0]
+    return idx, grad._values().reshape(idx.numel(), math.prod(grad.shape[1:]))
+
+
 class RowGroups:
     """A sparse row gradient's rows grouped by table row: `rows` (unique, in order of first appearance), and for the
     u-th of them the gradient rows `values[order[starts[u]:starts[u + 1]]]` to sum, in their original order."""
@@ -100,14 +112,7 @@ class RowGroups:
     def __init__(self, grad: Tensor, block: Callable[[int, int, Tensor], Tensor] | None = None) -> None:
         """`block(rows, cols, like)` returns a writable float32 block for summed duplicate rows (an optimizer's
         reused workspace; default: a fresh allocation)."""
-        if grad.sparse_dim() != 1:
-            raise ValueError(
-                "sparse gradient must be row-sparse (sparse_dim 1, as nn.Embedding(sparse=True) makes), "
-                f"got sparse_dim {grad.sparse_dim()}"
-            )
-        idx = grad._indices()[0]
-        values = grad._values()
-        self.values = values.reshape(idx.numel(), -1) if idx.numel() else values.reshape(0, 0)
+        idx, self.values = row_sparse_parts(grad)
         if grad.is_coalesced():
             self.rows = idx
             self.order = torch.arange(idx.numel())
@@ -205,8 +210,8 @@ if numba is not None:
         """Group equal ids with a hash table (linear probing): O(n), serial, no sort.
 
         Why not torch.sort + unique_consecutive: for the 10-20K ids of a step those are short parallel ops, and
-        with passive OpenMP threads on shared cores each wake-up can cost milliseconds (measured 0.8 ms typical,
-        5 ms spikes, per table per step); this loop takes a fraction of that on one thread.
+        when OpenMP threads sleep between ops (shared cores) each wake-up can cost milliseconds (measured 0.8 ms
+        typical, 5 ms spikes, per table per step); this loop takes a fraction of that on one thread.
         """
         n = ids.shape[0]
         bits = 1

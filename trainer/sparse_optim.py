@@ -77,13 +77,7 @@ def _coalesced_rows(grad: Tensor, ws: _Workspace, key: str) -> tuple[Tensor, Ten
     allocation. Duplicates are summed in coalesce's order (its unstable sort), so the result is bit-identical to
     torch's (tested); the caller's gradient is not modified.
     """
-    if grad.sparse_dim() != 1:
-        raise ValueError(
-            "sparse gradient must be row-sparse (sparse_dim 1, as nn.Embedding(sparse=True) makes), "
-            f"got sparse_dim {grad.sparse_dim()}"
-        )
-    idx = grad._indices()[0]
-    values = grad._values().reshape(idx.numel(), math.prod(grad.shape[1:]))
+    idx, values = kernels.row_sparse_parts(grad)
     if grad.is_coalesced():
         out = ws.get(key, idx.numel(), values.shape[1], values)
         return idx, out.copy_(values)

@@ -14,14 +14,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request: pytest.FixtureRequest):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def grads(rows: int, dim: int, nnz: int, steps: int, seed: int, coalesced: bool = False) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     out = []

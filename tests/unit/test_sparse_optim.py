@@ -27,15 +27,6 @@ from trainer.sparse_optim import (
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request: pytest.FixtureRequest):
-    """Row updates take a different torch kernel on one thread (int64 scatter path) than on several."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def sparse_grad(rows: int, dim: int, ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Uncoalesced row-sparse gradient, as nn.Embedding(sparse=True) produces (duplicates kept)."""
     values = torch.randn(ids.numel(), dim, generator=gen)
