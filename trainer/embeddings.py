@@ -168,8 +168,13 @@ def per_token_offsets(num_ids: int, device: torch.device) -> torch.Tensor:
     return torch.arange(num_ids, device=device)
 
 
+def segment_counts(offsets: torch.Tensor, num_ids: int) -> torch.Tensor:
+    """For EmbeddingBag-style start offsets over `num_ids` ids, the number of ids in each segment."""
+    return torch.diff(offsets, append=torch.tensor([num_ids], device=offsets.device))
+
+
 def segment_index(offsets: torch.Tensor, num_ids: int) -> torch.Tensor:
     """For EmbeddingBag-style start offsets, the segment each id belongs to."""
-    counts = torch.diff(offsets, append=torch.tensor([num_ids], device=offsets.device))
+    counts = segment_counts(offsets, num_ids)
     return torch.repeat_interleave(torch.arange(offsets.shape[0], device=offsets.device), counts)
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from trainer.config import ModelConfig
-from trainer.embeddings import per_token_offsets, segment_index
+from trainer.embeddings import per_token_offsets, segment_counts, segment_index
 from trainer.features import Batch
 
 
@@ -131,9 +131,8 @@ class TextClassifier(nn.Module):
                 x = x + rows[name]
         if self.encoder == "lstm":
             # a token's vector is the mean of its word row and its character n-gram rows
-            has_word = (torch.diff(batch.tables["pretrained"][1], append=_end(batch, "pretrained"))
-                        + torch.diff(batch.tables["oov"][1], append=_end(batch, "oov")))
-            n_chars = torch.diff(batch.tables["char"][1], append=_end(batch, "char"))
+            has_word = _counts(batch, "pretrained") + _counts(batch, "oov")
+            n_chars = _counts(batch, "char")
             return x / (has_word + n_chars).clamp(min=1).unsqueeze(1).to(x.dtype)
         return x / _pool_divisor(batch.lengths, self.pooling).unsqueeze(1).to(x.dtype)
 
@@ -162,10 +161,6 @@ def _pool_divisor(counts: torch.Tensor, pooling: str) -> torch.Tensor:
 
 def _counts(batch: Batch, name: str) -> torch.Tensor:
     """Per-document number of ids of one table (from its EmbeddingBag offsets)."""
-    return torch.diff(batch.tables[name][1], append=_end(batch, name))
-
-
-def _end(batch: Batch, name: str) -> torch.Tensor:
     ids, offsets = batch.tables[name]
-    return torch.tensor([ids.shape[0]], device=offsets.device)
+    return segment_counts(offsets, ids.shape[0])
 
