@@ -51,7 +51,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -155,7 +155,9 @@ def _open_data_tar(member: str, payload: bytes) -> tarfile.TarFile:
         try:
             import zstandard
         except ImportError:
-            raise WordNetMissing(f"{member} is zstd-compressed: pip install zstandard, or pass --wordnet-dir") from None
+            raise WordNetMissing(
+                f"{member} is zstd-compressed: pip install zstandard, or pass --wordnet-dir"
+            ) from None
         payload = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload)).read()
         return tarfile.open(fileobj=io.BytesIO(payload), mode="r:")
     return tarfile.open(fileobj=io.BytesIO(payload), mode="r:*")
@@ -174,7 +176,9 @@ def read_deb(deb: Path) -> dict[str, str]:
                         out[base] = tar.extractfile(info).read().decode("utf-8", "replace")
             missing = [f for f in DATA_FILES if f not in out]
             if missing:
-                raise WordNetMissing(f"{deb}: no {', '.join(missing)} under usr/share/wordnet/ in the package")
+                raise WordNetMissing(
+                    f"{deb}: no {', '.join(missing)} under usr/share/wordnet/ in the package"
+                )
             return out
     raise WordNetMissing(f"{deb}: no data.tar member")
 
