@@ -4,19 +4,23 @@ Three measurements, each through the real CLI (`python -m trainer train` and `to
 each process pinned to one intra-op thread so "2 processes" means 2 cores:
 
 1. throughput: tokens/s on the Debian demo data, 1 process x 1 thread vs 2 processes x 1 thread (replicated and
-   row_wise), same global batch, figures from metrics.jsonl (warm-up steps excluded by the trainer);
+   row_wise), same global batch, figures from metrics.jsonl (warm-up steps excluded by the trainer); at each
+   global batch size of `--batch-sizes` (default 1024; 2 processes take half each). Communication per step grows
+   sublinearly with the batch (Zipf: more repeated ids), so the ratio depends on it: report every batch measured;
 2. step time: row_wise vs replicated at 2 processes (seconds per optimizer step, from examples/s);
 3. memory: peak resident memory per rank with a 2M x 300 frozen table (full_pretrained, memory-mapped) plus a
    1M x 300 trainable table (hashed bigram buckets), row_wise and replicated at W=2 and W=1.
 
 Ratios are taken within one run of this script (the machines are noisy). Prints a table and writes JSON.
 
-    python benchmarks/bench_scaling.py [--steps 150] [--repeat 3] [--skip-memory] [--json out.json]
+    python benchmarks/bench_scaling.py [--steps 150] [--repeat 3] [--batch-sizes 512 2048 8192] [--skip-memory]
+        [--json out.json]
 """
 
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -63,11 +67,10 @@ def summarize(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def throughput(args, work: Path) -> dict:
+def throughput(args, work: Path, batch: int) -> dict:
     data = ROOT / "data" / "debian"
     if not (data / "train.csv").exists():
         subprocess.run([sys.executable, "-m", "trainer", "data", "debian", "--out", str(data)], check=True, cwd=ROOT)
-    batch = 1024
     base = ["--config", str(ROOT / "configs" / "demo.toml"), "--train.max_steps", str(args.steps),
             "--train.batch_size", str(batch), "--checkpoint.at_epoch_end", "false",
             "--metrics.log_every_steps", "10", "--metrics.warmup_steps", "5", "--metrics.tensorboard", "false",
@@ -78,9 +81,11 @@ def throughput(args, work: Path) -> dict:
     results: dict[str, list[dict]] = {k: [] for k in setups}
     for r in range(args.repeat):
         for name, (nproc, extra) in setups.items():  # interleaved, so drift in machine load hits all alike
-            out = run_training(nproc, base + extra, work / f"tp-{name}-{r}")
+            run_dir = work / f"tp-{batch}-{name}-{r}"
+            out = run_training(nproc, base + extra, run_dir)
+            shutil.rmtree(run_dir, ignore_errors=True)  # metrics are read; checkpoints and exports are not needed
             results[name].append(out)
-            print(f"  [{r}] {name}: {out['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
+            print(f"  [{r}] batch {batch} {name}: {out['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
     summary = {name: {"tokens_per_s": summarize([o["tokens_per_s"] for o in outs]),
                       "step_s": summarize([batch / o["examples_per_s"] for o in outs])}
                for name, outs in results.items()}
@@ -145,6 +150,8 @@ def memory(args, work: Path) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1024],
+                   help="global batch sizes (documents) of the throughput runs, each run at every size")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--frozen-rows", type=int, default=2_000_000)
     p.add_argument("--trainable-rows", type=int, default=1_000_000)
@@ -159,13 +166,15 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {"cpus": os.cpu_count()}
     if not args.skip_throughput:
-        report["throughput"] = throughput(args, work)
+        by_batch = {b: throughput(args, work, b) for b in args.batch_sizes}
+        report["throughput"] = by_batch[args.batch_sizes[0]]
+        report["throughput_by_global_batch"] = {str(b): t for b, t in by_batch.items()}
     if not args.skip_memory:
         report["memory_gb"] = memory(args, work)
     print(json.dumps(report, indent=1))
-    if "throughput" in report:
-        t = report["throughput"]
-        print("\n| setup | tokens/s median (min-max) | step s median |")
+    for batch, t in report.get("throughput_by_global_batch", {}).items():
+        print(f"\nglobal batch {batch} documents ({int(batch) // 2} per rank with 2 processes)")
+        print("| setup | tokens/s median (min-max) | step s median |")
         print("|---|---|---|")
         for name in ("1proc", "2proc_replicated", "2proc_row_wise"):
             s = t[name]["tokens_per_s"]
@@ -180,6 +189,8 @@ def main() -> int:
               f"2 replicated {m['2proc_replicated']:.2f} GiB, 2 row_wise {m['2proc_row_wise']:.2f} GiB")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
+    if not args.work:  # the temporary folder (data cache, big vector file) is ours: do not leave it in /tmp
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

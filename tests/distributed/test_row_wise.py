@@ -4,7 +4,7 @@ For W in {1, 2, 3}: the real TextClassifier with tables from `build_table_specs`
 loss (`Trainer._loss`) and OptimizerContainer for several steps, gives the same losses, dense gradients, table
 gradients and final table rows with
   - row_wise tables (only the dense part in DDP),
-  - replicated tables (the whole model in DDP, gloo sparse all-reduce),
+  - replicated tables (the dense part in DDP, the tables' sparse gradients averaged by `sync_sparse_grads`),
   - one process on the concatenated global batch.
 The data make the collectives meet their edge cases: a vocabulary not divisible by W, tables with fewer rows than
 W (an empty shard), a global batch smaller than W (a rank with zero documents), ranks whose documents have no OOV
@@ -32,7 +32,13 @@ from trainer.features import EncodedDocs, collate
 from trainer.model import DenseNet, TextClassifier
 from trainer.optim import OptimizerContainer
 from trainer.row_wise import RowWiseTables, shard_rows
-from trainer.sharding import build_tables, describe_plan, wrap_for_training
+from trainer.sharding import (
+    build_tables,
+    describe_plan,
+    needs_sparse_grad_sync,
+    sync_sparse_grads,
+    wrap_for_training,
+)
 from trainer.trainer import Trainer
 
 # pretrained 7 rows (W=2: 4+3, W=3: 3+3+1), oov 2 (W=3: 1+1+0, an empty shard), mask 9, bigram 11, char 1
@@ -211,6 +217,8 @@ def train(
         logits = run.train_model(batch)
         loss, _ = Trainer._loss(loss_ctx, logits, batch, global_rows)
         loss.backward()
+        if needs_sparse_grad_sync(run.sharding, info):  # as Trainer._steps does
+            sync_sparse_grads(run.tables, info)
         # sum over ranks of (local sum * W / denominator) = W * global mean
         rec["loss"].append(float(all_reduce_(loss.detach().clone(), info)) / info.world_size)
         rec["dense_grad"].append({run.optim.names[p]: p.grad.clone() for p in run.optim.dense_params()})
@@ -231,13 +239,11 @@ def frozen_hygiene(run: SimpleNamespace) -> dict:
     frozen = run.tables.frozen
     ptr = frozen.untyped_storage().data_ptr()
     same = lambda t: t.numel() > 0 and t.untyped_storage().data_ptr() == ptr  # noqa: E731
-    modules = [run.model, run.train_model] + ([run.model.dense] if run.sharding == "row_wise" else [])
+    modules = [run.model, run.train_model, run.model.dense]
     state = Trainer.state(SimpleNamespace(model=run.model, optim=run.optim))
     flat = {f"{sec}/{k}": v for sec, d in state.items() for k, v in d.items()}
-    ddp_params = {
-        n
-        for n, _ in (run.train_model if run.sharding == "replicated" else run.model.dense).named_parameters()
-    }
+    ddp = run.model.dense if hasattr(run.model.dense, "module") else None  # DDP wraps the dense part only
+    ddp_params = {n for n, _ in ddp.named_parameters()} if ddp is not None else set()
     return {
         "is_param_or_buffer": any(same(t) for m in modules for t in [*m.parameters(), *m.buffers()]),
         "in_optimizer": any(
@@ -247,6 +253,7 @@ def frozen_hygiene(run: SimpleNamespace) -> dict:
         or any("frozen" in k or ".pretrained." in k for k in flat),
         "requires_grad": frozen.requires_grad,
         "ddp_params": sorted(ddp_params),
+        "train_model_is_ddp": hasattr(run.train_model, "module"),
         "local_frozen_rows": frozen.shape[0],
     }
 
@@ -502,10 +509,9 @@ def test_frozen_table_hygiene(runs, world_size):
             assert got["frozen_unchanged"], f"{where}: the frozen rows changed"
             if got["table_type"] == "RowWiseTables":
                 assert h["local_frozen_rows"] == len(range(*shard_rows(P, world_size, rank)))
-            if mode == "row_wise" and world_size > 1:  # DDP holds the dense part only
-                assert h["ddp_params"] and not any(n.startswith("tables") for n in h["ddp_params"])
-            if mode == "replicated":
-                assert any(".bags." in n for n in h["ddp_params"])
+            # DDP holds the dense part only, in both modes (replicated tables: sync_sparse_grads)
+            assert h["ddp_params"] and not any("bags" in n or "tables" in n for n in h["ddp_params"])
+            assert h["train_model_is_ddp"] is False
 
 
 @pytest.mark.slow
