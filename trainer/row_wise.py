@@ -95,6 +95,29 @@ def all_to_all_rows(
     return _AllToAllRows.apply(rows, out_splits, in_splits, grad_scale, group)
 
 
+def _blocks(per_table: list[torch.Tensor], counts: list[list[int]]) -> list[torch.Tensor]:
+    """Rank-major, table-minor blocks: rank r's rows of table t are the next counts[r][t] rows of per_table[t]
+    (each table's rows are grouped by rank, in rank order)."""
+    taken = [0] * len(per_table)
+    out = []
+    for per_rank in counts:
+        for t, n in enumerate(per_rank):
+            out.append(per_table[t][taken[t] : taken[t] + n])
+            taken[t] += n
+    return out
+
+
+def _split(rows: torch.Tensor, counts: list[list[int]]) -> list[list[torch.Tensor]]:
+    """The inverse layout: [rank][table] views of rank-major, table-minor rows with counts[rank][table] rows each."""
+    out, pos = [], 0
+    for per_rank in counts:
+        out.append([])
+        for n in per_rank:
+            out[-1].append(rows[pos : pos + n])
+            pos += n
+    return out
+
+
 class RowWiseTables(nn.Module):
     """The `LocalTables` interface over row-wise sharded tables (one block of rows of every table per rank)."""
 
@@ -230,18 +253,19 @@ class RowWiseTables(nn.Module):
         recv_counts = recv_counts.view(world, num_tables, 2)
         send_ids, send_parts = counts[:, :, 0].tolist(), counts[:, :, 1].tolist()
         recv_ids, recv_parts = recv_counts[:, :, 0].tolist(), recv_counts[:, :, 1].tolist()
-        # 2) (local row, segment, table) triples, grouped by destination rank, then table
-        triples = torch.cat([torch.stack([p[3], p[4], torch.full_like(p[3], t)], 1) for t, p in enumerate(plans)])
-        dest = torch.cat([p[2] * num_tables + t for t, p in enumerate(plans)])
-        triples = triples[torch.sort(dest, stable=True)[1]]
-        recv = _exchange(triples, [sum(r) for r in recv_ids], [sum(r) for r in send_ids], self.group)
+        # 2) (local row, segment) pairs, grouped by destination rank, then table: slices of each table's
+        #    owner-sorted ids (the counts tell every block's length, so neither side sorts or masks)
+        pairs = [torch.stack([p[3], p[4]], 1) for p in plans]
+        recv = _exchange(torch.cat(_blocks(pairs, send_ids)), [sum(r) for r in recv_ids], [sum(r) for r in send_ids],
+                         self.group)
         # 3) owner side, per table: sum rows per (source rank, segment); blocks arrive source-major, table-minor
-        source = torch.repeat_interleave(torch.arange(world, device=device),
-                                         torch.tensor([sum(r) for r in recv_ids], device=device, dtype=torch.long))
-        partials, back_key = [], []
+        received = _split(recv, recv_ids)
+        partials = []
         for t, (name, *_rest) in enumerate(plans):
-            mine = recv[:, 2] == t
-            rows, src = recv[mine], source[mine]
+            rows = torch.cat([received[r][t] for r in range(world)])
+            src = torch.repeat_interleave(torch.arange(world, device=device),
+                                          torch.tensor([recv_ids[r][t] for r in range(world)], device=device,
+                                                       dtype=torch.long))
             _, per_part = torch.unique_consecutive((src << _SEGMENT_BITS) | rows[:, 1], return_counts=True)
             bag_offsets = torch.cumsum(per_part, 0) - per_part
             if name == "pretrained":
@@ -249,21 +273,14 @@ class RowWiseTables(nn.Module):
                     partials.append(F.embedding_bag(rows[:, 0], self.frozen, bag_offsets, mode="sum"))
             else:
                 partials.append(self.bags[name](rows[:, 0], bag_offsets))
-            part_source = torch.repeat_interleave(torch.arange(world, device=device),
-                                                  torch.tensor([recv_parts[r][t] for r in range(world)],
-                                                               device=device, dtype=torch.long))
-            back_key.append(part_source * num_tables + t)
         # 4) partial rows back, grouped by requesting rank, then table; the autograd exchange returns gradients
-        back_order = torch.sort(torch.cat(back_key), stable=True)[1]
-        returned = all_to_all_rows(torch.cat(partials)[back_order], [sum(r) for r in send_parts],
+        returned = all_to_all_rows(torch.cat(_blocks(partials, recv_parts)), [sum(r) for r in send_parts],
                                    [sum(r) for r in recv_parts], 1.0 / world, self.group)
         # returned: owner-major, table-minor; table t's rows in owner order are its `pair` order
-        table_of_row = torch.cat([torch.full((n,), t, device=device, dtype=torch.long)
-                                  for o in range(world) for t, n in enumerate(send_parts[o])]) \
-            if returned.shape[0] else torch.zeros(0, dtype=torch.long, device=device)
+        back = _split(returned, send_parts)
         outs = []
         for t, (_name, num_segments, *_x, pair_segment, _c) in enumerate(plans):
-            rows = returned[table_of_row == t]
+            rows = torch.cat([back[o][t] for o in range(world)])
             outs.append(rows.new_zeros(num_segments, rows.shape[1]).index_add(0, pair_segment, rows))
         return outs
 
