@@ -95,6 +95,15 @@ def all_to_all_rows(
     return _AllToAllRows.apply(rows, out_splits, in_splits, grad_scale, group)
 
 
+def _sort_owners(owner: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable sort of owner ranks (values < world). int16 keys where they fit: torch's CPU sort of narrow integer
+    keys took 0.14 ms for 33K ids against 0.37 ms for int64 (one thread), for the same permutation."""
+    if world >= 2**15:
+        return torch.sort(owner, stable=True)
+    sorted_owner, order = torch.sort(owner.to(torch.int16), stable=True)
+    return sorted_owner.long(), order
+
+
 def _blocks(per_table: list[torch.Tensor], counts: list[list[int]]) -> list[torch.Tensor]:
     """Rank-major, table-minor blocks: rank r's rows of table t are the next counts[r][t] rows of per_table[t]
     (each table's rows are grouped by rank, in rank order)."""
@@ -190,7 +199,7 @@ class RowWiseTables(nn.Module):
         segment = segment_index(offsets, num_ids)
         owner = torch.div(ids, chunk, rounding_mode="floor")
         # stable: within one owner the ids keep their order, hence stay grouped by (non-decreasing) segment
-        owner, order = torch.sort(owner, stable=True)
+        owner, order = _sort_owners(owner, world)
         segment = segment[order]
         local_row = ids[order] - owner * chunk
         pair = torch.unique_consecutive(owner * max(num_segments, 1) + segment)  # distinct (owner, segment)
@@ -240,7 +249,7 @@ class RowWiseTables(nn.Module):
             chunk = max(1, -(-self.specs[name].num_rows // world))
             segment = segment_index(offsets, num_ids)
             owner = torch.div(ids, chunk, rounding_mode="floor")
-            owner, order = torch.sort(owner, stable=True)  # stable: each owner's ids stay in segment order
+            owner, order = _sort_owners(owner, world)  # stable: each owner's ids stay in segment order
             segment = segment[order]
             local_row = ids[order] - owner * chunk
             pair = torch.unique_consecutive(owner * span + segment)  # distinct (owner, segment), owner-major
