@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,15 @@ def _quiet_dcp_logging():
         root.removeFilter(quiet)
 
 
+@contextlib.contextmanager
+def _single_process_quiet():
+    """A single process has no process group, and DCP warns on every save and load that it is "assuming" it is
+    one process (even when told so with no_dist): correct, and noise in every user's log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)", category=UserWarning)
+        yield
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, cfg: CheckpointConfig, info: DistInfo) -> None:
         self.folder = run_dir / "checkpoints"
@@ -105,7 +115,8 @@ class Checkpointer:
                 shutil.rmtree(path)
             path.mkdir(parents=True)
         barrier(self.info)
-        dcp.save(state, checkpoint_id=str(path))
+        with _single_process_quiet():
+            dcp.save(state, checkpoint_id=str(path))
         barrier(self.info)
         if self.info.is_main:
             atomic_write_text(path / STATE_FILE, json.dumps(trainer_state, indent=1))
@@ -142,7 +153,7 @@ class Checkpointer:
                 continue
             check(trainer_state)
             try:
-                with _quiet_dcp_logging():
+                with _quiet_dcp_logging(), _single_process_quiet():
                     dcp.load(state, checkpoint_id=str(path))
                 failed = False
             # DCP wraps read errors in CheckpointException, a BaseException subclass: name it explicitly

@@ -5,6 +5,7 @@ import json
 import logging
 import shutil
 import tomllib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,18 @@ def test_keep_latest_one(tmp_path):
     for step in (3, 6, 9):
         ck.save(step, tiny_state(step), {"step": step})
     assert valid_steps(ck.folder) == [9]
+
+
+def test_single_process_save_and_load_do_not_warn(tmp_path):
+    # DCP warns on every save and load without a process group; users would see it after every checkpoint
+    ck = Checkpointer(tmp_path, CheckpointConfig(), INFO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ck.save(1, tiny_state(1), {"step": 1})
+        state = tiny_state(0)
+        assert ck.load_latest(state, lambda s: None)["step"] == 1
+    assert torch.equal(state["model"]["w"], torch.full((64, 8), 1.0))
+    assert [str(w.message) for w in caught if "torch.distributed" in str(w.message)] == []
 
 
 def test_save_policy():
