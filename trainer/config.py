@@ -131,7 +131,8 @@ class OptimConfig:
     sparse: str = "sparse_adam"
     # Optimizer for the dense parameters (encoder, head): adamw or sgd.
     dense: str = "adamw"
-    # Peak learning rate of the sparse optimizer.
+    # Peak learning rate of the sparse optimizer. sgd wants thousands with bag encoders (configs/demo.toml: 3000):
+    # the loss is a batch mean and pooling a mean, so a row's gradient is divided by batch size x document length.
     sparse_lr: float = 0.01
     # Peak learning rate of the dense optimizer.
     dense_lr: float = 0.003
