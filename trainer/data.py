@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,10 +20,10 @@ import numpy as np
 from trainer.config import Config
 from trainer.distributed import DistInfo, barrier
 from trainer.embeddings import pretrained_scale
-from trainer.features import EncodedDocs, Featurizer
+from trainer.features import EncodedDocs, Featurizer, tokenize
 from trainer.tabular import DataError, TextTable, read_table
 from trainer.vectors import PretrainedVectors
-from trainer.vocab import Tokenizer, Vocabulary, build_vocabulary, count_words, coverage
+from trainer.vocab import Tokenizer, Vocabulary, build_vocabulary, coverage
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +135,8 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
         raise DataError(f"{train.source}: no training rows with text (all {train.num_skipped_empty} texts are empty "
                         f"or whitespace in column {cfg.data.text_column!r})")
     tokenizer = Tokenizer(cfg.data.token_pattern, cfg.data.lowercase)
-    counts: Counter = count_words(train.texts, tokenizer, cfg.data.max_tokens_per_doc)
+    tokenized_train = tokenize(train.texts, tokenizer, cfg.data.max_tokens_per_doc)  # once: counts and encoding
+    counts = tokenized_train.word_counts()
     e = cfg.embeddings
     vocab = build_vocabulary(
         counts,
@@ -159,7 +159,7 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
     featurizer = make_featurizer(cfg, vocab)
     stats = {"train_docs": len(train.texts), "train_skipped_empty": train.num_skipped_empty,
              "train_tokens": int(sum(counts.values()))}
-    featurizer.encode(train.texts, train.labels).save(tmp / "train")
+    featurizer.encode_tokenized(tokenized_train, train.labels).save(tmp / "train")
     for split in ("valid", "test"):
         spec = getattr(cfg.data, split)
         if not spec:

@@ -8,8 +8,7 @@ BLAKE2b, and bigrams are mixed from the two word hashes with SplitMix64 in numpy
 import hashlib
 import json
 import re
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,15 +133,8 @@ class Vocabulary:
         return vocab
 
 
-def count_words(texts: Iterable[str], tokenizer: Tokenizer, max_tokens: int) -> Counter:
-    counts: Counter = Counter()
-    for text in texts:
-        counts.update(tokenizer(text)[:max_tokens])
-    return counts
-
-
 def build_vocabulary(
-    counts: Counter,
+    counts: Mapping[str, int],
     labels: Iterable[str],
     pretrained_index: dict[str, int] | None,
     min_freq: int,
@@ -181,7 +173,7 @@ def build_vocabulary(
     )
 
 
-def coverage(vocab: Vocabulary, counts: Counter) -> dict[str, float]:
+def coverage(vocab: Vocabulary, counts: Mapping[str, int]) -> dict[str, float]:
     """Share of training word types and of training tokens that have a pretrained row."""
     total_tokens = sum(counts.values()) or 1
     pre_types = pre_tokens = vocab_tokens = 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainer.config import DataConfig
-from trainer.features import EncodedDocs, Featurizer, collate
+from trainer.features import EncodedDocs, Featurizer, collate, tokenize
 from trainer.vocab import Tokenizer, Vocabulary, bigram_buckets, char_ngram_buckets, stable_hash64
 
 # ids: the=0 cat=1 (pretrained) | zork=2 blip=3 (OOV); "dog" is unknown
@@ -56,6 +56,21 @@ def test_encode_truncates_to_max_tokens():
     docs = featurizer(max_tokens=2).encode(["the cat zork blip"])
     assert csr(docs.token_ids, docs.token_offsets) == [[0, 1]]
     assert docs.raw_tokens.tolist() == [2]
+
+
+def test_tokenize_once_gives_counts_and_the_same_encoding():
+    # the training split is tokenized once: its word counts (for the vocabulary) and its encoding come from it
+    tok = Tokenizer(DataConfig().token_pattern, True)
+    tokenized = tokenize(TEXTS, tok, 3)
+    assert tokenized.type_words == ["the", "cat", "zork", "dog", "blip"]  # first appearance
+    assert tokenized.types.tolist() == [0, 1, 2, 3, 4, 0, 3]  # "blip the dog" (truncated to 3)
+    assert tokenized.doc_lengths.tolist() == [3, 1, 0, 3]
+    assert tokenized.word_counts() == {"the": 2, "cat": 1, "zork": 1, "dog": 2, "blip": 1}
+    f = featurizer(ngram_buckets=97, char_buckets=50, max_tokens=3)
+    direct, reused = f.encode(TEXTS, LABELS), f.encode_tokenized(tokenized, LABELS)
+    for name in ("token_ids", "token_offsets", "raw_tokens", "bigram_ids", "bigram_offsets", "char_ids",
+                 "char_offsets", "labels"):
+        assert np.array_equal(getattr(direct, name), getattr(reused, name)), name
 
 
 def test_bigrams_per_document_no_pairs_across_documents():

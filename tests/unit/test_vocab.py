@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from trainer.config import DataConfig
+from trainer.features import tokenize
 from trainer.vocab import (
     Tokenizer,
     Vocabulary,
@@ -16,7 +17,6 @@ from trainer.vocab import (
     build_vocabulary,
     char_ngram_buckets,
     char_ngrams,
-    count_words,
     coverage,
     stable_hash64,
 )
@@ -205,8 +205,8 @@ def test_load_detects_tampered_files(tmp_path):
 
 def test_coverage_on_hand_example():
     tok = default_tokenizer()
-    counts = count_words(["The cat the zork", "cat blip blip the"], tok, max_tokens=100)
-    assert counts == Counter({"the": 3, "cat": 2, "blip": 2, "zork": 1})
+    counts = tokenize(["The cat the zork", "cat blip blip the"], tok, max_tokens=100).word_counts()
+    assert counts == {"the": 3, "cat": 2, "blip": 2, "zork": 1}
     vocab = build_vocabulary(counts, ["x"], {"the": 0, "cat": 1}, min_freq=2, max_vocab=0)
     assert vocab.words == ["the", "cat", "blip"]
     cov = coverage(vocab, counts)
@@ -216,6 +216,6 @@ def test_coverage_on_hand_example():
     assert (cov["num_types_seen"], cov["num_vocab"], cov["num_pretrained"], cov["num_oov"]) == (4, 3, 2, 1)
 
 
-def test_count_words_truncates_each_document():
-    counts = count_words(["a b c d", "a b"], default_tokenizer(), max_tokens=2)
-    assert counts == Counter({"a": 2, "b": 2})
+def test_word_counts_truncate_each_document():
+    counts = tokenize(["a b c d", "a b"], default_tokenizer(), max_tokens=2).word_counts()
+    assert counts == {"a": 2, "b": 2}
