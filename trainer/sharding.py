@@ -23,6 +23,7 @@ from trainer import kernels
 from trainer.config import DistConfig
 from trainer.distributed import DistInfo
 from trainer.embeddings import LocalTables, TableSpec
+from trainer.sparse_optim import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +191,16 @@ def sync_sparse_grads(tables: nn.Module, info: DistInfo) -> None:
     widths = [p.width for p in local]
     sizes = [-(-sum(c * (id_width + w) for c, w in zip(n, widths, strict=True)) // id_width) * id_width
              for n in per_rank]
-    workspace = tables.__dict__.setdefault("_grad_sync_buffers", {})
-    send = _buffer(workspace, "send", sizes[rank], dtype, device)
+    # reused send / receive blocks: fresh multi-MB tensors are page-faulted in on every step (sparse_optim's
+    # Workspace); measured 20 -> 12.7 ms for the whole sync on the loaded 2-core VM
+    workspace = tables.__dict__.setdefault("_grad_sync_buffers", Workspace())
+    send = workspace.get("send", sizes[rank], 1, weights[0]).view(-1)
     send_ids, send_values, _ = _split_block(send, per_rank[rank], widths, id_width)
     for p, i, v in zip(local, send_ids, send_values, strict=True):
         p.write(i, v, 1.0 / world)
     out_splits = [0 if r == rank else sizes[r] for r in range(world)]
     in_splits = [0 if r == rank else sizes[rank] for r in range(world)]
-    recv = _buffer(workspace, "recv", sum(out_splits), dtype, device)
+    recv = workspace.get("recv", sum(out_splits), 1, weights[0]).view(-1)
     if world > 1:  # each rank's own block stays where it is
         dist.all_to_all_single(recv, send if world == 2 else send.repeat(world - 1), out_splits, in_splits)
     # where rank r's block starts in [recv | send]
@@ -223,18 +226,6 @@ def sync_sparse_grads(tables: nn.Module, info: DistInfo) -> None:
             values = torch.cat([b[1][t] for b in blocks]).view(ids.numel(), *weight.shape[1:])
             grad = torch.sparse_coo_tensor(ids.unsqueeze(0), values, weight.shape).coalesce()
         weight.grad = grad
-
-
-def _buffer(workspace: dict, key: str, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A reused flat buffer of `size` elements (grown by 1/4 beyond what is asked, never shrunk).
-
-    Why: a fresh multi-MB tensor comes from mmap and is page-faulted in on every step (see sparse_optim's
-    _Workspace): measured 20 -> 12.7 ms for the whole sync on the loaded 2-core VM (send and receive blocks)."""
-    buf = workspace.get(key)
-    if buf is None or buf.numel() < size or buf.dtype != dtype or buf.device != device:
-        buf = torch.empty(size + size // 4, dtype=dtype, device=device)
-        workspace[key] = buf
-    return buf[:size]
 
 
 def _split_block(block: torch.Tensor, counts: list[int], widths: list[int], id_width: int):

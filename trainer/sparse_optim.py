@@ -5,7 +5,7 @@ A step must cost O(touched rows x dim), never O(table rows): tables reach millio
 flat from 1e4 to 5e7 rows at fixed nnz). What dominates their step on CPU is allocation: every step creates several
 fresh (touched rows x dim) blocks of ~10-20 MB; glibc serves those with mmap and hands them back on free, so each
 step page-faults ~35 MB in again (~9K minor faults; 60-80 % of the step on the 2-core dev VM). The classes here keep
-those blocks in a per-optimizer workspace (`_Workspace`) and touch state rows with `index_select` / `index_add_`
+those blocks in a per-optimizer workspace (`Workspace`) and touch state rows with `index_select` / `index_add_`
 only, so the step is a handful of passes over the touched rows. FastSparseAdam is torch's SparseAdam done this way
 (bit-identical, about 2x faster per step); RowWiseAdagrad keeps one number per row.
 
@@ -29,11 +29,11 @@ SPARSE_OPTIMIZERS = ("sparse_adam", "sgd", "adagrad", "rowwise_adagrad")
 
 def _workspace_block(optimizer: torch.optim.Optimizer, rows: int, cols: int, like: Tensor) -> Tensor:
     """A reused (rows, cols) block from the optimizer's workspace (created on first use: loaded optimizers too)."""
-    ws = optimizer.__dict__.setdefault("_ws", _Workspace())
+    ws = optimizer.__dict__.setdefault("_ws", Workspace())
     return ws.get("fused_block", rows, cols, like)
 
 
-class _Workspace:
+class Workspace:
     """Scratch blocks reused across steps, grown geometrically and never shrunk.
 
     Why not plain temporaries: see the module docstring (per-step page faults). Held memory is a few blocks of
@@ -70,7 +70,7 @@ def _rows_view(t: Tensor) -> Tensor:
     return t.view(t.shape[0], math.prod(t.shape[1:]))  # explicit width: a 0-row shard cannot infer -1
 
 
-def _coalesced_rows(grad: Tensor, ws: _Workspace, key: str) -> tuple[Tensor, Tensor]:
+def _coalesced_rows(grad: Tensor, ws: Workspace, key: str) -> tuple[Tensor, Tensor]:
     """Unique touched rows (sorted) and their summed gradient rows, as a writable workspace block.
 
     Equivalent to `grad.coalesce()` but sums duplicates with `index_add_` into a reused block instead of a fresh
@@ -91,7 +91,7 @@ def _coalesced_rows(grad: Tensor, ws: _Workspace, key: str) -> tuple[Tensor, Ten
     return rows, out.index_add_(0, _add_index(inverse, out.shape[0]), src)
 
 
-def _decay_rows(table: Tensor, rows: Tensor, lr_wd: float, center: float, ws: _Workspace) -> None:
+def _decay_rows(table: Tensor, rows: Tensor, lr_wd: float, center: float, ws: Workspace) -> None:
     """Decoupled (AdamW-style) weight decay of the touched rows only: w -= lr * wd * (w - center).
 
     Lazy on purpose: decaying every row every step would cost O(table) and undo the point of sparse updates. A row
@@ -146,7 +146,7 @@ class RowWiseAdagrad(torch.optim.Optimizer):
             "decay_to": decay_to,
         }
         super().__init__(params, defaults)
-        self._ws = _Workspace()
+        self._ws = Workspace()
 
     def _init_state(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
@@ -230,7 +230,7 @@ class FastSparseAdam(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "maximize": maximize, "weight_decay": weight_decay,
                     "decay_to": decay_to}
         super().__init__(params, defaults)
-        self._ws = _Workspace()
+        self._ws = Workspace()
 
     def _init_state(self, p: Tensor, group: dict) -> None:
         state = self.state[p]

@@ -17,8 +17,8 @@ from trainer.sparse_optim import (
     FastSparseAdam,
     RowWiseAdagrad,
     SparseSGD,
+    Workspace,
     _coalesced_rows,
-    _Workspace,
     build_sparse_optimizer,
     init_optimizer_state,
     optimizer_state_tensors,
@@ -137,7 +137,7 @@ def test_coalesced_rows_is_bit_identical_to_coalesce(
     grad = sparse_grad(rows, dim, idx, torch.Generator().manual_seed(len(ids)))
     grad = grad.coalesce() if coalesced else grad
     want = grad.coalesce()
-    got_rows, got_values = _coalesced_rows(grad, _Workspace(), "g")
+    got_rows, got_values = _coalesced_rows(grad, Workspace(), "g")
     assert torch.equal(got_rows, want.indices()[0])
     assert torch.equal(got_values, want.values())
 
