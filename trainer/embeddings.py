@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.bag_lookup import bag_sum
 from trainer.kernels import advise_hugepages
 
 TRAINABLE_TABLES = ("oov", "pretrained_delta", "mask", "bigram", "char")
@@ -140,17 +141,21 @@ class LocalTables(nn.Module):
         if self.frozen.device != device:
             self.frozen = self.frozen.to(device)
 
-    def pooled(self, name: str, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def pooled(self, name: str, ids: torch.Tensor, offsets: torch.Tensor, groups=None) -> torch.Tensor:
+        """`groups`: `bag_lookup.group_ids(ids)` computed ahead, or None."""
         if name == "pretrained":
             if self.frozen.shape[0] == 0:
                 return torch.zeros(offsets.shape[0], self.dim, device=offsets.device)
             with torch.no_grad():
                 return F.embedding_bag(ids, self.frozen, offsets, mode="sum")
-        return self.bags[name](ids, offsets)
+        return bag_sum(self.bags[name].weight, ids, offsets, groups)
 
-    def pooled_many(self, requests: list[tuple[str, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """`pooled` for several tables (the row-wise implementation fuses their collectives)."""
-        return [self.pooled(name, ids, offsets) for name, ids, offsets in requests]
+    def pooled_many(self, requests: list[tuple[str, torch.Tensor, torch.Tensor]], groups: dict | None = None
+                    ) -> list[torch.Tensor]:
+        """`pooled` for several tables (the row-wise implementation fuses their collectives); `groups` by table
+        name, as `Batch.groups`."""
+        groups = groups or {}
+        return [self.pooled(name, ids, offsets, groups.get(name)) for name, ids, offsets in requests]
 
     def checkpoint_view(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """How a table-row-indexed tensor is saved: whole here; row-wise sharded tables return a DTensor."""

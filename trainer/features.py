@@ -9,7 +9,7 @@ so later epochs, resumes and other ranks never re-tokenize.
 import itertools
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -184,7 +184,9 @@ class Batch:
     """One rank's share of a step: per-table (ids, offsets) for EmbeddingBag, plus what the loss needs.
 
     Segments are documents for bag encoders and token positions for the LSTM (`seq_lengths` then says how many
-    tokens each document has). `lengths` is each document's number of looked-up ids (for mean pooling)."""
+    tokens each document has). `lengths` is each document's number of looked-up ids (for mean pooling). `groups`
+    optionally holds, per trainable table, its ids grouped ahead on the data thread (bag_lookup.sorted_groups):
+    CPU only, so device copies drop it."""
 
     tables: dict[str, tuple[torch.Tensor, torch.Tensor]]
     labels: torch.Tensor
@@ -192,6 +194,7 @@ class Batch:
     seq_lengths: torch.Tensor
     num_docs: int
     num_tokens: int
+    groups: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def pinned(self) -> "Batch":
         """A copy in page-locked host memory (for asynchronous copies to a GPU)."""

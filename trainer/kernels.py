@@ -105,6 +105,18 @@ def row_sparse_parts(grad: Tensor) -> tuple[Tensor, Tensor]:
     return idx, grad._values().reshape(idx.numel(), math.prod(grad.shape[1:]))
 
 
+def rows_are_distinct_sorted(grad: Tensor) -> bool:
+    """Whether a row-sparse gradient's rows are already coalesced: flagged so, or strictly increasing.
+
+    Why the check: autograd drops the flag. A parameter's first gradient is stored through
+    `_sparse_coo_tensor_unsafe`, which marks it uncoalesced, so bag_lookup's coalesced gradients arrive at the
+    optimizer unflagged. Checking costs one comparison per row, grouping them again a hash and a gather."""
+    if grad.is_coalesced():
+        return True
+    idx = grad._indices()[0]
+    return idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all())
+
+
 class RowGroups:
     """A sparse row gradient's rows grouped by table row: `rows` (unique, in order of first appearance), and for the
     u-th of them the gradient rows `values[order[starts[u]:starts[u + 1]]]` to sum, in their original order."""
@@ -113,7 +125,7 @@ class RowGroups:
         """`block(rows, cols, like)` returns a writable float32 block for summed duplicate rows (an optimizer's
         reused workspace; default: a fresh allocation)."""
         idx, self.values = row_sparse_parts(grad)
-        if grad.is_coalesced():
+        if rows_are_distinct_sorted(grad):
             self.rows = idx
             self.order = torch.arange(idx.numel())
             self.starts = torch.arange(idx.numel() + 1)

@@ -103,15 +103,27 @@ class TextClassifier(nn.Module):
             else:  # called with no ids: every table joins every step (DDP, row-wise collectives)
                 requests.append(("pretrained_delta", pre_ids[:0], torch.zeros_like(pre_off)))
         if per_token:
-            mask_ids = torch.cat([pre_ids, oov_ids + self.num_pretrained])
+            mask_ids = self._mask_ids(batch)
             requests.append(("mask", mask_ids, per_token_offsets(mask_ids.shape[0], mask_ids.device)))
         for name in ("bigram", "char"):
             if self.tables.has(name):
                 requests.append((name, *batch.tables[name]))
-        rows = dict(zip([r[0] for r in requests], self.tables.pooled_many(requests), strict=True))
+        rows = dict(zip([r[0] for r in requests], self.tables.pooled_many(requests, batch.groups), strict=True))
         if "pretrained_delta" in rows:
             rows["pretrained"] = rows["pretrained"] + rows.pop("pretrained_delta")
         return rows
+
+    def _mask_ids(self, batch: Batch) -> torch.Tensor:
+        """Mask rows of a step's tokens: pretrained words first, then OOV words after them."""
+        return torch.cat([batch.tables["pretrained"][0], batch.tables["oov"][0] + self.num_pretrained])
+
+    def groupable_ids(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """By table, the ids of the trainable lookups `_lookups` will make whatever the step: what the data thread
+        can group ahead (`Batch.groups`). Not the pretrained correction, whose lookup depends on the step."""
+        ids = {name: batch.tables[name][0] for name in ("oov", "bigram", "char") if self.tables.has(name)}
+        if self.encoder == "masked_bag":
+            ids["mask"] = self._mask_ids(batch)
+        return ids
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """Document vectors (B, D) for bag encoders; token vectors (N, D) for the LSTM."""

@@ -37,6 +37,7 @@ from torch import nn
 
 from trainer.distributed import DistInfo
 from trainer.embeddings import TableSpec, init_rows_, segment_index
+from trainer.bag_lookup import bag_sum
 from trainer.kernels import advise_hugepages
 
 _TABLE_PARAM = re.compile(r"(?:^|\.)bags\.([^.]+)\.weight$")
@@ -228,16 +229,18 @@ class RowWiseTables(nn.Module):
                 partial = F.embedding_bag(recv[:, 0], self.frozen, bag_offsets, mode="sum")
                 returned = _exchange(partial, send_parts, recv_parts, self.group)
         else:
-            partial = self.bags[name](recv[:, 0], bag_offsets)
+            partial = bag_sum(self.bags[name].weight, recv[:, 0], bag_offsets)
             returned = all_to_all_rows(partial, send_parts, recv_parts, 1.0 / world, self.group)
         # 4) partials back in (owner, segment) order == `pair` order: add them up per segment
         out = returned.new_zeros(num_segments, returned.shape[1])
         return out.index_add(0, pair_segment, returned)
 
-    def pooled_many(self, requests: list[tuple[str, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    def pooled_many(self, requests: list[tuple[str, torch.Tensor, torch.Tensor]], groups: dict | None = None
+                    ) -> list[torch.Tensor]:
         """`pooled` for several tables at once with four collectives in all (counts, pairs, partial rows, and
         the backward of the partial rows) instead of four per table: at small batches the latency of gloo's
-        collectives, not their bytes, dominates a row-wise step. Same results as calling `pooled` per table."""
+        collectives, not their bytes, dominates a row-wise step. Same results as calling `pooled` per table.
+        `groups` (ids grouped ahead, LocalTables) does not apply: owners group the ids they receive."""
         world, num_tables = self.world_size, len(requests)
         if num_tables == 0:
             return []
@@ -281,7 +284,7 @@ class RowWiseTables(nn.Module):
                 with torch.no_grad():
                     partials.append(F.embedding_bag(rows[:, 0], self.frozen, bag_offsets, mode="sum"))
             else:
-                partials.append(self.bags[name](rows[:, 0], bag_offsets))
+                partials.append(bag_sum(self.bags[name].weight, rows[:, 0], bag_offsets))
         # 4) partial rows back, grouped by requesting rank, then table; the autograd exchange returns gradients
         returned = all_to_all_rows(torch.cat(_blocks(partials, recv_parts)), [sum(r) for r in send_parts],
                                    [sum(r) for r in recv_parts], 1.0 / world, self.group)

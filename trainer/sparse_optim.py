@@ -78,7 +78,7 @@ def _coalesced_rows(grad: Tensor, ws: Workspace, key: str) -> tuple[Tensor, Tens
     torch's (tested); the caller's gradient is not modified.
     """
     idx, values = kernels.row_sparse_parts(grad)
-    if grad.is_coalesced():
+    if kernels.rows_are_distinct_sorted(grad):
         out = ws.get(key, idx.numel(), values.shape[1], values)
         return idx, out.copy_(values)
     # The same (unstable) sort as coalesce, hence the same order of the duplicate sums.

@@ -1,0 +1,119 @@
+"""Sum-pooled lookups into a trainable table whose backward gives the optimizer a coalesced gradient.
+
+Why: `nn.EmbeddingBag(sparse=True)` writes one gradient row per looked-up id: each segment's output gradient is
+copied once for every id in it (68K x 50 floats for the demo's bigram table at batch 1024, 37K distinct rows).
+The sparse optimizer then hashes those ids and sums the duplicates, reading the copies in random order: 5.5 ms
+of a 10.6 ms CPU step went to `SparseSGD.step`, against 0.95 ms for the same update from a coalesced gradient
+(benchmarks/profile_step.py, bag + bigrams, batch 1024, 1 thread). Here the forward groups the ids once (a hash
+table, then a sort of the distinct rows only), and the backward sums every distinct row's gradient straight from
+the (segments x dim) output gradient, which stays in cache, into a (distinct rows x dim) block. The gradient is
+marked coalesced (sorted, unique rows), so the optimizer kernels skip their own grouping.
+
+Same sums as before, bit for bit: each distinct row's gradient is 0 + its ids' gradients in their original order,
+as the fused optimizer kernels summed duplicates (kernels.RowGroups). CPU float32 only; CUDA, other dtypes and
+`TRAINER_FUSED_KERNELS=0` keep `F.embedding_bag` (`bag_sum` picks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainer import kernels
+
+if kernels.numba is not None:
+    from numba import njit
+
+    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
+    def _hash_groups(ids):
+        """Distinct ids in order of first appearance, and for every id the index of its distinct id: a hash table
+        with linear probing, O(n), serial."""
+        n = ids.shape[0]
+        bits = 1
+        while (1 << bits) < 2 * n:
+            bits += 1
+        mask = (1 << bits) - 1
+        shift = np.uint64(64 - bits)
+        keys = np.full(mask + 1, -1, dtype=np.int64)
+        key_group = np.empty(mask + 1, dtype=np.int64)
+        group_of = np.empty(n, dtype=np.int64)
+        first_seen = np.empty(n, dtype=np.int64)
+        groups = 0
+        for k in range(n):
+            r = ids[k]
+            h = np.int64((np.uint64(r) * np.uint64(11400714819323198485)) >> shift)  # Fibonacci hashing
+            while keys[h] != -1 and keys[h] != r:
+                h = (h + 1) & mask
+            if keys[h] == -1:
+                keys[h] = r
+                key_group[h] = groups
+                first_seen[groups] = r
+                groups += 1
+            group_of[k] = key_group[h]
+        return first_seen[:groups], group_of
+
+    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
+    def _sum_rows(grad_out, offsets, inverse, out):
+        """out[inverse[k]] += grad_out[segment of id k], for ids in their original order, out zeroed first."""
+        out[:] = np.float32(0.0)
+        n, segments = inverse.shape[0], offsets.shape[0]
+        for s in range(segments):
+            end = offsets[s + 1] if s + 1 < segments else n
+            src = grad_out[s]
+            for k in range(offsets[s], end):
+                dst = out[inverse[k]]
+                for j in range(dst.shape[0]):
+                    dst[j] += src[j]
+
+
+def sorted_groups(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ids in increasing order, and for every id the index of its distinct id (np.unique's `inverse`).
+
+    Faster than `np.unique(return_inverse=True)`, which sorts all n ids: the hash table groups them, and only the
+    distinct ids, usually far fewer, are sorted (by numpy, whose sort is several times faster than numba's)."""
+    first_seen, group_of = _hash_groups(ids)
+    perm = np.argsort(first_seen)
+    rank = np.empty_like(perm)
+    rank[perm] = np.arange(perm.shape[0])
+    return first_seen[perm], rank[group_of]
+
+
+class _GroupedBagSum(torch.autograd.Function):
+    """`F.embedding_bag(ids, weight, offsets, mode="sum")` with a coalesced sparse gradient for `weight`."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, ids: Tensor, offsets: Tensor, groups: tuple[Tensor, Tensor] | None) -> Tensor:
+        distinct, inverse = groups if groups is not None else group_ids(ids)
+        ctx.save_for_backward(distinct, inverse, offsets)
+        ctx.table_shape = weight.shape
+        return F.embedding_bag(ids, weight, offsets, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        distinct, inverse, offsets = ctx.saved_tensors
+        rows, dim = ctx.table_shape
+        values = torch.empty(distinct.numel(), dim)
+        if distinct.numel():
+            _sum_rows(grad_out.contiguous().float().numpy(), offsets.contiguous().numpy(), inverse.numpy(),
+                      values.numpy())
+        grad = torch.sparse_coo_tensor(distinct.unsqueeze(0), values, (rows, dim), is_coalesced=True,
+                                       check_invariants=False)
+        return grad, None, None, None
+
+
+def group_ids(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """`sorted_groups` of a CPU int64 id tensor, as tensors (what `bag_sum`'s `groups` takes)."""
+    distinct, inverse = sorted_groups(ids.contiguous().numpy())
+    return torch.from_numpy(distinct), torch.from_numpy(inverse)
+
+
+def bag_sum(weight: Tensor, ids: Tensor, offsets: Tensor, groups: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Sum of `weight`'s rows per segment (EmbeddingBag `mode="sum"`, segments start at `offsets`), with a sparse
+    gradient: coalesced through the CPU kernels above when they apply, else EmbeddingBag's own. `groups`, if given,
+    is `group_ids(ids)` computed ahead (on the data thread), else the forward computes it."""
+    if (weight.requires_grad and torch.is_grad_enabled() and ids.device.type == "cpu" and ids.dtype == torch.int64
+            and offsets.dtype == torch.int64 and kernels.can_fuse(weight) and weight.dim() == 2):
+        return _GroupedBagSum.apply(weight, ids, offsets, groups)
+    return F.embedding_bag(ids, weight, offsets, mode="sum", sparse=True)
