@@ -68,6 +68,25 @@ if kernels.numba is not None:
                     dst[j] += src[j]
 
 
+    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
+    def _gather_pool(rows, inverse, segment, out):
+        """out[segment[k]] += rows[inverse[k]] for every token k, in order, out zeroed first."""
+        out[:] = np.float32(0.0)
+        for k in range(inverse.shape[0]):
+            src, dst = rows[inverse[k]], out[segment[k]]
+            for j in range(dst.shape[0]):
+                dst[j] += src[j]
+
+    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
+    def _scatter_unpool(grad_out, inverse, segment, grad_rows):
+        """The adjoint of _gather_pool: grad_rows[inverse[k]] += grad_out[segment[k]], grad_rows zeroed first."""
+        grad_rows[:] = np.float32(0.0)
+        for k in range(inverse.shape[0]):
+            src, dst = grad_out[segment[k]], grad_rows[inverse[k]]
+            for j in range(dst.shape[0]):
+                dst[j] += src[j]
+
+
 def sorted_groups(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct ids in increasing order, and for every id the index of its distinct id (np.unique's `inverse`).
 
@@ -104,9 +123,41 @@ class _GroupedBagSum(torch.autograd.Function):
 
 
 def group_ids(ids: Tensor) -> tuple[Tensor, Tensor]:
-    """`sorted_groups` of a CPU int64 id tensor, as tensors (what `bag_sum`'s `groups` takes)."""
-    distinct, inverse = sorted_groups(ids.contiguous().numpy())
-    return torch.from_numpy(distinct), torch.from_numpy(inverse)
+    """Distinct ids (sorted) and each id's index among them, as tensors (what `bag_sum`'s `groups` takes):
+    `sorted_groups` for CPU int64 ids when numba is there, else `torch.unique`."""
+    if ids.device.type == "cpu" and ids.dtype == torch.int64 and kernels.numba is not None:
+        distinct, inverse = sorted_groups(ids.contiguous().numpy())
+        return torch.from_numpy(distinct), torch.from_numpy(inverse)
+    return torch.unique(ids, sorted=True, return_inverse=True)
+
+
+class _GatherPool(torch.autograd.Function):
+    """out[segment[k]] += rows[inverse[k]]: pools a (distinct rows x dim) block into segments without making the
+    (ids x dim) block of per-id rows, forward or backward."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, inverse: Tensor, segment: Tensor, num_segments: int) -> Tensor:
+        ctx.save_for_backward(inverse, segment)
+        ctx.num_rows = rows.shape[0]
+        out = rows.new_empty(num_segments, rows.shape[1])
+        _gather_pool(rows.detach().contiguous().numpy(), inverse.numpy(), segment.numpy(), out.numpy())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        inverse, segment = ctx.saved_tensors
+        grad_rows = grad_out.new_empty(ctx.num_rows, grad_out.shape[1], dtype=torch.float32)
+        _scatter_unpool(grad_out.contiguous().float().numpy(), inverse.numpy(), segment.numpy(), grad_rows.numpy())
+        return grad_rows, None, None, None
+
+
+def gather_pool(rows: Tensor, inverse: Tensor, segment: Tensor, num_segments: int) -> Tensor:
+    """Sum of `rows[inverse[k]]` over the ids k of each segment (`segment[k]`), (num_segments, dim): the pooling
+    of a step's distinct rows back into documents. Same sums, in the same order, as
+    `zeros.index_add(0, segment, rows[inverse])`, which it replaces on the CPU (no per-id block)."""
+    if kernels.can_fuse(rows) and inverse.dtype == torch.int64 and segment.dtype == torch.int64:
+        return _GatherPool.apply(rows, inverse.contiguous(), segment.contiguous(), num_segments)
+    return rows.new_zeros(num_segments, rows.shape[1]).index_add(0, segment, rows[inverse])
 
 
 def bag_sum(weight: Tensor, ids: Tensor, offsets: Tensor, groups: tuple[Tensor, Tensor] | None = None) -> Tensor:

@@ -116,6 +116,8 @@ class LocalTables(nn.Module):
     `pooled(name, ids, offsets)` sums the rows of each segment: the one primitive the encoders use, and the one
     the row-wise sharded implementation provides too (distributed/sharded_tables.py)."""
 
+    takes_groups = True  # pooled_many uses ids grouped ahead (Batch.groups)
+
     def __init__(self, specs: list[TableSpec], frozen: torch.Tensor, seed: int) -> None:
         super().__init__()
         self.specs = {s.name: s for s in specs}

@@ -185,8 +185,8 @@ class Batch:
 
     Segments are documents for bag encoders and token positions for the LSTM (`seq_lengths` then says how many
     tokens each document has). `lengths` is each document's number of looked-up ids (for mean pooling). `groups`
-    optionally holds, per trainable table, its ids grouped ahead on the data thread (bag_lookup.sorted_groups):
-    CPU only, so device copies drop it."""
+    optionally holds ids grouped ahead on the data thread (bag_lookup.group_ids), by name: a table's, or the
+    step's words ("words", masked_bag)."""
 
     tables: dict[str, tuple[torch.Tensor, torch.Tensor]]
     labels: torch.Tensor
@@ -205,6 +205,7 @@ class Batch:
             seq_lengths=self.seq_lengths,
             num_docs=self.num_docs,
             num_tokens=self.num_tokens,
+            groups={k: (d.pin_memory(), i.pin_memory()) for k, (d, i) in self.groups.items()},
         )
 
     def to(self, device: torch.device) -> "Batch":
@@ -218,6 +219,8 @@ class Batch:
             seq_lengths=self.seq_lengths,  # pack_padded_sequence wants lengths on the CPU
             num_docs=self.num_docs,
             num_tokens=self.num_tokens,
+            groups={k: (d.pin_memory().to(device, **nb), i.pin_memory().to(device, **nb))
+                    for k, (d, i) in self.groups.items()},
         )
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from trainer.config import ModelConfig
+from trainer.bag_lookup import gather_pool, group_ids
 from trainer.embeddings import per_token_offsets, segment_counts, segment_index
 from trainer.features import Batch
 
@@ -86,54 +87,73 @@ class TextClassifier(nn.Module):
         # bf16 autocast for the dense part on CUDA (train.bf16); lookups and pooling stay float32
         self.dense_autocast = False
 
-    def _lookups(self, batch: Batch, per_token: bool) -> dict[str, torch.Tensor]:
+    def _lookups(self, batch: Batch, word_groups: tuple | None) -> dict[str, torch.Tensor]:
         """Every table lookup of the step in one `pooled_many` call (row-wise tables fuse its collectives).
 
-        Word tables are pooled per segment, or per id (`per_token`, masked_bag) so they can be multiplied by
-        their mask rows. The list of lookups depends only on the configuration and on `delta_active`, which all
-        ranks agree on, so row-wise collectives stay in lock-step."""
+        Word tables are pooled per segment, or, for masked_bag, looked up once per distinct word of the step
+        (`word_groups`, from `_word_groups`) so their rows can be multiplied by the mask rows before pooling. The
+        list of lookups depends only on the configuration and on `delta_active`, which all ranks agree on, so
+        row-wise collectives stay in lock-step."""
         (pre_ids, pre_off), (oov_ids, oov_off) = batch.tables["pretrained"], batch.tables["oov"]
-        if per_token:
+        groups = dict(batch.groups)
+        masked = word_groups is not None
+        if masked:
+            pre_ids, oov_ids, _ = word_groups
+            distinct = torch.cat([pre_ids, oov_ids + self.num_pretrained])  # the step's mask rows, sorted
             pre_off = per_token_offsets(pre_ids.shape[0], pre_ids.device)
             oov_off = per_token_offsets(oov_ids.shape[0], oov_ids.device)
+            # already distinct and sorted: each is its own group, no hashing again
+            groups.update({"oov": (oov_ids, oov_off), "pretrained_delta": (pre_ids, pre_off),
+                           "mask": (distinct, per_token_offsets(distinct.shape[0], distinct.device))})
         requests = [("pretrained", pre_ids, pre_off), ("oov", oov_ids, oov_off)]
         if self.tables.has("pretrained_delta"):
             if self.delta_active:
                 requests.append(("pretrained_delta", pre_ids, pre_off))
             else:  # called with no ids: every table joins every step (DDP, row-wise collectives)
+                groups.pop("pretrained_delta", None)
                 requests.append(("pretrained_delta", pre_ids[:0], torch.zeros_like(pre_off)))
-        if per_token:
-            mask_ids = self._mask_ids(batch)
-            requests.append(("mask", mask_ids, per_token_offsets(mask_ids.shape[0], mask_ids.device)))
+        if masked:
+            requests.append(("mask", distinct, groups["mask"][1]))
         for name in ("bigram", "char"):
             if self.tables.has(name):
                 requests.append((name, *batch.tables[name]))
-        rows = dict(zip([r[0] for r in requests], self.tables.pooled_many(requests, batch.groups), strict=True))
+        rows = dict(zip([r[0] for r in requests], self.tables.pooled_many(requests, groups), strict=True))
         if "pretrained_delta" in rows:
             rows["pretrained"] = rows["pretrained"] + rows.pop("pretrained_delta")
         return rows
 
-    def _mask_ids(self, batch: Batch) -> torch.Tensor:
-        """Mask rows of a step's tokens: pretrained words first, then OOV words after them."""
-        return torch.cat([batch.tables["pretrained"][0], batch.tables["oov"][0] + self.num_pretrained])
+    def _word_groups(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's distinct pretrained and OOV word ids (each sorted), and for every word token (pretrained
+        tokens, then OOV tokens) its row among [distinct pretrained | distinct OOV]: grouped on the data thread
+        (`Batch.groups`), else here. Sizes come from shapes, so a CUDA step needs no host sync for them."""
+        parts = []
+        for name in ("pretrained", "oov"):
+            ids = batch.tables[name][0]
+            parts.append(batch.groups[name] if name in batch.groups else group_ids(ids))
+        (pre, pre_inverse), (oov, oov_inverse) = parts
+        return pre, oov, torch.cat([pre_inverse, oov_inverse + pre.shape[0]])
 
     def groupable_ids(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """By table, the ids of the trainable lookups `_lookups` will make whatever the step: what the data thread
-        can group ahead (`Batch.groups`). Not the pretrained correction, whose lookup depends on the step."""
-        ids = {name: batch.tables[name][0] for name in ("oov", "bigram", "char") if self.tables.has(name)}
-        if self.encoder == "masked_bag":
-            ids["mask"] = self._mask_ids(batch)
-        return ids
+        """By table, the ids the data thread can group ahead (`Batch.groups`, bag_lookup.group_ids): the words of
+        masked_bag, and, for tables this process holds whole, the lookups that do not depend on the step (not the
+        pretrained correction's)."""
+        names = ["pretrained", "oov"] if self.encoder == "masked_bag" else []
+        if self.tables.takes_groups:
+            names += [n for n in ("oov", "bigram", "char") if n not in names and self.tables.has(n)]
+        return {name: batch.tables[name][0] for name in names}
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """Document vectors (B, D) for bag encoders; token vectors (N, D) for the LSTM."""
-        masked = self.encoder == "masked_bag"
-        rows = self._lookups(batch, per_token=masked)
-        if masked:
+        word_groups = self._word_groups(batch) if self.encoder == "masked_bag" else None
+        rows = self._lookups(batch, word_groups)
+        if word_groups is not None:
+            # E(w) * M(w) once per distinct word, then summed per document through each token's index: the
+            # (tokens x dim) block of per-token rows is never made, forward or backward
             (pre_ids, pre_off), (oov_ids, oov_off) = batch.tables["pretrained"], batch.tables["oov"]
+            *_, inverse = word_groups
             seg = torch.cat([segment_index(pre_off, pre_ids.shape[0]), segment_index(oov_off, oov_ids.shape[0])])
             words = torch.cat([rows["pretrained"], rows["oov"]]) * rows["mask"]
-            x = words.new_zeros(batch.num_docs, self.tables.dim).index_add(0, seg, words)
+            x = gather_pool(words, inverse, seg, batch.num_docs)
         else:
             x = rows["pretrained"] + rows["oov"]
         if self.concat_tables is not None:

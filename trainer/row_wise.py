@@ -131,6 +131,8 @@ def _split(rows: torch.Tensor, counts: list[list[int]]) -> list[list[torch.Tenso
 class RowWiseTables(nn.Module):
     """The `LocalTables` interface over row-wise sharded tables (one block of rows of every table per rank)."""
 
+    takes_groups = False  # owners group the ids they receive (pooled_many)
+
     def __init__(self, specs: list[TableSpec], frozen: torch.Tensor, seed: int, info: DistInfo) -> None:
         super().__init__()
         if not dist.is_initialized():

@@ -22,11 +22,10 @@ from trainer.config import Config, dump_toml
 from trainer.data import BatchPlan, BatchPrefetcher, DataBundle, class_weights, prepare_data, rank_share
 from trainer.distributed import DistInfo, agree_any, all_reduce_, init_distributed, shutdown_distributed
 from trainer.bag_lookup import group_ids
-from trainer.embeddings import LocalTables, build_table_specs
+from trainer.embeddings import build_table_specs
 from trainer.evaluation import confusion_image, evaluate, per_class_table
 from trainer.export import export_model
 from trainer.features import Batch, collate
-from trainer.kernels import fused_kernels_enabled
 from trainer.metrics import (
     MetricsLogger,
     NullLogger,
@@ -154,8 +153,6 @@ class Trainer:
         self.model.dense_autocast = info.device.type == "cuda" and cfg.train.bf16 != "off"
         self.train_model = wrap_for_training(self.model, self.sharding, info)
         self.sync_tables = needs_sparse_grad_sync(self.sharding, info)
-        # whole tables on the CPU: the data thread groups each step's ids for the lookups' coalesced gradients
-        self.group_ahead = isinstance(tables, LocalTables) and info.device.type == "cpu" and fused_kernels_enabled()
         self.token_level = cfg.model.encoder == "lstm"
         tc = cfg.train
         self.plan = BatchPlan(self.data.train.raw_tokens, tc.batch_size, tc.tokens_per_batch, tc.seed)
@@ -277,8 +274,8 @@ class Trainer:
         batches = self.plan.epoch(epoch)
         rows = rank_share(batches[index], self.info.rank, self.info.world_size)
         batch = collate(self.data.train, rows, self.data.vocab.num_pretrained, self.token_level)
-        if self.group_ahead:  # off the main thread: the lookups' id grouping (bag_lookup)
-            batch.groups = {name: group_ids(ids) for name, ids in unwrap(self.model).groupable_ids(batch).items()}
+        # off the main thread: the lookups' id grouping (bag_lookup)
+        batch.groups = {name: group_ids(ids) for name, ids in unwrap(self.model).groupable_ids(batch).items()}
         return batches[index], batch, len(batches)
 
     def _steps(self, step, tokens_seen, prefetch, timer, meter, bar, t_start) -> dict:

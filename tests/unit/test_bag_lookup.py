@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer import kernels
-from trainer.bag_lookup import bag_sum, group_ids, sorted_groups
+from trainer.bag_lookup import bag_sum, gather_pool, group_ids, sorted_groups
 from trainer.config import load_config
 from trainer.distributed import DistInfo
 from trainer.sparse_optim import FastSparseAdam, RowWiseAdagrad, SparseSGD
@@ -95,14 +95,36 @@ def test_falls_back_to_embedding_bag_without_kernels_or_grad(monkeypatch) -> Non
     assert w.grad._nnz() == ids.numel()  # EmbeddingBag's own gradient: one row per id
 
 
-def test_the_data_thread_groups_the_ids_of_every_trainable_lookup(tiny_config) -> None:
-    cfg = load_config(tiny_config("run", model={"encoder": "masked_bag"}, embeddings={"ngram_buckets": 64}),
+@pytest.mark.parametrize(("encoder", "grouped"), [("masked_bag", {"pretrained", "oov", "bigram"}),
+                                                 ("bag", {"oov", "bigram"})])
+def test_the_data_thread_groups_the_ids_of_every_trainable_lookup(tiny_config, encoder, grouped) -> None:
+    cfg = load_config(tiny_config("run", model={"encoder": encoder}, embeddings={"ngram_buckets": 64}),
                       ["--train.threads", "1"])
     trainer = Trainer(cfg, DistInfo(0, 0, 1, torch.device("cpu"), "none"))
     trainer.build()
-    assert trainer.group_ahead
     _, batch, _ = trainer._make_batch(0)
-    assert set(batch.groups) == {"oov", "bigram", "mask"}
-    for name, ids in trainer.model.groupable_ids(batch).items():
-        distinct, inverse = batch.groups[name]
-        assert torch.equal(distinct[inverse], ids)
+    assert set(batch.groups) == grouped
+    for name, (distinct, inverse) in batch.groups.items():
+        assert torch.equal(distinct[inverse], batch.tables[name][0])
+        assert bool((distinct[1:] > distinct[:-1]).all())
+    # the model gives the same logits whether the data thread grouped the ids or the forward does
+    with torch.no_grad():
+        ahead = trainer.model(batch)
+        batch.groups = {}
+        assert torch.equal(trainer.model(batch), ahead)
+
+
+@pytest.mark.parametrize(("distinct", "num_ids", "segments"), [(20, 300, 17), (5, 0, 3), (1, 10, 1), (0, 0, 0)])
+def test_gather_pool_equals_index_add_of_gathered_rows(distinct, num_ids, segments) -> None:
+    gen = torch.Generator().manual_seed(distinct + num_ids)
+    rows0 = torch.randn(distinct, 4, generator=gen)
+    inverse = torch.randint(0, max(distinct, 1), (num_ids,), generator=gen)
+    segment = torch.randint(0, max(segments, 1), (num_ids,), generator=gen)
+    ours, ref = rows0.clone().requires_grad_(True), rows0.clone().requires_grad_(True)
+    out = gather_pool(ours, inverse, segment, segments)
+    want = torch.zeros(segments, 4).index_add(0, segment, ref[inverse])
+    assert torch.equal(out, want)
+    upstream = torch.randn(segments, 4, generator=gen)
+    (out * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-6, atol=1e-6)
