@@ -21,6 +21,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
 from trainer.distributed import init_distributed  # noqa: E402
+from trainer.optim import unwrap  # noqa: E402
+from trainer.sharding import sync_sparse_grads  # noqa: E402
 from trainer.trainer import Trainer  # noqa: E402
 
 
@@ -50,6 +52,8 @@ def main() -> int:
         loss, _ = trainer._loss(trainer.train_model(batch), batch, rows)
         t2 = time.perf_counter()
         loss.backward()
+        if trainer.sync_tables:  # replicated tables under torchrun: their sparse gradients are averaged here
+            sync_sparse_grads(unwrap(trainer.model).tables, info)
         t3 = time.perf_counter()
         trainer.optim.clip_dense(cfg.optim.grad_clip)
         trainer.optim.step(i)
