@@ -13,8 +13,12 @@ each process pinned to one intra-op thread so "2 processes" means 2 cores:
 
 Ratios are taken within one run of this script (the machines are noisy). Prints a table and writes JSON.
 
-    python benchmarks/bench_scaling.py [--steps 150] [--repeat 3] [--batch-sizes 512 2048 8192] [--skip-memory]
-        [--json out.json]
+    python benchmarks/bench_scaling.py [--steps 150] [--repeat 3] [--batch-sizes 512 2048 8192] [--pin-cores]
+        [--skip-memory] [--json out.json]
+
+`--pin-cores` adds the same setups with one core per process (1 process under taskset, so its data thread
+shares its core; ranks through `--dist.pin_cores`): a per-core scaling figure, next to the unpinned one a user
+gets by default.
 """
 
 import argparse
@@ -40,15 +44,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_training(nproc: int, args: list[str], run_dir: Path, timeout: int = 1800) -> dict:
+def run_training(nproc: int, args: list[str], run_dir: Path, timeout: int = 1800, pin: bool = False) -> dict:
+    """`pin`: one core per process: the single process under `taskset` on the first visible core (its data
+    thread shares that core), torchrun's ranks through `--dist.pin_cores true`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "PYTHONUNBUFFERED": "1"}
     common = ["--run.dir", str(run_dir), "--train.threads", "1", "--metrics.progress", "false"]
     if nproc == 1:
         cmd = [sys.executable, "-m", "trainer", "train", *args, *common]
+        if pin:
+            cmd = ["taskset", "-c", str(min(os.sched_getaffinity(0))), *cmd]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "trainer", "train",
-               *args, *common]
+               *args, *common, *(["--dist.pin_cores", "true"] if pin else [])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
@@ -78,25 +86,27 @@ def throughput(args, work: Path, batch: int) -> dict:
             "--metrics.projector_words", "0", *args.train_args]
     setups = {"1proc": (1, []), "2proc_replicated": (2, ["--dist.embedding_sharding", "replicated"]),
               "2proc_row_wise": (2, ["--dist.embedding_sharding", "row_wise"])}
+    if args.pin_cores:  # the same three, each process on one core of its own
+        setups.update({f"{k}_pinned": v for k, v in list(setups.items())})
     results: dict[str, list[dict]] = {k: [] for k in setups}
     for r in range(args.repeat):
         for name, (nproc, extra) in setups.items():  # interleaved, so drift in machine load hits all alike
             run_dir = work / f"tp-{batch}-{name}-{r}"
-            out = run_training(nproc, base + extra, run_dir)
+            out = run_training(nproc, base + extra, run_dir, pin=name.endswith("_pinned"))
             shutil.rmtree(run_dir, ignore_errors=True)  # metrics are read; checkpoints and exports are not needed
             results[name].append(out)
             print(f"  [{r}] batch {batch} {name}: {out['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
     summary = {name: {"tokens_per_s": summarize([o["tokens_per_s"] for o in outs]),
                       "step_s": summarize([batch / o["examples_per_s"] for o in outs])}
                for name, outs in results.items()}
-    ratios_2v1 = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(results["1proc"], results["2proc_replicated"], strict=True)]
-    ratios_rw = [b["tokens_per_s"] / a["tokens_per_s"]
-                 for a, b in zip(results["1proc"], results["2proc_row_wise"], strict=True)]
-    ratio_step = [(batch / b["examples_per_s"]) / (batch / a["examples_per_s"])
-                  for a, b in zip(results["2proc_replicated"], results["2proc_row_wise"], strict=True)]
-    summary["ratio_2proc_replicated_over_1proc"] = summarize(ratios_2v1)
-    summary["ratio_2proc_row_wise_over_1proc"] = summarize(ratios_rw)
-    summary["ratio_row_wise_step_over_replicated"] = summarize(ratio_step)
+    for suffix in ("", "_pinned") if args.pin_cores else ("",):
+        one, rep, rw = (results[k + suffix] for k in ("1proc", "2proc_replicated", "2proc_row_wise"))
+        summary[f"ratio_2proc_replicated_over_1proc{suffix}"] = summarize(
+            [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(one, rep, strict=True)])
+        summary[f"ratio_2proc_row_wise_over_1proc{suffix}"] = summarize(
+            [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(one, rw, strict=True)])
+        summary[f"ratio_row_wise_step_over_replicated{suffix}"] = summarize(
+            [a["examples_per_s"] / b["examples_per_s"] for a, b in zip(rep, rw, strict=True)])
     return summary
 
 
@@ -155,6 +165,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--frozen-rows", type=int, default=2_000_000)
     p.add_argument("--trainable-rows", type=int, default=1_000_000)
+    p.add_argument("--pin-cores", action="store_true",
+                   help="also run every throughput setup with each process pinned to one core of its own")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--work", default="", help="work folder (kept); default: a temporary folder")
@@ -176,11 +188,10 @@ def main() -> int:
         print(f"\nglobal batch {batch} documents ({int(batch) // 2} per rank with 2 processes)")
         print("| setup | tokens/s median (min-max) | step s median |")
         print("|---|---|---|")
-        for name in ("1proc", "2proc_replicated", "2proc_row_wise"):
+        for name in [k for k in t if not k.startswith("ratio_")]:
             s = t[name]["tokens_per_s"]
             print(f"| {name} | {s['median']:,.0f} ({s['min']:,.0f}-{s['max']:,.0f}) | {t[name]['step_s']['median']:.4f} |")
-        for key in ("ratio_2proc_replicated_over_1proc", "ratio_2proc_row_wise_over_1proc",
-                    "ratio_row_wise_step_over_replicated"):
+        for key in [k for k in t if k.startswith("ratio_")]:
             s = t[key]
             print(f"{key}: {s['median']:.2f} (min {s['min']:.2f}, max {s['max']:.2f})")
     if "memory_gb" in report:

@@ -253,6 +253,11 @@ class DistConfig:
     auto_shard_bytes: int = 1 << 30
     # Process-group timeout in seconds (a hung collective fails instead of waiting forever).
     timeout_s: int = 600
+    # CPU training under torchrun: pin each local rank (and its threads) to its own block of the cores this
+    # process may use, LOCAL_RANK of LOCAL_WORLD_SIZE blocks. Measured on a 2-core VM, 2 processes, batch 1024:
+    # +20-45 % tokens/s (no migrations, no rank's threads preempting the other's). Off by default: under a CPU
+    # quota without a cpuset, the visible cores may not be this job's.
+    pin_cores: bool = False
 
     def __post_init__(self) -> None:
         _choice(self.embedding_sharding, "dist.embedding_sharding", ("auto", "replicated", "row_wise"))

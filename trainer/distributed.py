@@ -54,13 +54,39 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
-    """Join the process group torchrun describes (or run alone) and pick this rank's device and backend."""
+def core_block(cores: list[int], local_rank: int, local_world: int) -> list[int]:
+    """This local rank's share of `cores`: contiguous blocks, the first `len % local_world` one core larger; the
+    ranks share round-robin when there are fewer cores than ranks."""
+    cores = sorted(cores)
+    if local_world <= 0 or not cores:
+        return cores
+    if len(cores) < local_world:
+        return [cores[local_rank % len(cores)]]
+    size, extra = divmod(len(cores), local_world)
+    start = local_rank * size + min(local_rank, extra)
+    return cores[start : start + size + (1 if local_rank < extra else 0)]
+
+
+def pin_to_cores(local_rank: int, local_world: int) -> list[int]:
+    """Pin this process to its `core_block` (Linux; elsewhere a no-op returning []). Called before the process
+    group and any thread pool exist: threads inherit the affinity of the thread that starts them."""
+    if not hasattr(os, "sched_setaffinity"):
+        return []
+    block = core_block(list(os.sched_getaffinity(0)), local_rank, local_world)
+    os.sched_setaffinity(0, block)
+    return block
+
+
+def init_distributed(device: str = "auto", timeout_s: int = 600, pin_cores: bool = False) -> DistInfo:
+    """Join the process group torchrun describes (or run alone) and pick this rank's device and backend.
+    `pin_cores` (CPU only): pin the rank to its block of cores first (`dist.pin_cores`)."""
     if not _launched_by_torchrun():
         return DistInfo(0, 0, 1, pick_device(device, 0), "none")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     dev = pick_device(device, local_rank)
+    if pin_cores and dev.type == "cpu":
+        pin_to_cores(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

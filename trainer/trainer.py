@@ -8,6 +8,7 @@ also waits for those branches.
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -113,6 +114,9 @@ class Trainer:
     # ---------------------------------------------------------------- build
     def build(self) -> None:
         cfg, info = self.cfg, self.info
+        if cfg.dist.pin_cores and info.is_main and hasattr(os, "sched_getaffinity"):
+            log.info("dist.pin_cores: local rank 0 runs on cores %s (each local rank on its own block)",
+                     sorted(os.sched_getaffinity(0)))
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
@@ -451,7 +455,7 @@ class Trainer:
 
 
 def run_training(cfg: Config) -> dict:
-    info = init_distributed(cfg.train.device, cfg.dist.timeout_s)
+    info = init_distributed(cfg.train.device, cfg.dist.timeout_s, cfg.dist.pin_cores)
     try:
         return Trainer(cfg, info).fit()
     finally:
