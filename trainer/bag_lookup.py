@@ -1,17 +1,22 @@
-"""Sum-pooled lookups into a trainable table whose backward gives the optimizer a coalesced gradient.
+"""Lookups into trainable tables whose backward gives the optimizer coalesced gradients.
 
 Why: `nn.EmbeddingBag(sparse=True)` writes one gradient row per looked-up id: each segment's output gradient is
 copied once for every id in it (68K x 50 floats for the demo's bigram table at batch 1024, 37K distinct rows).
-The sparse optimizer then hashes those ids and sums the duplicates, reading the copies in random order: 5.5 ms
+The sparse optimizer then hashed those ids and summed the duplicates, reading the copies in random order: 5.5 ms
 of a 10.6 ms CPU step went to `SparseSGD.step`, against 0.95 ms for the same update from a coalesced gradient
-(benchmarks/profile_step.py, bag + bigrams, batch 1024, 1 thread). Here the forward groups the ids once (a hash
-table, then a sort of the distinct rows only), and the backward sums every distinct row's gradient straight from
-the (segments x dim) output gradient, which stays in cache, into a (distinct rows x dim) block. The gradient is
-marked coalesced (sorted, unique rows), so the optimizer kernels skip their own grouping.
+(benchmarks/profile_step.py, bag + bigrams, batch 1024, 1 thread).
+
+- `bag_sum`: the forward groups the ids (`group_ids`: a hash table, then a sort of the distinct ids only; the
+  trainer's data thread does it ahead, `Batch.groups`), and the backward sums every distinct row's gradient
+  straight from the (segments x dim) output gradient, which stays in cache, into a (distinct rows x dim) block
+  whose rows are sorted and distinct. Autograd drops the coalesced flag on the way to `.grad`; the optimizers
+  detect such rows (`kernels.rows_are_distinct_sorted`) and skip their own grouping.
+- `gather_pool`: masked_bag's pooling of E(w) * M(w), computed once per distinct word, into documents through
+  each token's index, so the (tokens x dim) block of per-token rows is never made, forward or backward.
 
 Same sums as before, bit for bit: each distinct row's gradient is 0 + its ids' gradients in their original order,
 as the fused optimizer kernels summed duplicates (kernels.RowGroups). CPU float32 only; CUDA, other dtypes and
-`TRAINER_FUSED_KERNELS=0` keep `F.embedding_bag` (`bag_sum` picks).
+`TRAINER_FUSED_KERNELS=0` keep `F.embedding_bag` / `index_add`.
 """
 
 from __future__ import annotations
@@ -27,34 +32,6 @@ if kernels.numba is not None:
     from numba import njit
 
     @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
-    def _hash_groups(ids):
-        """Distinct ids in order of first appearance, and for every id the index of its distinct id: a hash table
-        with linear probing, O(n), serial."""
-        n = ids.shape[0]
-        bits = 1
-        while (1 << bits) < 2 * n:
-            bits += 1
-        mask = (1 << bits) - 1
-        shift = np.uint64(64 - bits)
-        keys = np.full(mask + 1, -1, dtype=np.int64)
-        key_group = np.empty(mask + 1, dtype=np.int64)
-        group_of = np.empty(n, dtype=np.int64)
-        first_seen = np.empty(n, dtype=np.int64)
-        groups = 0
-        for k in range(n):
-            r = ids[k]
-            h = np.int64((np.uint64(r) * np.uint64(11400714819323198485)) >> shift)  # Fibonacci hashing
-            while keys[h] != -1 and keys[h] != r:
-                h = (h + 1) & mask
-            if keys[h] == -1:
-                keys[h] = r
-                key_group[h] = groups
-                first_seen[groups] = r
-                groups += 1
-            group_of[k] = key_group[h]
-        return first_seen[:groups], group_of
-
-    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
     def _sum_rows(grad_out, offsets, inverse, out):
         """out[inverse[k]] += grad_out[segment of id k], for ids in their original order, out zeroed first."""
         out[:] = np.float32(0.0)
@@ -66,7 +43,6 @@ if kernels.numba is not None:
                 dst = out[inverse[k]]
                 for j in range(dst.shape[0]):
                     dst[j] += src[j]
-
 
     @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
     def _gather_pool(rows, inverse, segment, out):
@@ -92,7 +68,7 @@ def sorted_groups(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Faster than `np.unique(return_inverse=True)`, which sorts all n ids: the hash table groups them, and only the
     distinct ids, usually far fewer, are sorted (by numpy, whose sort is several times faster than numba's)."""
-    first_seen, group_of = _hash_groups(ids)
+    first_seen, group_of = kernels.hash_groups(ids)
     perm = np.argsort(first_seen)
     rank = np.empty_like(perm)
     rank[perm] = np.arange(perm.shape[0])
