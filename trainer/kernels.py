@@ -110,9 +110,12 @@ def rows_are_distinct_sorted(grad: Tensor) -> bool:
 
     Why the check: autograd drops the flag. A parameter's first gradient is stored through
     `_sparse_coo_tensor_unsafe`, which marks it uncoalesced, so bag_lookup's coalesced gradients arrive at the
-    optimizer unflagged. Checking costs one comparison per row, grouping them again a hash and a gather."""
+    optimizer unflagged. Checking costs one comparison per row, grouping them again a hash and a gather. Off the
+    CPU only the flag counts: the check would be a host sync, and there the lookups are EmbeddingBag's anyway."""
     if grad.is_coalesced():
         return True
+    if grad.device.type != "cpu":
+        return False
     idx = grad._indices()[0]
     return idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all())
 
