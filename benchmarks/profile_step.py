@@ -4,6 +4,11 @@ Builds the real Trainer (data, tables, optimizers) in one process, runs warm-up 
 steps and prints the top operators by self CPU time, plus wall time per phase.
 
     python benchmarks/profile_step.py --config configs/demo.toml [--steps 10] [--section.field VALUE ...]
+    torchrun --nproc-per-node 2 benchmarks/profile_step.py --config configs/demo.toml --train.threads 1 \
+        --dist.embedding_sharding row_wise          # every rank prints its own breakdown
+
+"collate" is the data thread's work for one step (collate, then the lookups' id grouping), run inline here; in
+training it overlaps the previous step.
 """
 
 import argparse
@@ -43,8 +48,6 @@ def main() -> int:
     phases = {"collate": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
 
     def one_step(i: int) -> None:
-        # "collate" is what the trainer's data thread does for a step (collate, then group the lookups' ids),
-        # here inline; in training it overlaps the previous step
         t0 = time.perf_counter()
         rows, batch, _ = trainer._make_batch(i % len(batches))
         t1 = time.perf_counter()
