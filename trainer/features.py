@@ -185,8 +185,8 @@ class Batch:
 
     Segments are documents for bag encoders and token positions for the LSTM (`seq_lengths` then says how many
     tokens each document has). `lengths` is each document's number of looked-up ids (for mean pooling). `groups`
-    optionally holds ids grouped ahead on the data thread (bag_lookup.group_ids), by name: a table's, or the
-    step's words ("words", masked_bag)."""
+    optionally holds, by table name, the ids of `tables[name]` grouped ahead on the data thread
+    (bag_lookup.group_ids); masked_bag builds its per-word lookups from the "pretrained" and "oov" groups."""
 
     tables: dict[str, tuple[torch.Tensor, torch.Tensor]]
     labels: torch.Tensor

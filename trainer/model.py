@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from trainer.config import ModelConfig
 from trainer.bag_lookup import gather_pool, group_ids
+from trainer.config import ModelConfig
 from trainer.embeddings import per_token_offsets, segment_counts, segment_index
 from trainer.features import Batch
 

@@ -35,9 +35,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.bag_lookup import bag_sum
 from trainer.distributed import DistInfo
 from trainer.embeddings import TableSpec, init_rows_, segment_index
-from trainer.bag_lookup import bag_sum
 from trainer.kernels import advise_hugepages
 
 _TABLE_PARAM = re.compile(r"(?:^|\.)bags\.([^.]+)\.weight$")

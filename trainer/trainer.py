@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer.bag_lookup import group_ids
 from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, valid_steps
 from trainer.config import Config, dump_toml
 from trainer.data import BatchPlan, BatchPrefetcher, DataBundle, class_weights, prepare_data, rank_share
 from trainer.distributed import DistInfo, agree_any, all_reduce_, init_distributed, shutdown_distributed
-from trainer.bag_lookup import group_ids
 from trainer.embeddings import build_table_specs
 from trainer.evaluation import confusion_image, evaluate, per_class_table
 from trainer.export import export_model
