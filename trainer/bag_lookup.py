@@ -45,22 +45,14 @@ if kernels.numba is not None:
                     dst[j] += src[j]
 
     @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
-    def _gather_pool(rows, inverse, segment, out):
-        """out[segment[k]] += rows[inverse[k]] for every token k, in order, out zeroed first."""
-        out[:] = np.float32(0.0)
-        for k in range(inverse.shape[0]):
-            src, dst = rows[inverse[k]], out[segment[k]]
-            for j in range(dst.shape[0]):
-                dst[j] += src[j]
-
-    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
-    def _scatter_unpool(grad_out, inverse, segment, grad_rows):
-        """The adjoint of _gather_pool: grad_rows[inverse[k]] += grad_out[segment[k]], grad_rows zeroed first."""
-        grad_rows[:] = np.float32(0.0)
-        for k in range(inverse.shape[0]):
-            src, dst = grad_out[segment[k]], grad_rows[inverse[k]]
-            for j in range(dst.shape[0]):
-                dst[j] += src[j]
+    def _add_rows(src, src_row, dst_row, dst):
+        """dst[dst_row[k]] += src[src_row[k]] for every k, in order, dst zeroed first: gather_pool's forward
+        (rows -> segments) and, with the indices swapped, its backward (segment gradients -> rows)."""
+        dst[:] = np.float32(0.0)
+        for k in range(src_row.shape[0]):
+            a, b = src[src_row[k]], dst[dst_row[k]]
+            for j in range(b.shape[0]):
+                b[j] += a[j]
 
 
 def sorted_groups(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,14 +108,14 @@ class _GatherPool(torch.autograd.Function):
         ctx.save_for_backward(inverse, segment)
         ctx.num_rows = rows.shape[0]
         out = rows.new_empty(num_segments, rows.shape[1])
-        _gather_pool(rows.detach().contiguous().numpy(), inverse.numpy(), segment.numpy(), out.numpy())
+        _add_rows(rows.detach().contiguous().numpy(), inverse.numpy(), segment.numpy(), out.numpy())
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         inverse, segment = ctx.saved_tensors
         grad_rows = grad_out.new_empty(ctx.num_rows, grad_out.shape[1], dtype=torch.float32)
-        _scatter_unpool(grad_out.contiguous().float().numpy(), inverse.numpy(), segment.numpy(), grad_rows.numpy())
+        _add_rows(grad_out.contiguous().float().numpy(), segment.numpy(), inverse.numpy(), grad_rows.numpy())
         return grad_rows, None, None, None
 
 
