@@ -120,6 +120,15 @@ def rows_are_distinct_sorted(grad: Tensor) -> bool:
     return idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all())
 
 
+def grouped_rows(idx: Tensor, distinct_sorted: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`RowGroups`' (rows, starts, order) for a CPU gradient's row ids: ids already distinct and sorted
+    (`rows_are_distinct_sorted`) are each their own group; any others go through the hash grouping."""
+    ids = idx.contiguous().numpy()
+    if distinct_sorted:
+        return ids, np.arange(ids.shape[0] + 1, dtype=np.int64), np.arange(ids.shape[0], dtype=np.int64)
+    return _group_rows(ids)
+
+
 class RowGroups:
     """A sparse row gradient's rows grouped by table row: `rows` (unique, in order of first appearance), and for the
     u-th of them the gradient rows `values[order[starts[u]:starts[u + 1]]]` to sum, in their original order."""
@@ -128,13 +137,8 @@ class RowGroups:
         """`block(rows, cols, like)` returns a writable float32 block for summed duplicate rows (an optimizer's
         reused workspace; default: a fresh allocation)."""
         idx, self.values = row_sparse_parts(grad)
-        if rows_are_distinct_sorted(grad):
-            self.rows = idx
-            self.order = torch.arange(idx.numel())
-            self.starts = torch.arange(idx.numel() + 1)
-        else:
-            rows, starts, order = _group_rows(idx.contiguous().numpy())
-            self.rows, self.starts, self.order = (torch.from_numpy(a) for a in (rows, starts, order))
+        groups = grouped_rows(idx, rows_are_distinct_sorted(grad))
+        self.rows, self.starts, self.order = (torch.from_numpy(a) for a in groups)
         if not self.values.is_contiguous() or self.values.dtype != torch.float32:
             self.values = self.values.contiguous().float()
         shape = (self.rows.numel(), self.values.shape[1])

@@ -147,11 +147,8 @@ class _LocalRows:
         self.fused = kernels.can_fuse(values)
         if self.fused:  # numba hash grouping (O(nnz)); the pack kernel sorts the distinct rows only
             self.values = values.contiguous()
-            if grad is not None and kernels.rows_are_distinct_sorted(grad):  # bag_lookup's gradients: as they are
-                self.rows = idx.contiguous().numpy()
-                self.starts, self.order = np.arange(self.rows.shape[0] + 1), np.arange(self.rows.shape[0])
-            else:
-                self.rows, self.starts, self.order = kernels._group_rows(idx.contiguous().numpy())
+            distinct_sorted = grad is None or kernels.rows_are_distinct_sorted(grad)  # bag_lookup's: as they are
+            self.rows, self.starts, self.order = kernels.grouped_rows(idx, distinct_sorted)
             self.num_rows = self.rows.shape[0]
         else:  # CUDA, other dtypes, TRAINER_FUSED_KERNELS=0: torch ops
             self.rows, inverse = torch.unique(idx, return_inverse=True)
