@@ -37,9 +37,15 @@ def agree_any(*flags: bool, info: DistInfo) -> bool | tuple[bool, ...]:
     (a gloo group), so a CUDA step needs no host sync for it; every rank must call it at the same points."""
     if info.is_distributed:
         t = torch.tensor([1.0 if f else 0.0 for f in flags])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
         flags = tuple(bool(v) for v in t.tolist())
     return flags[0] if len(flags) == 1 else tuple(flags)
+
+
+def host_group():
+    """The process group for small host-side tensors (flags, split sizes): a gloo group when the main backend is
+    NCCL, so they never touch the GPU or wait for it; None (the default group) otherwise."""
+    return _control_group
 
 
 def _launched_by_torchrun() -> bool:

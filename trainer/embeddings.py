@@ -152,10 +152,10 @@ class LocalTables(nn.Module):
                 return F.embedding_bag(ids, self.frozen, offsets, mode="sum")
         return bag_sum(self.bags[name].weight, ids, offsets, groups)
 
-    def pooled_many(self, requests: list[tuple[str, torch.Tensor, torch.Tensor]], groups: dict | None = None
-                    ) -> list[torch.Tensor]:
+    def pooled_many(self, requests: list[tuple[str, torch.Tensor, torch.Tensor]], groups: dict | None = None,
+                    routes: dict | None = None) -> list[torch.Tensor]:
         """`pooled` for several tables (the row-wise implementation fuses their collectives); `groups` by table
-        name, as `Batch.groups`."""
+        name, as `Batch.groups`. `routes` (`Batch.routes`) are row-wise tables' and do not apply here."""
         groups = groups or {}
         return [self.pooled(name, ids, offsets, groups.get(name)) for name, ids, offsets in requests]
 

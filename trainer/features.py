@@ -186,7 +186,9 @@ class Batch:
     Segments are documents for bag encoders and token positions for the LSTM (`seq_lengths` then says how many
     tokens each document has). `lengths` is each document's number of looked-up ids (for mean pooling). `groups`
     optionally holds, by table name, the ids of `tables[name]` grouped ahead on the data thread
-    (bag_lookup.group_ids); masked_bag builds its per-word lookups from the "pretrained" and "oov" groups."""
+    (bag_lookup.group_ids); masked_bag builds its per-word lookups from the "pretrained" and "oov" groups.
+    `routes` holds, for row-wise sharded tables, where each lookup's ids go (row_wise.plan_route), also planned
+    ahead."""
 
     tables: dict[str, tuple[torch.Tensor, torch.Tensor]]
     labels: torch.Tensor
@@ -195,6 +197,7 @@ class Batch:
     num_docs: int
     num_tokens: int
     groups: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    routes: dict = field(default_factory=dict)
 
     def pinned(self) -> "Batch":
         """A copy in page-locked host memory (for asynchronous copies to a GPU)."""
@@ -206,6 +209,7 @@ class Batch:
             num_docs=self.num_docs,
             num_tokens=self.num_tokens,
             groups={k: (d.pin_memory(), i.pin_memory()) for k, (d, i) in self.groups.items()},
+            routes={k: r.pinned() for k, r in self.routes.items()},
         )
 
     def to(self, device: torch.device) -> "Batch":
@@ -221,6 +225,7 @@ class Batch:
             num_tokens=self.num_tokens,
             groups={k: (d.pin_memory().to(device, **nb), i.pin_memory().to(device, **nb))
                     for k, (d, i) in self.groups.items()},
+            routes={k: r.pinned().to(device, **nb) for k, r in self.routes.items()},
         )
 
 

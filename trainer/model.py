@@ -90,10 +90,28 @@ class TextClassifier(nn.Module):
     def _lookups(self, batch: Batch, word_groups: tuple | None) -> dict[str, torch.Tensor]:
         """Every table lookup of the step in one `pooled_many` call (row-wise tables fuse its collectives).
 
-        Word tables are pooled per segment, or, for masked_bag, looked up once per distinct word of the step
-        (`word_groups`, from `_word_groups`) so their rows can be multiplied by the mask rows before pooling. The
-        list of lookups depends only on the configuration and on `delta_active`, which all ranks agree on, so
+        The list of lookups depends only on the configuration and on `delta_active`, which all ranks agree on, so
         row-wise collectives stay in lock-step."""
+        requests, groups = self._planned_requests(batch, word_groups)
+        if self.tables.has("pretrained_delta"):
+            pre_ids, pre_off = requests[0][1:]
+            if self.delta_active:
+                requests.append(("pretrained_delta", pre_ids, pre_off))
+            else:  # called with no ids: every table joins every step (DDP, row-wise collectives)
+                groups.pop("pretrained_delta", None)
+                requests.append(("pretrained_delta", pre_ids[:0], torch.zeros_like(pre_off)))
+        pooled = self.tables.pooled_many(requests, groups, batch.routes)
+        rows = dict(zip([r[0] for r in requests], pooled, strict=True))
+        if "pretrained_delta" in rows:
+            rows["pretrained"] = rows["pretrained"] + rows.pop("pretrained_delta")
+        return rows
+
+    def _planned_requests(self, batch: Batch, word_groups: tuple | None) -> tuple[list, dict]:
+        """The step's lookups that do not depend on the step (all but the pretrained correction's), as
+        (table, ids, offsets), pretrained first, and the groups they use.
+
+        Word tables are pooled per segment, or, for masked_bag, looked up once per distinct word of the step
+        (`word_groups`, from `_word_groups`) so their rows can be multiplied by the mask rows before pooling."""
         (pre_ids, pre_off), (oov_ids, oov_off) = batch.tables["pretrained"], batch.tables["oov"]
         groups = dict(batch.groups)
         masked = word_groups is not None
@@ -106,21 +124,21 @@ class TextClassifier(nn.Module):
             groups.update({"oov": (oov_ids, oov_off), "pretrained_delta": (pre_ids, pre_off),
                            "mask": (distinct, per_token_offsets(distinct.shape[0], distinct.device))})
         requests = [("pretrained", pre_ids, pre_off), ("oov", oov_ids, oov_off)]
-        if self.tables.has("pretrained_delta"):
-            if self.delta_active:
-                requests.append(("pretrained_delta", pre_ids, pre_off))
-            else:  # called with no ids: every table joins every step (DDP, row-wise collectives)
-                groups.pop("pretrained_delta", None)
-                requests.append(("pretrained_delta", pre_ids[:0], torch.zeros_like(pre_off)))
         if masked:
             requests.append(("mask", distinct, groups["mask"][1]))
-        for name in ("bigram", "char"):
-            if self.tables.has(name):
-                requests.append((name, *batch.tables[name]))
-        rows = dict(zip([r[0] for r in requests], self.tables.pooled_many(requests, groups), strict=True))
-        if "pretrained_delta" in rows:
-            rows["pretrained"] = rows["pretrained"] + rows.pop("pretrained_delta")
-        return rows
+        requests += [(name, *batch.tables[name]) for name in ("bigram", "char") if self.tables.has(name)]
+        return requests, groups
+
+    def prepare(self, batch: Batch) -> Batch:
+        """The data thread's work on a collated batch, ahead of its step (same results as leaving it to forward):
+        group the ids of the lookups that can be grouped (`Batch.groups`), then, for row-wise tables, plan where
+        every lookup's ids go (`Batch.routes`, `RowWiseTables.route`; masked_bag's are built from the groups)."""
+        batch.groups = {name: group_ids(ids) for name, ids in self.groupable_ids(batch).items()}
+        if hasattr(self.tables, "route"):
+            word_groups = self._word_groups(batch) if self.encoder == "masked_bag" else None
+            batch.routes = {name: self.tables.route(name, ids, offsets)
+                            for name, ids, offsets in self._planned_requests(batch, word_groups)[0]}
+        return batch
 
     def _word_groups(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The step's distinct pretrained and OOV word ids (each sorted), and for every word token (pretrained

@@ -10,9 +10,11 @@ ids, no segments or an empty shard (the payloads are then empty, the collectives
 
     requesting rank (segments S, ids n)                      owning ranks
     1. owner = id // c; stable sort by owner, so each
-       owner's ids stay grouped by segment
-    2. all_to_all [ids, distinct segments] per owner  --->  counts (W, 2)
-    3. all_to_all (local row, segment) pairs          --->  sum rows per (source, segment): partial rows
+       owner's ids stay grouped by segment; a part = one
+       segment's ids of one owner (`plan_route`, planned
+       ahead on the trainer's data thread: `Batch.routes`)
+    2. all_to_all [ids, parts] per owner, on the host  --->  counts (W, 2)
+    3. all_to_all (local rows, part lengths)           --->  sum each part's rows: one partial row per part
     4.                                                <---  all_to_all partial rows (autograd: the backward sends
                                                             each partial's gradient back to its owner)
     5. index_add the partials into (S, D)
@@ -29,6 +31,7 @@ the others until the process-group timeout.
 
 import re
 import time
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -36,12 +39,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.bag_lookup import bag_sum
-from trainer.distributed import DistInfo
+from trainer.distributed import DistInfo, host_group
 from trainer.embeddings import TableSpec, init_rows_, segment_index
 from trainer.kernels import advise_hugepages
 
 _TABLE_PARAM = re.compile(r"(?:^|\.)bags\.([^.]+)\.weight$")
-_SEGMENT_BITS = 40  # (source rank, segment) packed into one int64 key on the owner
 
 
 def shard_rows(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -128,6 +130,48 @@ def _split(rows: torch.Tensor, counts: list[list[int]]) -> list[list[torch.Tenso
     return out
 
 
+@dataclass
+class Route:
+    """Where one table request's ids go (`plan_route`): everything the requesting side of a row-wise lookup can
+    work out before the step, so the trainer's data thread does it (`Batch.routes`) and the step only exchanges.
+
+    A part is this rank's ids of one segment that one owner holds; the owner returns one partial row per part."""
+
+    payload: torch.Tensor  # int64; per owner, in rank order: its ids as local rows (stable), then its part lengths
+    part_segment: torch.Tensor  # the segment of every part, owner-major
+    counts: torch.Tensor  # (world, 2) int64 on the host: ids and parts per owner
+    num_ids: int
+    num_segments: int
+
+    def pinned(self) -> "Route":
+        return replace(self, payload=self.payload.pin_memory(), part_segment=self.part_segment.pin_memory())
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Route":
+        return replace(self, payload=self.payload.to(device, non_blocking=non_blocking),
+                       part_segment=self.part_segment.to(device, non_blocking=non_blocking))
+
+
+def plan_route(ids: torch.Tensor, offsets: torch.Tensor, num_rows: int, world: int) -> Route:
+    """Plan a lookup of `ids` (global rows of a `num_rows` table; EmbeddingBag `offsets`) across `world` owners.
+
+    Owner = id // ceil(num_rows / world); a stable sort by owner keeps each owner's ids in segment order, so the
+    owner sums contiguous runs (one per part) and needs no segment ids: the payload carries the run lengths
+    instead, 8 bytes per part rather than 8 per id, and the owner neither sorts nor deduplicates."""
+    num_ids, num_segments = ids.shape[0], offsets.shape[0]
+    span = max(num_segments, 1)
+    chunk = max(1, -(-num_rows // world))
+    owner, order = _sort_owners(torch.div(ids, chunk, rounding_mode="floor"), world)
+    local_row = ids[order] - owner * chunk
+    part, part_lengths = torch.unique_consecutive(owner * span + segment_index(offsets, num_ids)[order],
+                                                  return_counts=True)  # distinct (owner, segment), owner-major
+    counts = torch.stack([torch.bincount(owner, minlength=world),
+                          torch.bincount(torch.div(part, span, rounding_mode="floor"), minlength=world)], 1).cpu()
+    ids_per_owner, parts_per_owner = counts.t().tolist()
+    payload = torch.cat([x for pair in zip(local_row.split(ids_per_owner), part_lengths.split(parts_per_owner),
+                                           strict=True) for x in pair])
+    return Route(payload, part % span, counts, num_ids, num_segments)
+
+
 class RowWiseTables(nn.Module):
     """The `LocalTables` interface over row-wise sharded tables (one block of rows of every table per rank)."""
 
@@ -192,110 +236,70 @@ class RowWiseTables(nn.Module):
             self.frozen = self.frozen.to(device)
 
     # ------------------------------------------------------------------ lookups
+    def route(self, name: str, ids: torch.Tensor, offsets: torch.Tensor) -> Route:
+        """`plan_route` for one of this model's tables; needs no process group (the data thread calls it)."""
+        return plan_route(ids, offsets, self.specs[name].num_rows, self.world_size)
+
     def pooled(self, name: str, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Sum of the rows of each segment, (num_segments, dim). Collective: every rank calls it, same order.
 
         `ids` are this table's (global) row ids for this rank's segments, `offsets` EmbeddingBag start offsets."""
-        world, device = self.world_size, offsets.device
-        num_ids, num_segments = ids.shape[0], offsets.shape[0]
-        chunk = max(1, -(-self.specs[name].num_rows // world))
-        segment = segment_index(offsets, num_ids)
-        owner = torch.div(ids, chunk, rounding_mode="floor")
-        # stable: within one owner the ids keep their order, hence stay grouped by (non-decreasing) segment
-        owner, order = _sort_owners(owner, world)
-        segment = segment[order]
-        local_row = ids[order] - owner * chunk
-        pair = torch.unique_consecutive(owner * max(num_segments, 1) + segment)  # distinct (owner, segment)
-        pair_segment = pair % max(num_segments, 1)
-        counts = torch.stack(
-            [
-                torch.bincount(owner, minlength=world),
-                torch.bincount(torch.div(pair, max(num_segments, 1), rounding_mode="floor"), minlength=world),
-            ],
-            dim=1,
-        )
-        # 1) counts: [ids, distinct segments] per owner; host sync, the split sizes must be Python ints
-        recv_counts = _exchange(counts, [1] * world, [1] * world, self.group)
-        send_ids, send_parts = counts.t().tolist()
-        recv_ids, recv_parts = recv_counts.t().tolist()
-        # 2) (local row, segment) pairs to their owners
-        recv = _exchange(torch.stack([local_row, segment], dim=1), recv_ids, send_ids, self.group)
-        # 3) owner side: sum rows per (source rank, segment); received blocks are ordered by source, then segment
-        source = torch.repeat_interleave(
-            torch.arange(world, device=device), torch.tensor(recv_ids, device=device)
-        )
-        _, per_part = torch.unique_consecutive((source << _SEGMENT_BITS) | recv[:, 1], return_counts=True)
-        bag_offsets = torch.cumsum(per_part, 0) - per_part
-        if name == "pretrained":
-            with torch.no_grad():
-                partial = F.embedding_bag(recv[:, 0], self.frozen, bag_offsets, mode="sum")
-                returned = _exchange(partial, send_parts, recv_parts, self.group)
-        else:
-            partial = bag_sum(self.bags[name].weight, recv[:, 0], bag_offsets)
-            returned = all_to_all_rows(partial, send_parts, recv_parts, 1.0 / world, self.group)
-        # 4) partials back in (owner, segment) order == `pair` order: add them up per segment
-        out = returned.new_zeros(num_segments, returned.shape[1])
-        return out.index_add(0, pair_segment, returned)
+        return self.pooled_many([(name, ids, offsets)])[0]
 
-    def pooled_many(self, requests: list[tuple[str, torch.Tensor, torch.Tensor]], groups: dict | None = None
-                    ) -> list[torch.Tensor]:
-        """`pooled` for several tables at once with four collectives in all (counts, pairs, partial rows, and
-        the backward of the partial rows) instead of four per table: at small batches the latency of gloo's
-        collectives, not their bytes, dominates a row-wise step. Same results as calling `pooled` per table.
-        `groups` (ids grouped ahead, LocalTables) does not apply: owners group the ids they receive."""
+    def pooled_many(self, requests: list[tuple[str, torch.Tensor, torch.Tensor]], groups: dict | None = None,
+                    routes: dict[str, Route] | None = None) -> list[torch.Tensor]:
+        """`pooled` for several tables at once, with four collectives in all (counts, ids, partial rows, and the
+        backward of the partial rows) instead of four per table: at small batches the latency of gloo's
+        collectives, not their bytes, dominates a row-wise step.
+
+        `routes`: by table name, `route(name, ids, offsets)` planned ahead (`Batch.routes`, the data thread); a
+        request without one is planned here. `groups` (ids grouped ahead for LocalTables) does not apply: owners
+        group the ids they receive."""
         world, num_tables = self.world_size, len(requests)
         if num_tables == 0:
             return []
-        device = requests[0][2].device
+        routes = routes or {}
         plans = []
         for name, ids, offsets in requests:
-            num_ids, num_segments = ids.shape[0], offsets.shape[0]
-            span = max(num_segments, 1)
-            chunk = max(1, -(-self.specs[name].num_rows // world))
-            segment = segment_index(offsets, num_ids)
-            owner = torch.div(ids, chunk, rounding_mode="floor")
-            owner, order = _sort_owners(owner, world)  # stable: each owner's ids stay in segment order
-            segment = segment[order]
-            local_row = ids[order] - owner * chunk
-            pair = torch.unique_consecutive(owner * span + segment)  # distinct (owner, segment), owner-major
-            counts = torch.stack([torch.bincount(owner, minlength=world),
-                                  torch.bincount(torch.div(pair, span, rounding_mode="floor"), minlength=world)], 1)
-            plans.append((name, num_segments, owner, local_row, segment, pair % span, counts))
-        counts = torch.stack([p[6] for p in plans], dim=1)  # (world, tables, [ids, parts])
-        # 1) counts; host sync: the split sizes must be Python ints
-        recv_counts = _exchange(counts.reshape(world, 2 * num_tables), [1] * world, [1] * world, self.group)
-        recv_counts = recv_counts.view(world, num_tables, 2)
+            plan = routes.get(name)
+            if plan is None or (plan.num_ids, plan.num_segments) != (ids.shape[0], offsets.shape[0]):
+                plan = self.route(name, ids, offsets)
+            plans.append(plan)
+        # 1) counts, on the host (a gloo group when the main backend is NCCL: no device sync for split sizes)
+        counts = torch.stack([p.counts for p in plans], dim=1)  # (world, tables, [ids, parts])
+        recv_counts = _exchange(counts.reshape(world, 2 * num_tables), [1] * world, [1] * world, host_group())
         send_ids, send_parts = counts[:, :, 0].tolist(), counts[:, :, 1].tolist()
-        recv_ids, recv_parts = recv_counts[:, :, 0].tolist(), recv_counts[:, :, 1].tolist()
-        # 2) (local row, segment) pairs, grouped by destination rank, then table: slices of each table's
-        #    owner-sorted ids (the counts tell every block's length, so neither side sorts or masks)
-        pairs = [torch.stack([p[3], p[4]], 1) for p in plans]
-        recv = _exchange(torch.cat(_blocks(pairs, send_ids)), [sum(r) for r in recv_ids], [sum(r) for r in send_ids],
-                         self.group)
-        # 3) owner side, per table: sum rows per (source rank, segment); blocks arrive source-major, table-minor
-        received = _split(recv, recv_ids)
+        recv = recv_counts.view(world, num_tables, 2).tolist()
+        recv_ids = [[n for n, _ in per_rank] for per_rank in recv]
+        recv_parts = [[k for _, k in per_rank] for per_rank in recv]
+        # 2) payloads (local rows, then part lengths, per owner), grouped by destination rank, then table
+        send_sizes = [[n + k for n, k in zip(a, b, strict=True)] for a, b in zip(send_ids, send_parts, strict=True)]
+        recv_sizes = [[n + k for n, k in per_rank] for per_rank in recv]
+        received = _split(
+            _exchange(torch.cat(_blocks([p.payload for p in plans], send_sizes)), [sum(r) for r in recv_sizes],
+                      [sum(r) for r in send_sizes], self.group),
+            recv_sizes,
+        )
+        # 3) owner side, per table: sum rows per part; blocks arrive source-major, each source's in part order
         partials = []
-        for t, (name, *_rest) in enumerate(plans):
-            rows = torch.cat([received[r][t] for r in range(world)])
-            src = torch.repeat_interleave(torch.arange(world, device=device),
-                                          torch.tensor([recv_ids[r][t] for r in range(world)], device=device,
-                                                       dtype=torch.long))
-            _, per_part = torch.unique_consecutive((src << _SEGMENT_BITS) | rows[:, 1], return_counts=True)
-            bag_offsets = torch.cumsum(per_part, 0) - per_part
+        for t, (name, _ids, _offsets) in enumerate(requests):
+            rows = torch.cat([received[r][t][: recv_ids[r][t]] for r in range(world)])
+            lengths = torch.cat([received[r][t][recv_ids[r][t]:] for r in range(world)])
+            bag_offsets = torch.cumsum(lengths, 0) - lengths
             if name == "pretrained":
                 with torch.no_grad():
-                    partials.append(F.embedding_bag(rows[:, 0], self.frozen, bag_offsets, mode="sum"))
+                    partials.append(F.embedding_bag(rows, self.frozen, bag_offsets, mode="sum"))
             else:
-                partials.append(bag_sum(self.bags[name].weight, rows[:, 0], bag_offsets))
+                partials.append(bag_sum(self.bags[name].weight, rows, bag_offsets))
         # 4) partial rows back, grouped by requesting rank, then table; the autograd exchange returns gradients
         returned = all_to_all_rows(torch.cat(_blocks(partials, recv_parts)), [sum(r) for r in send_parts],
                                    [sum(r) for r in recv_parts], 1.0 / world, self.group)
-        # returned: owner-major, table-minor; table t's rows in owner order are its `pair` order
+        # returned: owner-major, table-minor; table t's rows in owner order are its parts' order
         back = _split(returned, send_parts)
         outs = []
-        for t, (_name, num_segments, *_x, pair_segment, _c) in enumerate(plans):
+        for t, plan in enumerate(plans):
             rows = torch.cat([back[o][t] for o in range(world)])
-            outs.append(rows.new_zeros(num_segments, rows.shape[1]).index_add(0, pair_segment, rows))
+            outs.append(rows.new_zeros(plan.num_segments, rows.shape[1]).index_add(0, plan.part_segment, rows))
         return outs
 
     # ------------------------------------------------------------------ checkpoints and export

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.bag_lookup import group_ids
 from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, valid_steps
 from trainer.config import Config, dump_toml
 from trainer.data import BatchPlan, BatchPrefetcher, DataBundle, class_weights, prepare_data, rank_share
@@ -278,8 +277,7 @@ class Trainer:
         batches = self.plan.epoch(epoch)
         rows = rank_share(batches[index], self.info.rank, self.info.world_size)
         batch = collate(self.data.train, rows, self.data.vocab.num_pretrained, self.token_level)
-        # off the main thread: the lookups' id grouping (bag_lookup)
-        batch.groups = {name: group_ids(ids) for name, ids in unwrap(self.model).groupable_ids(batch).items()}
+        unwrap(self.model).prepare(batch)  # off the main thread: id grouping, row-wise routes
         return batches[index], batch, len(batches)
 
     def _steps(self, step, tokens_seen, prefetch, timer, meter, bar, t_start) -> dict:
