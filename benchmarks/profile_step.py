@@ -7,8 +7,8 @@ steps and prints the top operators by self CPU time, plus wall time per phase.
     torchrun --nproc-per-node 2 benchmarks/profile_step.py --config configs/demo.toml --train.threads 1 \
         --dist.embedding_sharding row_wise          # every rank prints its own breakdown
 
-"collate" is the data thread's work for one step (collate, then the lookups' id grouping), run inline here; in
-training it overlaps the previous step.
+"collate" is the data thread's work for one step (collate, then `TextClassifier.prepare`: id grouping and row-wise
+routes), run inline here; in training it overlaps the previous step.
 """
 
 import argparse

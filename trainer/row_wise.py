@@ -33,11 +33,13 @@ import re
 import time
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from trainer import kernels
 from trainer.bag_lookup import bag_sum
 from trainer.distributed import DistInfo, host_group
 from trainer.embeddings import TableSpec, init_rows_, segment_index
@@ -151,15 +153,65 @@ class Route:
                        part_segment=self.part_segment.to(device, non_blocking=non_blocking))
 
 
+if kernels.numba is not None:
+    from numba import njit
+
+    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
+    def _route_kernel(ids, offsets, chunk, world):
+        """`plan_route` in two passes over the ids (count, then place): a counting sort by owner, which is
+        stable, so the same payload as the torch ops' sort, in O(ids)."""
+        n, segments = ids.shape[0], offsets.shape[0]
+        id_count, part_count = np.zeros(world, np.int64), np.zeros(world, np.int64)
+        last = np.full(world, -1, np.int64)  # the last segment that started a part, per owner
+        for s in range(segments):
+            for k in range(offsets[s], offsets[s + 1] if s + 1 < segments else n):
+                o = ids[k] // chunk
+                if ids[k] < 0 or o >= world:
+                    raise IndexError("row id out of the table's range")
+                id_count[o] += 1
+                if last[o] != s:
+                    last[o] = s
+                    part_count[o] += 1
+        row_at, length_at, part_at = np.empty(world, np.int64), np.empty(world, np.int64), np.empty(world, np.int64)
+        size, parts = 0, 0
+        for o in range(world):  # owner o's block: its local rows, then its part lengths
+            row_at[o], length_at[o], part_at[o] = size, size + id_count[o], parts
+            size += id_count[o] + part_count[o]
+            parts += part_count[o]
+        payload, part_segment = np.empty(size, np.int64), np.empty(parts, np.int64)
+        last[:] = -1
+        for s in range(segments):
+            for k in range(offsets[s], offsets[s + 1] if s + 1 < segments else n):
+                o = ids[k] // chunk
+                payload[row_at[o]] = ids[k] - o * chunk
+                row_at[o] += 1
+                if last[o] != s:
+                    last[o] = s
+                    part_segment[part_at[o]] = s
+                    part_at[o] += 1
+                    payload[length_at[o]] = 0
+                    length_at[o] += 1
+                payload[length_at[o] - 1] += 1
+        return payload, part_segment, id_count, part_count
+
+
 def plan_route(ids: torch.Tensor, offsets: torch.Tensor, num_rows: int, world: int) -> Route:
     """Plan a lookup of `ids` (global rows of a `num_rows` table; EmbeddingBag `offsets`) across `world` owners.
 
     Owner = id // ceil(num_rows / world); a stable sort by owner keeps each owner's ids in segment order, so the
     owner sums contiguous runs (one per part) and needs no segment ids: the payload carries the run lengths
-    instead, 8 bytes per part rather than 8 per id, and the owner neither sorts nor deduplicates."""
+    instead, 8 bytes per part rather than 8 per id, and the owner neither sorts nor deduplicates. CPU int64 ids
+    take a numba kernel: 0.9 ms instead of 2.2 ms for 130K ids over 2 owners (the bigram lookups of 2048 demo
+    documents), one thread."""
     num_ids, num_segments = ids.shape[0], offsets.shape[0]
-    span = max(num_segments, 1)
     chunk = max(1, -(-num_rows // world))
+    if (kernels.fused_kernels_enabled() and ids.device.type == "cpu" and ids.dtype == torch.int64
+            and offsets.dtype == torch.int64):
+        payload, part_segment, id_count, part_count = _route_kernel(
+            ids.contiguous().numpy(), offsets.contiguous().numpy(), chunk, world)
+        counts = torch.from_numpy(np.stack([id_count, part_count], axis=1))
+        return Route(torch.from_numpy(payload), torch.from_numpy(part_segment), counts, num_ids, num_segments)
+    span = max(num_segments, 1)
     owner, order = _sort_owners(torch.div(ids, chunk, rounding_mode="floor"), world)
     local_row = ids[order] - owner * chunk
     part, part_lengths = torch.unique_consecutive(owner * span + segment_index(offsets, num_ids)[order],
