@@ -7,12 +7,12 @@ model in DDP; row-wise sharded training wraps only `dense`, because each rank ow
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from trainer.bag_lookup import gather_pool, group_ids
 from trainer.config import ModelConfig
 from trainer.embeddings import per_token_offsets, segment_counts, segment_index
 from trainer.features import Batch
+from trainer.lstm_encoder import bidirectional_states
 
 
 class ClassifierHead(nn.Module):
@@ -49,22 +49,13 @@ class DenseNet(nn.Module):
     def forward(self, x: torch.Tensor, seq_lengths: torch.Tensor) -> torch.Tensor:
         if self.lstm is None:
             return self.head(x)
-        # x: (num_tokens, D) in document order; pack so the LSTM does no work on padding. A rank with no
-        # documents runs one dummy document and drops its output, and x always reaches the output, so every
-        # table lookup of this step stays in the autograd graph (row-wise backward collectives need that).
+        # x: (num_tokens, D) in document order. A rank with no documents runs one empty document and drops its
+        # output: the LSTM's parameters then take part in every step (DDP waits for their gradients), and x
+        # always reaches the output, so every table lookup stays in the autograd graph (row-wise backward
+        # collectives need that).
         num_docs = seq_lengths.shape[0]
-        run_docs = max(num_docs, 1)
-        lengths = torch.ones(run_docs, dtype=torch.long)
-        lengths[:num_docs] = seq_lengths.clamp(min=1)  # an empty document is one zero token
-        padded = x.new_zeros(run_docs, int(lengths.max()), x.shape[1])
-        doc = torch.repeat_interleave(torch.arange(num_docs), seq_lengths).to(x.device)
-        starts = torch.cumsum(seq_lengths, 0) - seq_lengths
-        pos = torch.arange(x.shape[0]) - torch.repeat_interleave(starts, seq_lengths)
-        padded = padded.index_put((doc, pos.to(x.device)), x)
-        packed = pack_padded_sequence(padded, lengths, batch_first=True, enforce_sorted=False)
-        _, (h_n, _) = self.lstm(packed)
-        last_fw, last_bw = h_n[-2][:num_docs], h_n[-1][:num_docs]
-        return self.head(torch.cat([last_fw, last_bw], dim=1))
+        lengths = seq_lengths if num_docs else torch.zeros(1, dtype=torch.long)
+        return self.head(bidirectional_states(self.lstm, x, lengths)[:num_docs])
 
 
 class TextClassifier(nn.Module):
