@@ -220,7 +220,7 @@ class Batch:
             tables={k: (i.pin_memory().to(device, **nb), o.pin_memory().to(device, **nb)) for k, (i, o) in self.tables.items()},
             labels=self.labels.pin_memory().to(device, **nb),
             lengths=self.lengths.pin_memory().to(device, **nb),
-            seq_lengths=self.seq_lengths,  # pack_padded_sequence wants lengths on the CPU
+            seq_lengths=self.seq_lengths,  # the LSTM encoder buckets documents by length on the host
             num_docs=self.num_docs,
             num_tokens=self.num_tokens,
             groups={k: (d.pin_memory().to(device, **nb), i.pin_memory().to(device, **nb))
