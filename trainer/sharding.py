@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer import kernels
 from trainer.config import DistConfig
-from trainer.distributed import DistInfo
+from trainer.distributed import DistInfo, host_group
 from trainer.embeddings import LocalTables, TableSpec
 from trainer.sparse_optim import Workspace
 
@@ -181,16 +181,18 @@ def sync_sparse_grads(tables: nn.Module, info: DistInfo) -> None:
     weights = [bag.weight for bag in tables.bags.values()]
     if not weights:
         return
-    dtype, device = weights[0].dtype, weights[0].device
+    dtype = weights[0].dtype
     if any(w.dtype != dtype for w in weights):
         raise TypeError("sync_sparse_grads: replicated tables must share one dtype")
     id_width = torch.empty(0, dtype=torch.long).element_size() // torch.empty(0, dtype=dtype).element_size()
     local = [_LocalRows(w) for w in weights]
-    counts = torch.tensor([p.num_rows for p in local], dtype=torch.long, device=device)
-    all_counts = torch.empty(world * len(local), dtype=torch.long, device=device)
+    # the row counts size the buffers, so the host needs them: gathered on the host group (gloo under NCCL),
+    # no device round trip
+    counts = torch.tensor([p.num_rows for p in local], dtype=torch.long)
+    all_counts = torch.empty(world * len(local), dtype=torch.long)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # 2.13 renamed it
-    gather(all_counts, counts)
-    per_rank = all_counts.view(world, len(local)).tolist()  # host sync: the counts size the buffers
+    gather(all_counts, counts, group=host_group())
+    per_rank = all_counts.view(world, len(local)).tolist()
     # A rank's block: [ids of table 0 | ids of table 1 | ... | values of table 0 | values of table 1 | ...], ids as
     # int64 bit patterns in `dtype` elements (first, so they stay aligned), rounded up to whole ids.
     widths = [p.width for p in local]
