@@ -32,11 +32,14 @@ def length_buckets(lengths: list[int], ratio: float = 2.0) -> list[list[int]]:
     return buckets
 
 
-def _flip_within(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """x (B, T, D) with each row's first lengths[b] steps reversed; padding stays where it is."""
-    steps = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-    n = lengths.to(x.device).unsqueeze(1)
-    index = torch.where(steps < n, n - 1 - steps, steps)
+def _flip_index(lengths: torch.Tensor, steps: int) -> torch.Tensor:
+    """(B, steps) positions that reverse each row's first lengths[b] steps and leave its padding in place."""
+    pos = torch.arange(steps).unsqueeze(0)
+    n = lengths.unsqueeze(1)
+    return torch.where(pos < n, n - 1 - pos, pos)
+
+
+def _gather_steps(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(2).expand(-1, -1, x.shape[2]))
 
 
@@ -52,21 +55,26 @@ def _direction(lstm: nn.LSTM, layer: int, suffix: str, x: torch.Tensor) -> torch
     return out
 
 
-def _bucket_states(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Final states [forward | reverse] of the top layer for one padded bucket (B, T, D) -> (B, 2H)."""
-    last = (lengths - 1).to(x.device)
+def _bucket_states(lstm: nn.LSTM, x: torch.Tensor, flip: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Final states [forward | reverse] of the top layer for one padded bucket (B, T, D) -> (B, 2H); `flip` is
+    `_flip_index` of its lengths and `last` each document's last position, both on x's device."""
     rows = torch.arange(x.shape[0], device=x.device)
     for layer in range(lstm.num_layers):
         forward = _direction(lstm, layer, "", x)
-        reverse_flipped = _direction(lstm, layer, "_reverse", _flip_within(x, lengths))
+        reverse_flipped = _direction(lstm, layer, "_reverse", _gather_steps(x, flip))
         if layer + 1 == lstm.num_layers:
             # the forward direction ends at the last token; the reverse one at the first, which its flipped
             # input reaches last
             return torch.cat([forward[rows, last], reverse_flipped[rows, last]], dim=1)
-        x = torch.cat([forward, _flip_within(reverse_flipped, lengths)], dim=2)
+        x = torch.cat([forward, _gather_steps(reverse_flipped, flip)], dim=2)  # flipping twice restores order
         if lstm.dropout and lstm.training:
             x = nn.functional.dropout(x, lstm.dropout, training=True)
     raise AssertionError("unreachable: num_layers >= 1")
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`: pinned and non-blocking for a GPU, so the step never waits on the copy."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def bidirectional_states(lstm: nn.LSTM, x: torch.Tensor, seq_lengths: torch.Tensor) -> torch.Tensor:
@@ -76,18 +84,25 @@ def bidirectional_states(lstm: nn.LSTM, x: torch.Tensor, seq_lengths: torch.Tens
     depends on x even when there are no tokens, so a caller's backward always reaches x's producers."""
     if not (lstm.bidirectional and lstm.batch_first and lstm.proj_size == 0):
         raise ValueError("bidirectional_states needs a bidirectional, batch_first LSTM without projections")
+    if seq_lengths.numel() == 0:
+        raise ValueError("bidirectional_states needs at least one document (run an empty one: seq_lengths [0])")
     num_tokens = x.shape[0]
     starts = torch.cumsum(seq_lengths, 0) - seq_lengths
     run_lengths = seq_lengths.clamp(min=1)
     # one zero row after the tokens: what padding and empty documents read (padding never reaches a state that
     # is read, so any row would do; zeros keep it tidy)
     rows = torch.cat([x, x.new_zeros(1, x.shape[1])])
-    out = x.new_empty(seq_lengths.shape[0], 2 * lstm.hidden_size)
+    # every index is built on the host; a GPU gets each in one non-blocking copy
+    states, order = [], []
     for bucket in length_buckets(run_lengths.tolist()):
         docs = torch.tensor(bucket)
         n, steps = run_lengths[docs], int(run_lengths[docs].max())
         pos = torch.arange(steps).unsqueeze(0)
         index = torch.where(pos < seq_lengths[docs].unsqueeze(1), starts[docs].unsqueeze(1) + pos, num_tokens)
-        padded = rows[index.flatten().to(x.device)].view(len(bucket), steps, x.shape[1])
-        out = out.index_copy(0, docs.to(x.device), _bucket_states(lstm, padded, n))
-    return out
+        padded = rows[_to(index.flatten(), x.device)].view(len(bucket), steps, x.shape[1])
+        states.append(_bucket_states(lstm, padded, _to(_flip_index(n, steps), x.device), _to(n - 1, x.device)))
+        order += bucket
+    # buckets are in length order: put the documents back in theirs (under autocast the states may be bf16)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return torch.cat(states)[_to(inverse, x.device)]

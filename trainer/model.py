@@ -84,14 +84,17 @@ class TextClassifier(nn.Module):
         The list of lookups depends only on the configuration and on `delta_active`, which all ranks agree on, so
         row-wise collectives stay in lock-step."""
         requests, groups = self._planned_requests(batch, word_groups)
+        routes = dict(batch.routes)
         if self.tables.has("pretrained_delta"):
             pre_ids, pre_off = requests[0][1:]
             if self.delta_active:
                 requests.append(("pretrained_delta", pre_ids, pre_off))
+                if "pretrained" in routes:  # the same ids into a table of the same rows: the same route
+                    routes["pretrained_delta"] = routes["pretrained"]
             else:  # called with no ids: every table joins every step (DDP, row-wise collectives)
                 groups.pop("pretrained_delta", None)
                 requests.append(("pretrained_delta", pre_ids[:0], torch.zeros_like(pre_off)))
-        pooled = self.tables.pooled_many(requests, groups, batch.routes)
+        pooled = self.tables.pooled_many(requests, groups, routes)
         rows = dict(zip([r[0] for r in requests], pooled, strict=True))
         if "pretrained_delta" in rows:
             rows["pretrained"] = rows["pretrained"] + rows.pop("pretrained_delta")

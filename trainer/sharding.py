@@ -171,7 +171,7 @@ def sync_sparse_grads(tables: nn.Module, info: DistInfo) -> None:
     measured on the 2-core VM (bag + bigrams, 512 documents per rank), `coalesce` of the 32K-row bigram gradient
     alone takes 11 ms (a single-threaded sort that moves the value rows). Here each rank sums its duplicate rows
     (hash grouping, then a sort of the distinct row ids only) and scales them by 1/W; all tables' rows and values
-    travel in one block per rank: an all-gather of the row counts (host sync: it sizes the buffers), then an
+    travel in one block per rank: an all-gather of the row counts (on the host: they size the buffers), then an
     all-to-all that sends the block to every other rank (gloo's all-to-all moved 4.5 MB to the other rank in
     3.4 ms where its all-gather took 7.3 ms; no padding, and no copy of a rank's own block). The W sorted runs are
     merged into a coalesced gradient (sorted distinct rows, duplicates summed in rank order, so every rank computes

@@ -211,8 +211,8 @@ def train(
     for step, global_rows in enumerate(batches, start=first_step):
         global_rows = np.asarray(global_rows)
         batch = collate(docs, rank_share(global_rows, info.rank, info.world_size), P, case.encoder == "lstm")
-        if step % 2:  # the data thread's grouping and row-wise routes on odd steps, the forward's own on even
-            run.model.prepare(batch)
+        if step % 2 == 0:  # the data thread's grouping and row-wise routes on even steps (the last, 5 documents,
+            run.model.prepare(batch)  # runs the pretrained correction), the forward's own on odd steps
         run.model.delta_active = run.optim.pretrained_active(step)
         run.optim.set_lr(step)
         run.optim.zero_grad()

@@ -35,7 +35,7 @@ def _expected(ids: list[int], offsets: list[int], num_rows: int, world: int):
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize(("num_rows", "world", "num_ids", "segments"), [
-    (10, 1, 30, 4), (10, 2, 30, 4), (10, 3, 41, 7), (7, 4, 25, 3),  # 7 rows over 4 ranks: the last owns none
+    (10, 1, 30, 4), (10, 2, 30, 4), (10, 3, 41, 7), (5, 4, 25, 3),  # 5 rows over 4 ranks: the last owns none
     (100, 2, 0, 3), (100, 3, 0, 0), (5, 2, 9, 1),
 ])
 def test_plan_route_sends_each_owner_its_ids_as_runs_per_segment(monkeypatch, num_rows, world, num_ids, segments,
@@ -70,5 +70,15 @@ def test_plan_route_sends_each_owner_its_ids_as_runs_per_segment(monkeypatch, nu
 def test_plan_route_refuses_an_id_outside_the_table() -> None:
     if kernels.numba is None:
         pytest.skip("numba is not installed")
+    # 10 rows over 3 ranks (4, 4, 2): id 10 would be rank 2's local row 2, which it does not have
     with pytest.raises(IndexError, match="out of the table's range"):
-        plan_route(torch.tensor([0, 10]), torch.tensor([0]), num_rows=10, world=2)
+        plan_route(torch.tensor([0, 10]), torch.tensor([0]), num_rows=10, world=3)
+    with pytest.raises(IndexError, match="out of the table's range"):
+        plan_route(torch.tensor([-1]), torch.tensor([0]), num_rows=10, world=3)
+    with pytest.raises(ValueError, match="offsets must start at 0"):
+        plan_route(torch.tensor([1, 2]), torch.tensor([1]), num_rows=10, world=3)
+
+
+def test_plan_route_of_no_ids_is_empty_and_stays_on_the_host() -> None:
+    route = plan_route(torch.zeros(0, dtype=torch.long), torch.zeros(4, dtype=torch.long), num_rows=10, world=3)
+    assert route.counts.tolist() == [[0, 0]] * 3 and route.payload.numel() == 0 and route.num_segments == 4
