@@ -6,7 +6,7 @@ The sparse optimizer then hashed those ids and summed the duplicates, reading th
 of a 10.6 ms CPU step went to `SparseSGD.step`, against 0.95 ms for the same update from a coalesced gradient
 (benchmarks/profile_step.py, bag + bigrams, batch 1024, 1 thread).
 
-- `bag_sum`: the forward groups the ids (`group_ids`: a hash table, then a sort of the distinct ids only; the
+- `bag_sum`: the forward groups the ids (`group_ids`: a radix sort that keeps every id's position; the
   trainer's data thread does it ahead, `Batch.groups`), and the backward sums every distinct row's gradient
   straight from the (segments x dim) output gradient, which stays in cache, into a (distinct rows x dim) block
   whose rows are sorted and distinct. Autograd drops the coalesced flag on the way to `.grad`; the optimizers
@@ -56,15 +56,59 @@ if kernels.numba is not None:
 
 
 def sorted_groups(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct ids in increasing order, and for every id the index of its distinct id (np.unique's `inverse`).
+    """Distinct ids in increasing order, and for every id the index of its distinct id (np.unique's `inverse`),
+    for non-negative int64 ids (row ids).
 
-    Faster than `np.unique(return_inverse=True)`, which sorts all n ids: the hash table groups them, and only the
-    distinct ids, usually far fewer, are sorted (by numpy, whose sort is several times faster than numba's)."""
-    first_seen, group_of = kernels.hash_groups(ids)
-    perm = np.argsort(first_seen)
-    rank = np.empty_like(perm)
-    rank[perm] = np.arange(perm.shape[0])
-    return first_seen[perm], rank[group_of]
+    An LSD radix sort (`_radix_groups`), linear in the number of ids. It replaced a hash table plus a numpy sort
+    of the distinct ids (medians of 40 interleaved calls, one thread): 128K ids with 78K distinct from a 1M-row
+    table (the bigram lookups of 2048 demo documents) 5.0 -> 2.4 ms; 123K ids of a 29K-row table 1.9 -> 1.6 ms;
+    5K ids 0.047 -> 0.032 ms."""
+    return _radix_groups(np.ascontiguousarray(ids, dtype=np.int64))
+
+
+if kernels.numba is not None:
+
+    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
+    def _radix_groups(ids):
+        """11 bits a pass (2048 counters stay in L1), as many passes as the largest id needs (2 for 1M rows, 3 for
+        100M); each pass is stable and carries every id with its position, so the sorted run yields the distinct
+        ids and every position's distinct index in one final scan."""
+        n = ids.shape[0]
+        top = 0
+        for k in range(n):
+            if ids[k] < 0:
+                raise ValueError("sorted_groups: ids must be non-negative")
+            top = max(top, ids[k])
+        passes = 1
+        while top >> (11 * passes):
+            passes += 1
+        counts = np.zeros((passes, 2048), np.int64)
+        for k in range(n):
+            for p in range(passes):
+                counts[p, (ids[k] >> (11 * p)) & 2047] += 1
+        keys, where = ids.copy(), np.arange(n)
+        keys_next, where_next = np.empty(n, np.int64), np.empty(n, np.int64)
+        at = np.empty(2048, np.int64)
+        for p in range(passes):
+            total = 0
+            for d in range(2048):
+                at[d] = total
+                total += counts[p, d]
+            for j in range(n):
+                d = (keys[j] >> (11 * p)) & 2047
+                keys_next[at[d]] = keys[j]
+                where_next[at[d]] = where[j]
+                at[d] += 1
+            keys, keys_next = keys_next, keys
+            where, where_next = where_next, where
+        distinct, inverse = np.empty(n, np.int64), np.empty(n, np.int64)
+        m = -1
+        for j in range(n):
+            if m < 0 or keys[j] != distinct[m]:
+                m += 1
+                distinct[m] = keys[j]
+            inverse[where[j]] = m
+        return distinct[: m + 1].copy(), inverse
 
 
 class _GroupedBagSum(torch.autograd.Function):

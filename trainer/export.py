@@ -84,10 +84,10 @@ class LoadedModel:
         if extend_pretrained:
             frozen, tables_w, specs = self._extend(frozen, tables_w, specs)
         self.specs = specs
-        tables = LocalTables(specs, frozen, seed=0)
-        with torch.no_grad():
-            for name, w in tables_w.items():
-                tables.bags[name].weight.copy_(w)
+        missing = sorted({s.name for s in specs if s.trainable} - set(tables_w))
+        if missing:
+            raise ValueError(f"{folder / 'weights.pt'}: no weights for table(s) {', '.join(missing)}")
+        tables = LocalTables(specs, frozen, seed=0, rows=tables_w)
         self.model = TextClassifier(tables, self.cfg.model, self.vocab.num_pretrained, len(self.vocab.labels))
         self.model.dense.load_state_dict({k.removeprefix("dense."): v for k, v in weights.items()
                                           if k.startswith("dense.")})
