@@ -1,7 +1,8 @@
 """Optimizer step time for trainable embedding tables: does the cost track the batch or the table?
 
 For each table size (default 20K and 2M rows x 300) and each sparse optimizer, time `optimizer.step()` alone on the
-sparse gradient of a real `nn.Embedding(sparse=True)` backward over a 256 x 50 id batch. The batch touches exactly
+sparse gradient of a 256 x 50 id batch, made as the trainer makes it (`bag_lookup.bag_sum`: sorted, distinct rows;
+`--gradient embedding`: a plain `nn.Embedding(sparse=True)`, one row per id). The batch touches exactly
 `--touched` distinct rows (default 10K, spread uniformly over the table, the rest repeats), so both table sizes do
 the same work; uniform ids would touch ~9K rows of 20K but ~12.8K of 2M and skew the ratio. State is created
 (and page-faulted in) before timing and a few warm-up steps run first. `sparse_adam[torch]` is
@@ -30,6 +31,7 @@ import warnings
 
 import torch
 
+from trainer.bag_lookup import bag_sum
 from trainer.kernels import advise_hugepages
 from trainer.sparse_optim import SPARSE_OPTIMIZERS, build_sparse_optimizer, init_optimizer_state
 
@@ -55,8 +57,20 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     )
 
 
+def make_gradient(emb: torch.nn.Embedding, ids: torch.Tensor, source: str) -> None:
+    """Forward and backward of one batch, as the trainer's lookups produce it (`lookup`: bag_lookup.bag_sum over
+    documents of `ids`' rows, whose gradient has sorted, distinct rows) or as a plain `nn.Embedding` does
+    (`embedding`: one gradient row per id, duplicates included, which the optimizers then group)."""
+    if source == "lookup" and emb.sparse:
+        offsets = torch.arange(ids.shape[0]) * ids.shape[1]
+        bag_sum(emb.weight, ids.flatten(), offsets).sum().backward()
+    else:
+        emb(ids).sum().backward()
+
+
 def time_steps(
-    emb: torch.nn.Embedding, opt: torch.optim.Optimizer, ids: torch.Tensor, warmup: int, repeats: int
+    emb: torch.nn.Embedding, opt: torch.optim.Optimizer, ids: torch.Tensor, warmup: int, repeats: int,
+    source: str = "lookup",
 ) -> tuple[list[float], list[float]]:
     """Wall and process-CPU seconds per `opt.step()`; forward/backward (which makes the gradient) is not timed.
 
@@ -66,7 +80,7 @@ def time_steps(
     wall, cpu = [], []
     for i in range(warmup + repeats):
         opt.zero_grad(set_to_none=True)
-        emb(ids).sum().backward()
+        make_gradient(emb, ids, source)
         t0, c0 = time.perf_counter(), time.process_time()
         opt.step()
         if i >= warmup:
@@ -88,7 +102,7 @@ def bench_one(name: str, emb: torch.nn.Embedding, ids: torch.Tensor, args: argpa
     t0 = time.perf_counter()
     init_optimizer_state(opt)
     init_s = time.perf_counter() - t0
-    times, cpu = time_steps(emb, opt, ids, args.warmup, args.repeats)
+    times, cpu = time_steps(emb, opt, ids, args.warmup, args.repeats, args.gradient)
     row = {
         "optimizer": name,
         "optimizer_class": type(opt).__name__,
@@ -130,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
     )
+    ap.add_argument("--gradient", choices=("lookup", "embedding"), default="lookup",
+                    help="where the sparse gradient comes from: the trainer's lookups (sorted, distinct rows) or "
+                         "a plain nn.Embedding (a row per id; the optimizers group them)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args(argv)
     if args.repeats < 5:
@@ -155,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"\noptimizer step, table rows x {args.dim}, batch {args.batch}x{args.tokens} ids touching "
-        f"{args.touched:,} rows; torch {torch.__version__}, {torch.get_num_threads()} threads; wall median of "
+        f"{args.touched:,} rows, gradients from {args.gradient}; torch {torch.__version__}, {torch.get_num_threads()} threads; wall median of "
         f"{args.repeats} (min-max), and median process CPU time; load average at end {os.getloadavg()[0]:.1f}"
     )
     print(
