@@ -66,7 +66,7 @@ def _source_key(spec: str) -> str:
 
 
 # Bump when the cache's layout or contents change, so old caches are never misread.
-CACHE_FORMAT = "2"
+CACHE_FORMAT = "3"  # 3: vocabulary ids in hashed order within each block
 
 
 def _cache_key(cfg: Config, *parts: str) -> str:
@@ -152,8 +152,10 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
     vocab.save(tmp / "vocab")
     init_std = 0.1
     if pretrained is not None:
-        # a contiguous block of rows: cheap to read, and enough to estimate the scale
-        init_std = pretrained_scale(pretrained.take(vocab.pretrained_rows[:20000]))
+        # the 20,000 most frequent pretrained words (ids follow a hash, see build_vocabulary): enough to estimate
+        # the scale, read in source order
+        frequent = np.argsort(-vocab.counts[: vocab.num_pretrained], kind="stable")[:20000]
+        init_std = pretrained_scale(pretrained.take(np.sort(vocab.pretrained_rows[frequent])))
         if not e.full_pretrained:
             np.save(tmp / "frozen.npy", pretrained.take(vocab.pretrained_rows))
     featurizer = make_featurizer(cfg, vocab)

@@ -129,11 +129,12 @@ PRETRAINED = {"the": 5, "cat": 2, "sat": 9, "rare": 0}
 def test_pretrained_words_first_and_min_freq_only_for_oov():
     counts = Counter({"the": 10, "cat": 3, "rare": 1, "zork": 4, "blip": 1, "qux": 2})
     vocab = build_vocabulary(counts, ["b", "a", "b"], PRETRAINED, min_freq=2, max_vocab=0)
-    # pretrained (even "rare", seen once) then OOV words with >= 2 occurrences, by count
-    assert vocab.words == ["the", "cat", "rare", "zork", "qux"]
+    # pretrained (even "rare", seen once) then OOV words with >= 2 occurrences; hashed order within each block
+    pre, oov = sorted(["the", "cat", "rare"], key=stable_hash64), sorted(["zork", "qux"], key=stable_hash64)
+    assert vocab.words == pre + oov
     assert vocab.num_pretrained == 3 and vocab.num_oov == 2
-    np.testing.assert_array_equal(vocab.pretrained_rows, [5, 2, 0])
-    np.testing.assert_array_equal(vocab.counts, [10, 3, 1, 4, 2])
+    np.testing.assert_array_equal(vocab.pretrained_rows, [PRETRAINED[w] for w in pre])
+    np.testing.assert_array_equal(vocab.counts, [counts[w] for w in pre + oov])
     assert vocab.labels == ["a", "b"]
     assert vocab.label_index == {"a": 0, "b": 1}
     assert "sat" not in vocab.index  # pretrained but never seen in training
@@ -143,10 +144,23 @@ def test_max_vocab_keeps_most_frequent_with_alphabetical_ties():
     counts = Counter({"the": 1, "zork": 5, "bb": 3, "aa": 3, "cat": 3, "dd": 2})
     vocab = build_vocabulary(counts, ["x"], PRETRAINED, min_freq=1, max_vocab=3)
     # ranked: zork 5, aa 3, bb 3, cat 3, dd 2, the 1 -> keep zork, aa, bb; no pretrained word made it
-    assert vocab.words == ["zork", "aa", "bb"]
+    assert vocab.words == sorted(["zork", "aa", "bb"], key=stable_hash64)
     assert vocab.num_pretrained == 0
     vocab4 = build_vocabulary(counts, ["x"], PRETRAINED, min_freq=1, max_vocab=4)
-    assert vocab4.words == ["cat", "zork", "aa", "bb"] and vocab4.num_pretrained == 1
+    assert vocab4.words == ["cat", *sorted(["zork", "aa", "bb"], key=stable_hash64)] and vocab4.num_pretrained == 1
+
+
+def test_ids_spread_frequent_words_over_row_blocks():
+    """Row-wise sharding gives each rank a contiguous block of ids: the most frequent words must not all land in
+    the first block (they did in frequency order)."""
+    counts = Counter({f"w{i:05d}": 100_000 // (i + 1) for i in range(20_000)})  # Zipf-like
+    vocab = build_vocabulary(counts, ["x"], None, min_freq=1, max_vocab=0)
+    ids = np.array([vocab.index[f"w{i:05d}"] for i in range(20_000)])
+    top = ids[:200]  # the 200 most frequent words
+    per_half = np.bincount(top // 10_000, minlength=2)
+    assert per_half.min() >= 70, per_half  # about 100 each; frequency order would put all 200 in the first half
+    tokens = np.bincount(ids // 10_000, weights=[counts[f"w{i:05d}"] for i in range(20_000)])
+    assert tokens.min() / tokens.max() > 0.6, tokens
 
 
 def test_build_vocabulary_is_deterministic_whatever_the_counter_order():
