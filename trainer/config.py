@@ -193,7 +193,7 @@ class TrainConfig:
     device: str = "auto"
     # Torch intra-op threads per process; 0 keeps torch's default.
     threads: int = 0
-    # Mixed precision for the dense part on CUDA (bf16 autocast): auto (on for CUDA), on, off.
+    # Mixed precision for the dense part on CUDA (bf16 autocast): auto (on for GPUs with native bf16), on, off.
     bf16: str = "auto"
 
     def __post_init__(self) -> None:

@@ -96,8 +96,8 @@ def init_distributed(device: str = "auto", timeout_s: int = 600, pin_cores: bool
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend=backend,
             timeout=timeout,
@@ -107,7 +107,8 @@ def init_distributed(device: str = "auto", timeout_s: int = 600, pin_cores: bool
     global _control_group
     if backend == "nccl":
         # CPU-side agreement (stop requests) without touching the GPU stream: a small gloo group
-        _control_group = dist.new_group(backend="gloo")
+        # (its own timeout: new_group does not inherit the default group's, and would wait 30 minutes)
+        _control_group = dist.new_group(backend="gloo", timeout=timeout)
     return DistInfo(rank, local_rank, world, dev, backend)
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer import kernels
 from trainer.bag_lookup import bag_sum
 from trainer.kernels import advise_hugepages
 
@@ -116,7 +117,11 @@ class LocalTables(nn.Module):
     `pooled(name, ids, offsets)` sums the rows of each segment: the one primitive the encoders use, and the one
     the row-wise sharded implementation provides too (distributed/sharded_tables.py)."""
 
-    takes_groups = True  # pooled_many uses ids grouped ahead (Batch.groups)
+    @property
+    def takes_groups(self) -> bool:
+        """Whether pooled_many uses ids grouped ahead (Batch.groups): only where bag_sum's CPU kernels run. On
+        CUDA (or with the kernels off) EmbeddingBag ignores them, so the data thread need not make and copy them."""
+        return all(kernels.can_fuse(bag.weight) for bag in self.bags.values())
 
     def __init__(self, specs: list[TableSpec], frozen: torch.Tensor, seed: int,
                  rows: dict[str, torch.Tensor] | None = None) -> None:
@@ -188,11 +193,13 @@ def per_token_offsets(num_ids: int, device: torch.device) -> torch.Tensor:
 
 def segment_counts(offsets: torch.Tensor, num_ids: int) -> torch.Tensor:
     """For EmbeddingBag-style start offsets over `num_ids` ids, the number of ids in each segment."""
-    return torch.diff(offsets, append=torch.tensor([num_ids], device=offsets.device))
+    # new_full, not torch.tensor([num_ids], device=...): that one is a blocking host-to-device copy on CUDA
+    return torch.diff(offsets, append=offsets.new_full((1,), num_ids))
 
 
 def segment_index(offsets: torch.Tensor, num_ids: int) -> torch.Tensor:
     """For EmbeddingBag-style start offsets, the segment each id belongs to."""
     counts = segment_counts(offsets, num_ids)
-    return torch.repeat_interleave(torch.arange(offsets.shape[0], device=offsets.device), counts)
+    # output_size: without it repeat_interleave reads the total back from the device (a host sync on CUDA)
+    return torch.repeat_interleave(torch.arange(offsets.shape[0], device=offsets.device), counts, output_size=num_ids)
 

@@ -55,7 +55,11 @@ class DenseNet(nn.Module):
         # collectives need that).
         num_docs = seq_lengths.shape[0]
         lengths = seq_lengths if num_docs else torch.zeros(1, dtype=torch.long)
-        return self.head(bidirectional_states(self.lstm, x, lengths)[:num_docs])
+        # The recurrence runs in float32 even under train.bf16: autocast sends torch.lstm on CUDA to cuDNN in
+        # float16 whatever dtype was asked for (ATen's AutocastRNN.cpp), and nothing scales an fp16 loss here.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            states = bidirectional_states(self.lstm, x.float(), lengths)
+        return self.head(states[:num_docs])
 
 
 class TextClassifier(nn.Module):

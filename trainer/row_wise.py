@@ -389,12 +389,15 @@ class RowWiseTables(nn.Module):
         return DTensor.from_local(tensor, self.mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
 
     def full_rows(self, name: str) -> torch.Tensor:
-        """The whole table on every rank (export, neighbours, projector). Collective: every rank calls it."""
+        """The whole table on every rank, in host memory (export, neighbours, projector). Collective: every rank
+        calls it. Gathered on the host group (gloo under NCCL): row_wise is chosen for tables too big for one
+        device, so a whole copy (and the gather's second) must not be made on the GPU."""
         local = self.frozen if name == "pretrained" else self.bags[name].weight.detach()
         num_rows = self.specs[name].num_rows
         chunk = rows_per_rank(num_rows, self.world_size)
-        padded = local.new_zeros(chunk, self.dim)
-        padded[: local.shape[0]] = local
-        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(gathered, padded, group=self.group)
-        return torch.cat(gathered)[:num_rows]
+        gathered = torch.empty(self.world_size, chunk, self.dim, dtype=local.dtype)
+        padded = gathered[self.rank]
+        padded[: local.shape[0]] = local.cpu()
+        padded[local.shape[0]:] = 0
+        dist.all_gather(list(gathered.unbind(0)), padded.clone(), group=host_group())
+        return gathered.view(-1, self.dim)[:num_rows]

@@ -44,12 +44,15 @@ def build_tables(mode: str, specs: list[TableSpec], frozen: torch.Tensor, seed: 
 
 
 def _ddp(module: nn.Module, info: DistInfo) -> DistributedDataParallel:
-    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    # device_ids=None on CUDA too (allowed for a module on one device): with device_ids, DDP's forward copies every
+    # tensor argument to that GPU with a blocking copy, a host sync per step, and it would move `seq_lengths`,
+    # which the LSTM encoder keeps on the host on purpose, onto the GPU.
+    del info
     with warnings.catch_warnings():
         # torch 2.13 deprecates broadcast_buffers in favour of forward_sync_buffers, which still syncs at init;
         # our modules have no buffers, and nothing may be broadcast per forward
         warnings.simplefilter("ignore", FutureWarning)
-        return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+        return DistributedDataParallel(module, device_ids=None, broadcast_buffers=False)
 
 
 def wrap_for_training(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:

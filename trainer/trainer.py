@@ -97,6 +97,14 @@ def frozen_tensor(rows) -> torch.Tensor:
         return torch.from_numpy(rows)
 
 
+def use_bf16(setting: str, device: torch.device) -> bool:
+    """train.bf16: `auto` turns bf16 autocast on for CUDA devices that run bf16 natively (Ampere and newer; on older
+    ones it is emulated, slower than float32); `on` forces it on CUDA; never on CPU."""
+    if device.type != "cuda" or setting == "off":
+        return False
+    return setting == "on" or torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def _seed_step(seed: int, device: torch.device) -> None:
     torch.random.default_generator.manual_seed(seed)
     if device.type == "cuda":
@@ -153,7 +161,7 @@ class Trainer:
         tables = build_tables(self.sharding, self.specs, self.frozen, cfg.train.seed, info)
         self.model = TextClassifier(tables, cfg.model, vocab.num_pretrained, len(vocab.labels)).to(info.device)
         tables.move_frozen(info.device)
-        self.model.dense_autocast = info.device.type == "cuda" and cfg.train.bf16 != "off"
+        self.model.dense_autocast = use_bf16(cfg.train.bf16, info.device)
         self.train_model = wrap_for_training(self.model, self.sharding, info)
         self.sync_tables = needs_sparse_grad_sync(self.sharding, info)
         self.token_level = cfg.model.encoder == "lstm"
@@ -382,8 +390,9 @@ class Trainer:
     def _log_train(self, step, local_mean, logits, batch, grad_norm, meter, timer, tokens_seen, epoch) -> None:
         info = self.info
         # host sync (logging step only): loss mean and max across ranks, batch accuracy
-        correct = (logits.argmax(1) == batch.labels).sum().float() if batch.num_docs else torch.zeros(())
-        stats = torch.stack([local_mean.float(), correct.float(), torch.tensor(float(batch.num_docs))]).cpu()
+        correct = float((logits.argmax(1) == batch.labels).sum()) if batch.num_docs else 0.0
+        # built on the host: torch.stack refuses a CPU tensor next to CUDA ones
+        stats = torch.tensor([float(local_mean), correct, float(batch.num_docs)])
         summed = all_reduce_(stats.clone().to(info.device), info, op="sum").cpu()
         mem = torch.tensor([float(local_mean), peak_rss_bytes() / 2**30], dtype=torch.float64)
         peak = all_reduce_(mem.to(info.device), info, op="max").cpu()

@@ -73,3 +73,33 @@ def test_length_buckets_keep_padding_under_half() -> None:
 def test_refuses_a_unidirectional_lstm() -> None:
     with pytest.raises(ValueError, match="bidirectional"):
         bidirectional_states(nn.LSTM(4, 3, batch_first=True), torch.zeros(2, 4), torch.tensor([2]))
+
+
+def test_recurrence_stays_float32_under_bf16_autocast(monkeypatch) -> None:
+    """train.bf16 autocasts the dense part; the LSTM's recurrence must not follow (on CUDA autocast would run it
+    through cuDNN in float16 with no loss scaling). CPU autocast lowers torch.lstm to bf16 too, so this shows it."""
+    from trainer import model as model_module
+    from trainer.config import ModelConfig
+
+    seen = []
+
+    def spy(lstm, x, seq_lengths):
+        states = bidirectional_states(lstm, x, seq_lengths)
+        seen.append((x.dtype, states.dtype))
+        return states
+
+    monkeypatch.setattr(model_module, "bidirectional_states", spy)
+    dense = model_module.DenseNet(ModelConfig(encoder="lstm"), dim=6, num_classes=3)
+    x = torch.randn(12, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = dense(x, torch.tensor([5, 7]))
+    assert seen == [(torch.float32, torch.float32)]
+    assert logits.shape == (2, 3)
+
+
+def test_bf16_setting() -> None:
+    from trainer.trainer import use_bf16
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert not any(use_bf16(s, cpu) for s in ("auto", "on", "off"))
+    assert use_bf16("on", cuda) and not use_bf16("off", cuda)
