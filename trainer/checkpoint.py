@@ -120,13 +120,21 @@ class Checkpointer:
         barrier(self.info)
         if self.info.is_main:
             atomic_write_text(path / STATE_FILE, json.dumps(trainer_state, indent=1))
-            self._prune()
+            self._prune(step)
         barrier(self.info)
         self.last_saved_step = step
         return path
 
-    def _prune(self) -> None:
+    def _prune(self, saved: int) -> None:
         steps = valid_steps(self.folder)
+        # Checkpoints past the one just saved are from a timeline this run abandoned: the resume tried them and
+        # could not load them. Kept, they would outrank every new checkpoint, and the count below would delete
+        # the new ones instead.
+        for stale in [s for s in steps if s > saved]:
+            log.warning("removing checkpoint %s: newer than this run's step %d, and it could not be loaded",
+                        self.folder / f"step-{stale}", saved)
+            shutil.rmtree(self.folder / f"step-{stale}", ignore_errors=True)
+        steps = [s for s in steps if s <= saved]
         for old in steps[: -self.cfg.keep_latest_k]:
             shutil.rmtree(self.folder / f"step-{old}", ignore_errors=True)
         # partial folders older than the newest valid one are crash debris

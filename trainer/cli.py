@@ -84,7 +84,7 @@ def cmd_eval(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="python -m trainer eval")
     p.add_argument("--run", required=True, help="run folder (or its model/ folder)")
-    p.add_argument("--data", required=True, help="labelled data: .csv/.jsonl/.parquet path or hub name")
+    p.add_argument("--data", required=True, help="labelled data: .csv/.jsonl/.parquet path, or hub name[:split] (default split: test)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     summary, table = run_eval(args.run, args.data, args.device)

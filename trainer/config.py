@@ -6,6 +6,7 @@ Precedence is CLI > file > defaults. Every field is documented in the line above
 """
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,9 @@ def _choice(value: str, flag: str, choices: tuple[str, ...]) -> None:
 class DataConfig:
     # Training data: a .csv/.tsv/.jsonl/.parquet path, or a Hugging Face hub dataset name (`name` or `name:split`).
     train: str = ""
-    # Validation data (same forms as `train`); empty disables validation.
+    # Validation data (same forms as `train`; a bare hub name reads its `validation` split); empty disables it.
     valid: str = ""
-    # Test data evaluated once at the end of training; empty disables it.
+    # Test data evaluated once at the end of training (a bare hub name reads its `test` split); empty disables it.
     test: str = ""
     # Column holding the text.
     text_column: str = "text"
@@ -50,6 +51,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_tokens_per_doc > 0, "data.max_tokens_per_doc", f"must be > 0, got {self.max_tokens_per_doc}")
+        try:  # here, not at tokenizing time: a config error before any file is read, on every rank
+            re.compile(self.token_pattern)
+        except re.error as e:
+            raise ConfigError(f"data.token_pattern: invalid regular expression {self.token_pattern!r}: {e}") from None
 
 
 @dataclass

@@ -58,6 +58,8 @@ def make_featurizer(cfg: Config, vocab: Vocabulary) -> Featurizer:
 
 def _source_key(spec: str) -> str:
     """Identity of a data source for the cache: a local file's path, size and mtime; a hub name as given."""
+    if not spec:  # an unset split; Path("") is the current directory, whose mtime would change the key
+        return ""
     path = Path(spec)
     if path.exists():
         st = path.stat()
@@ -76,8 +78,13 @@ def _cache_key(cfg: Config, *parts: str) -> str:
     return hashlib.blake2b("\x00".join(settings).encode(), digest_size=10).hexdigest()
 
 
-def _read(spec: str, cfg: Config) -> TextTable:
-    return read_table(spec, cfg.data.text_column, cfg.data.label_column)
+# the hub split a dataset name without `:split` means in each role (a bare name for data.valid used to read the
+# train split, validating on the training data)
+HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
+
+
+def _read(spec: str, cfg: Config, role: str = "train") -> TextTable:
+    return read_table(spec, cfg.data.text_column, cfg.data.label_column, split=HUB_SPLITS[role])
 
 
 def prepare_data(cfg: Config, pretrained: PretrainedVectors | None, info: DistInfo, cache_dir: Path) -> DataBundle:
@@ -92,8 +99,8 @@ def prepare_data(cfg: Config, pretrained: PretrainedVectors | None, info: DistIn
     barrier(info)
     vocab = Vocabulary.load(folder / "vocab")
     meta = json.loads((folder / "done.json").read_text())
-    if pretrained is None:
-        frozen = np.zeros((0, 1), dtype=np.float32)
+    if pretrained is None:  # no rows, but the model's width: word_vectors concatenates it with the OOV rows
+        frozen = np.zeros((0, cfg.embeddings.dim), dtype=np.float32)
     elif cfg.embeddings.full_pretrained:
         frozen = pretrained.vectors
     else:
@@ -166,7 +173,7 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
         spec = getattr(cfg.data, split)
         if not spec:
             continue
-        table = _read(spec, cfg)
+        table = _read(spec, cfg, split)
         encoded = featurizer.encode(table.texts, table.labels)
         unseen = sorted({y for y in table.labels if y not in vocab.label_index})
         stats[f"{split}_docs"] = len(table.texts)

@@ -45,7 +45,7 @@ def run_eval(run: str, data: str, device: str = "cpu") -> tuple[dict, str]:
     folder = model_folder(run)
     loaded = LoadedModel(folder, device)
     cfg = loaded.cfg
-    table = read_table(data, cfg.data.text_column, cfg.data.label_column)
+    table = read_table(data, cfg.data.text_column, cfg.data.label_column, split="test")  # a bare hub name: its test split
     docs = make_featurizer(cfg, loaded.vocab).encode(table.texts, table.labels)
     metrics = evaluate(loaded.model, docs, loaded.vocab.num_pretrained, cfg.model.encoder == "lstm",
                        len(loaded.vocab.labels), _local_info(loaded.device))

@@ -136,6 +136,7 @@ class Throughput:
         self.steps_seen = 0
         self.tokens = 0
         self.examples = 0
+        self.measured_steps = 0  # steps counted since the last rates(): the same on every rank, unlike tokens
         self.start: float | None = None
 
     def update(self, tokens: int, examples: int) -> None:
@@ -149,6 +150,7 @@ class Throughput:
                 return
             self.tokens += tokens
             self.examples += examples
+            self.measured_steps += 1
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -161,11 +163,14 @@ class Throughput:
                 self.start += time.perf_counter() - t0
 
     def rates(self) -> dict[str, float]:
-        if self.start is None or self.tokens == 0:
+        """Empty until a step has been measured since the last call. Decided by step counts, never by this rank's
+        tokens: the trainer sums the rates across ranks, and a rank with no documents in the interval must still
+        join that all-reduce."""
+        if self.start is None or self.measured_steps == 0:
             return {}
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         out = {"throughput/tokens_per_s": self.tokens / elapsed, "throughput/examples_per_s": self.examples / elapsed}
-        self.tokens = self.examples = 0
+        self.tokens = self.examples = self.measured_steps = 0
         self.start = time.perf_counter()
         return out
 

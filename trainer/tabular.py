@@ -138,7 +138,13 @@ def _read_csv(path: Path, fmt: str, text_column: str, label_column: str) -> _Rea
     block = _CSV_BLOCK
     while True:
         try:
-            table = pacsv.read_csv(path, pacsv.ReadOptions(block_size=block), parse, convert)
+            # pyarrow infers .gz/.bz2 (and .lz4/.zst) from the name but not .xz: hand it the decompressed stream
+            source = lzma.open(path, "rb") if path.suffix.lower() == ".xz" else path
+            try:
+                table = pacsv.read_csv(source, pacsv.ReadOptions(block_size=block), parse, convert)
+            finally:
+                if source is not path:
+                    source.close()
             break
         except pa.ArrowInvalid as exc:
             if "straddl" in str(exc) and block < _MAX_BLOCK:

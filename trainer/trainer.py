@@ -194,8 +194,18 @@ class Trainer:
             "encoder": self.cfg.model.encoder,
         }
 
+    def state_layout(self) -> dict[str, list[int]]:
+        """Every checkpointed tensor's global shape by key. The same for every world size and sharding mode; it
+        changes with the dense part's shape (model.hidden, model.combine, the LSTM's sizes) and with optimizer
+        state (dense SGD momentum), which DCP would otherwise report as an unreadable checkpoint."""
+        return {f"{section}/{key}": list(t.shape) for section, tensors in self.state().items()
+                for key, t in tensors.items()}
+
     def check_resumable(self, saved: dict) -> None:
-        mine = self.fingerprints()
+        mine = {**self.fingerprints(), "state_layout": self.state_layout()}
+        before, now = saved.get("state_layout") or {}, mine["state_layout"]
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        shown = ", ".join(f"{k}: {before.get(k, 'absent')} then, {now.get(k, 'absent')} now" for k in changed[:3])
         reasons = {
             "pretrained_fingerprint": "the pretrained table differs from the one this run was trained with "
                                       f"({saved.get('pretrained_source')!r} then, {mine['pretrained_source']!r} now)",
@@ -204,6 +214,9 @@ class Trainer:
             "tables": f"the embedding tables differ ({saved.get('tables')} then, {mine['tables']} now)",
             "optimizers": f"the optimizers differ ({saved.get('optimizers')} then, {mine['optimizers']} now)",
             "encoder": f"model.encoder differs ({saved.get('encoder')} then, {mine['encoder']} now)",
+            "state_layout": f"the model or optimizer state differs in shape ({shown}"
+                            f"{f' and {len(changed) - 3} more' if len(changed) > 3 else ''}; model.hidden, "
+                            "model.combine, the LSTM's sizes or the dense optimizer's settings changed)",
         }
         for key, reason in reasons.items():
             if saved.get(key) != mine[key]:
@@ -258,13 +271,13 @@ class Trainer:
         """Loss whose DDP-averaged gradient equals the gradient of the global-batch weighted mean loss.
 
         Every rank knows the whole global batch's labels (the plan is global), so the denominator needs no
-        communication. Returns (loss to backpropagate, this rank's own weighted mean for logging)."""
+        communication. Returns (loss to backpropagate, this rank's weighted loss sum and weight, for logging)."""
         denom = float(self.weights[np.asarray(self.data.train.labels[global_rows])].sum()) or 1.0
         labels = batch.labels
         per_doc = F.cross_entropy(logits.float(), labels, weight=self.weights_t, reduction="none")
         local_sum = per_doc.sum()
-        local_w = self.weights_t[labels].sum() if labels.numel() else torch.ones((), device=logits.device)
-        return local_sum * (self.info.world_size / denom), local_sum.detach() / local_w.clamp(min=1e-12)
+        local_w = self.weights_t[labels].sum()  # 0 for a rank whose share of the batch is empty
+        return local_sum * (self.info.world_size / denom), local_sum.detach(), local_w
 
     def _loop(self, step: int, tokens_seen: int) -> dict:
         cfg, info = self.cfg, self.info
@@ -272,6 +285,9 @@ class Trainer:
         bar = progress_bar(total=self.total_steps, initial=step, desc="train",
                            enabled=info.is_main and cfg.metrics.progress)
         self.train_model.train()
+        # as after the last step taken: the loop sets it per step, but a resume at the final step runs none, and
+        # the test evaluation and projector must still see the unfrozen pretrained correction
+        unwrap(self.model).delta_active = step > 0 and self.optim.pretrained_active(step - 1)
         t_start = time.perf_counter()
         prefetch = BatchPrefetcher(self._make_batch, self.total_steps, pin=info.device.type != "cpu")
         try:
@@ -309,7 +325,7 @@ class Trainer:
             self.optim.set_lr(step)
             self.optim.zero_grad()
             logits = model(batch)
-            loss, local_mean = self._loss(logits, batch, global_rows)
+            loss, local_sum, local_w = self._loss(logits, batch, global_rows)
             timer.mark("forward")
             timer.move(comm_counter[0] - comm_seen, "forward", "communication")
             comm_seen = comm_counter[0]
@@ -346,7 +362,8 @@ class Trainer:
             meter.update(batch.num_tokens, batch.num_docs)
             bar.update(1)
             if log_now:
-                self._log_train(step, local_mean, logits, batch, grad_norm, meter, timer, tokens_seen, epoch)
+                self._log_train(step, (local_sum, local_w), logits, batch, grad_norm, meter, timer, tokens_seen,
+                                epoch)
             if self.data.valid is not None and (
                 (cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0)
                 or (not cfg.train.eval_every_steps and epoch_end) or final
@@ -384,22 +401,27 @@ class Trainer:
             "world_size": self.info.world_size,
             "sharding": self.sharding,
             "torch_version": torch.__version__,
+            "state_layout": self.state_layout(),
             **self.fingerprints(),
         }
 
-    def _log_train(self, step, local_mean, logits, batch, grad_norm, meter, timer, tokens_seen, epoch) -> None:
+    def _log_train(self, step, local_loss, logits, batch, grad_norm, meter, timer, tokens_seen, epoch) -> None:
         info = self.info
         # host sync (logging step only): loss mean and max across ranks, batch accuracy
         correct = float((logits.argmax(1) == batch.labels).sum()) if batch.num_docs else 0.0
-        # built on the host: torch.stack refuses a CPU tensor next to CUDA ones
-        stats = torch.tensor([float(local_mean), correct, float(batch.num_docs)])
+        local_sum, local_w = float(local_loss[0]), float(local_loss[1])
+        local_mean = local_sum / local_w if local_w > 0 else 0.0
+        # The global weighted mean (what one process on the whole batch logs), not a mean of the ranks' means: a
+        # rank with no documents would otherwise count as a loss of 0. Built on the host from Python floats
+        # (torch.stack refuses a CPU tensor next to CUDA ones).
+        stats = torch.tensor([local_sum, local_w, correct, float(batch.num_docs)], dtype=torch.float64)
         summed = all_reduce_(stats.clone().to(info.device), info, op="sum").cpu()
         mem = torch.tensor([float(local_mean), peak_rss_bytes() / 2**30], dtype=torch.float64)
         peak = all_reduce_(mem.to(info.device), info, op="max").cpu()
         values = {
-            "loss/train": float(summed[0]) / info.world_size,
+            "loss/train": float(summed[0]) / max(float(summed[1]), 1e-12),
             "loss/train_max_rank": float(peak[0]),
-            "accuracy/train_batch": float(summed[1]) / max(float(summed[2]), 1.0),
+            "accuracy/train_batch": float(summed[2]) / max(float(summed[3]), 1.0),
             "grad/dense_norm": float(grad_norm),
             "progress/epoch": epoch,
             "progress/tokens_seen": tokens_seen,

@@ -102,7 +102,8 @@ class Vocabulary:
 
     def fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=16)
-        h.update(f"{self.num_pretrained}\n".encode())
+        # the counts make the newline-joined lists unambiguous (a token pattern may match a newline)
+        h.update(f"{self.num_pretrained}\n{len(self.words)}\n{len(self.labels)}\n".encode())
         h.update("\n".join(self.words).encode("utf-8", "surrogatepass"))
         h.update(b"\0labels\0")
         h.update("\n".join(self.labels).encode("utf-8", "surrogatepass"))
@@ -112,15 +113,21 @@ class Vocabulary:
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"num_pretrained": self.num_pretrained, "labels": self.labels, "fingerprint": self.fingerprint()}
         (folder / "vocab.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1))
-        (folder / "words.txt").write_text("\n".join(self.words), encoding="utf-8", errors="surrogatepass")
+        if any("\n" in w for w in self.words):  # a custom token_pattern matched a newline: one line per word fails
+            (folder / "words.json").write_text(json.dumps(self.words))
+        else:
+            (folder / "words.txt").write_text("\n".join(self.words), encoding="utf-8", errors="surrogatepass")
         np.save(folder / "pretrained_rows.npy", self.pretrained_rows)
         np.save(folder / "counts.npy", self.counts)
 
     @classmethod
     def load(cls, folder: Path) -> "Vocabulary":
         meta = json.loads((folder / "vocab.json").read_text())
-        text = (folder / "words.txt").read_text(encoding="utf-8", errors="surrogatepass")
-        words = text.split("\n") if text else []
+        if (folder / "words.json").exists():
+            words = json.loads((folder / "words.json").read_text())
+        else:
+            text = (folder / "words.txt").read_text(encoding="utf-8", errors="surrogatepass")
+            words = text.split("\n") if text else []
         vocab = cls(
             words=words,
             num_pretrained=meta["num_pretrained"],

@@ -217,7 +217,7 @@ def train(
         run.optim.set_lr(step)
         run.optim.zero_grad()
         logits = run.train_model(batch)
-        loss, _ = Trainer._loss(loss_ctx, logits, batch, global_rows)
+        loss, *_ = Trainer._loss(loss_ctx, logits, batch, global_rows)
         loss.backward()
         if needs_sparse_grad_sync(run.sharding, info):  # as Trainer._steps does
             sync_sparse_grads(run.tables, info)

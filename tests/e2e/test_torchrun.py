@@ -671,6 +671,22 @@ def test_two_processes_row_wise_equal_one_process(e2e: E2E, ref_1: Path) -> None
     assert_same_weights(run, ref_1, 1e-5)
 
 
+def test_a_rank_without_documents_in_a_step_logs_the_global_loss(e2e: E2E) -> None:
+    """Batch 299 of 300 documents: every second step has one document, so rank 1 gets none. Every rank must
+    still join the logging all-reduces (a rank that counted no tokens used to skip the throughput one: a hang),
+    and the logged loss is the global mean, as one process logs it (a mean of the ranks' means halved it)."""
+    extra = ("--train.batch_size", "299", "--train.max_steps", "6", "--train.eval_every_steps", "0",
+             "--metrics.warmup_steps", "1", "--checkpoint.every_steps", "0")
+    one, two = e2e.run_dir("one_doc_steps_1"), e2e.run_dir("one_doc_steps_2")
+    run_to_end(e2e.single(e2e.plain, one, *extra))
+    run_to_end(e2e.torchrun(e2e.plain, two, 2, *extra))
+    l1, l2 = train_losses(one), train_losses(two)
+    assert sorted(l2) == list(range(1, 7))
+    assert max(abs(l1[s] - l2[s]) for s in l1) < 1e-4, (l1, l2)
+    rates = [r["throughput/tokens_per_s"] for r in metrics(two) if "throughput/tokens_per_s" in r]
+    assert len(rates) == 5 and all(r > 0 for r in rates)  # every step after the warm-up one
+
+
 @pytest.mark.parametrize("attempt", range(3))  # repeated: restarts used to fail intermittently (DESIGN.md)
 def test_kill_one_rank_restart_resumes_to_the_same_weights(e2e: E2E, ref_2_dropout: Path, attempt: int) -> None:
     """kill -9 one worker after the first checkpoint, under `torchrun --max-restarts 1` with static rendezvous

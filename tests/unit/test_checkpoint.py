@@ -261,6 +261,8 @@ def test_trainer_resumes_from_previous_checkpoint_when_newest_is_corrupted(quick
         (["--optim.sparse", "adagrad"], "optimizers differ"),
         (["--model.encoder", "lstm", "--model.lstm_hidden", "4"], "model.encoder differs"),
         (["--embeddings.char_ngrams", "32"], "embedding tables differ"),
+        # the dense part's shape: DCP would report it as an unreadable checkpoint, and the run restart from 0
+        (["--model.hidden", "8"], r"differs in shape \(model/dense.head"),
     ],
 )
 def test_incompatible_run_raises_resume_error_naming_the_reason(quick_config, overrides, reason):
@@ -341,3 +343,46 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(quick_config, override
     assert set(got) == set(want)
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+def test_checkpoints_newer_than_a_restarted_run_are_removed_not_the_new_ones(quick_config, caplog):
+    """When no checkpoint loads, the run starts again from step 0; its new checkpoints must not be pruned in
+    favour of the unloadable, higher-numbered ones (they would be, by step number)."""
+    path = quick_config(checkpoint={"every_steps": 2, "at_epoch_end": False, "keep_latest_k": 1})
+    make_trainer(path).fit()
+    ckpts = Path(make_trainer(path).run_dir) / "checkpoints"
+    assert valid_steps(ckpts) == [4]
+    truncate_shards(ckpts / "step-4")
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        result = make_trainer(path, "--train.max_steps", "2").fit()
+    assert result["steps_this_run"] == 2
+    assert valid_steps(ckpts) == [2]
+    assert any("removing checkpoint" in r.getMessage() and "step-4" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_at_the_final_step_keeps_the_pretrained_correction(quick_config):
+    """A finished run restarted (e.g. killed during its test evaluation) takes no step; its evaluation must still
+    use the unfrozen pretrained correction, as the run's own last steps did."""
+    path = quick_config(embeddings={"freeze_pretrained": False})
+    first = make_trainer(path)
+    first.fit()
+    assert first.model.delta_active
+    again = make_trainer(path)
+    result = again.fit()
+    assert result["steps_this_run"] == 0
+    assert again.model.delta_active
+
+
+def test_training_without_pretrained_vectors_exports_and_projects(quick_config):
+    """embeddings.pretrained = "": the frozen table is empty but has the model's width, so the end of the run
+    (export, projector rows, neighbours) can join it with the OOV rows."""
+    from trainer.export import projector_rows, word_vectors
+
+    path = quick_config(embeddings={"pretrained": "", "dim": 6}, metrics={"projector_words": 10})
+    t = make_trainer(path)
+    result = t.fit()
+    assert result["step"] == 4
+    vectors = word_vectors(t.model, t.data.vocab)
+    assert vectors.shape == (len(t.data.vocab.words), 6)
+    rows, labels, _ = projector_rows(t.model, t.data.vocab, 10, INFO)
+    assert rows.shape[1] == 6 and all(kind == "learned" for _, kind, _ in labels)

@@ -75,6 +75,7 @@ def test_override_types_are_coerced():
         (["--model.encoder", "transformer"], "model.encoder"),
         (["--train.epochs", "0"], "train.epochs"),
         (["--train.epochs"], "train.epochs"),
+        (["--data.token_pattern", "("], "data.token_pattern"),
     ],
 )
 def test_errors_name_the_flag(argv, flag):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import bz2
 import csv
 import gzip
 import json
+import lzma
 from pathlib import Path
 
 import pyarrow as pa
@@ -113,8 +115,13 @@ def test_parquet_types(tmp_path: Path) -> None:
 def test_compressed_text_formats(tmp_path: Path) -> None:
     (tmp_path / "d.csv.gz").write_bytes(gzip.compress(b'text,label\n"x, y",1\n'))
     (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x, y", "label": 1}\n'))
-    for name in ("d.csv.gz", "d.jsonl.gz"):
-        assert read_table(str(tmp_path / name), "text", "label").texts == ["x, y"]
+    csv_bytes = b'text,label\n"x, y",1\n'
+    (tmp_path / "d.csv.bz2").write_bytes(bz2.compress(csv_bytes))
+    (tmp_path / "d.csv.xz").write_bytes(lzma.compress(csv_bytes))  # pyarrow does not infer .xz from the name
+    (tmp_path / "d.tsv.xz").write_bytes(lzma.compress(b"text\tlabel\nx, y\t1\n"))
+    (tmp_path / "d.jsonl.xz").write_bytes(lzma.compress(b'{"text": "x, y", "label": 1}\n'))
+    for name in ("d.csv.gz", "d.jsonl.gz", "d.csv.bz2", "d.csv.xz", "d.tsv.xz", "d.jsonl.xz"):
+        assert read_table(str(tmp_path / name), "text", "label").texts == ["x, y"], name
 
 
 def test_local_format_detection() -> None:
@@ -337,3 +344,25 @@ def test_hub_errors(fake_hub: list[tuple[str, str]]) -> None:
     assert "hf:missing/ds:train" in message and "FileNotFoundError" in message and "Hugging Face" in message
     message = error("ag_news", "content", "label")
     assert "'content'" in message and "'text', 'label'" in message
+
+
+def test_each_data_role_reads_its_own_split_of_a_bare_hub_name(fake_hub: list[tuple[str, str]]) -> None:
+    """data.valid = "name" must not validate on the train split (read_table's default)."""
+    from trainer.config import Config
+    from trainer.data import _read
+
+    for role in ("train", "valid", "test"):
+        _read("user/ds", Config(), role)
+    _read("user/ds:dev", Config(), "valid")
+    assert fake_hub == [("user/ds", "train"), ("user/ds", "validation"), ("user/ds", "test"), ("user/ds", "dev")]
+
+
+def test_an_unset_split_does_not_key_the_data_cache_on_the_working_directory(tmp_path, monkeypatch) -> None:
+    """Path("") is the current directory: its mtime changes with every file created there, and with it the cache
+    key, so every run would tokenize the data again (and ranks in different directories disagree)."""
+    from trainer.data import _source_key
+
+    monkeypatch.chdir(tmp_path)
+    before = _source_key("")
+    (tmp_path / "train.log").write_text("x")
+    assert _source_key("") == before == ""

@@ -16,3 +16,18 @@ def test_paused_time_is_left_out(monkeypatch):
     rates = meter.rates()
     assert rates["throughput/tokens_per_s"] == 1000.0
     assert rates["throughput/examples_per_s"] == 10.0
+
+
+def test_a_rank_without_tokens_still_reports_rates(monkeypatch):
+    """The trainer sums rates across ranks with an all-reduce that every rank must join: whether rates exist may
+    depend on steps only, never on this rank's tokens (a rank can get no documents in a logging interval)."""
+    now = [0.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    meter = metrics.Throughput(warmup_steps=1)
+    assert meter.rates() == {}  # nothing measured yet: the same on every rank
+    meter.update(tokens=5, examples=1)
+    assert meter.rates() == {}  # the warm-up step only started the clock
+    now[0] += 2.0
+    meter.update(tokens=0, examples=0)  # this rank's share of the step was empty
+    assert meter.rates() == {"throughput/tokens_per_s": 0.0, "throughput/examples_per_s": 0.0}
+    assert meter.rates() == {}  # and nothing since

@@ -209,6 +209,18 @@ def test_fingerprint_changes_with_words_labels_and_split(tmp_path):
     assert len({base.fingerprint(), other_label.fingerprint(), no_pre.fingerprint()}) == 3
 
 
+def test_words_with_newlines_round_trip(tmp_path):
+    """A custom token_pattern can match a newline; the saved vocabulary must not split such a word in two (every
+    later id would shift by one in the exported model)."""
+    vocab = build_vocabulary(Counter({"a\nb": 3, "c": 2, "d\r": 2}), ["x"], None, 1, 0)
+    vocab.save(tmp_path / "v")
+    back = Vocabulary.load(tmp_path / "v")
+    assert back.words == vocab.words and back.index == vocab.index
+    split = Vocabulary(words=["a", "b", "c", "d\r"], num_pretrained=0, pretrained_rows=np.zeros(0, np.int64),
+                       counts=np.zeros(4, np.int64), labels=["x"])
+    assert split.fingerprint() != vocab.fingerprint()  # the joined texts are equal; the word counts are not
+
+
 def test_load_detects_tampered_files(tmp_path):
     vocab = build_vocabulary(Counter({"the": 2, "zork": 2}), ["a", "b"], PRETRAINED, 1, 0)
     vocab.save(tmp_path / "v")
