@@ -26,14 +26,19 @@ import gc
 import json
 import os
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
-from trainer.bag_lookup import bag_sum
-from trainer.kernels import advise_hugepages
-from trainer.sparse_optim import SPARSE_OPTIMIZERS, build_sparse_optimizer, init_optimizer_state
+# `trainer` from this checkout (an editable install may point at another one, e.g. in an A/B from a worktree)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trainer.bag_lookup import bag_sum  # noqa: E402
+from trainer.kernels import advise_hugepages  # noqa: E402
+from trainer.sparse_optim import SPARSE_OPTIMIZERS, build_sparse_optimizer, init_optimizer_state  # noqa: E402
 
 # torch's Adagrad builds sparse tensors without invariant checks and says so on every call.
 warnings.filterwarnings("ignore", message="Sparse invariant checks")

@@ -17,6 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+# Import `trainer` from the checkout this script is in, not from wherever the environment installed it: an A/B
+# run from a second `git worktree` must measure that worktree's code (an editable install points elsewhere).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 if "OMP_WAIT_POLICY" not in os.environ:  # as the trainer's CLI does (trainer/cli.py); before torch loads
     os.environ.setdefault("GOMP_SPINCOUNT", "100000")
 
@@ -52,7 +56,7 @@ def main() -> int:
         rows, batch, _ = trainer._make_batch(i % len(batches))
         t1 = time.perf_counter()
         trainer.optim.zero_grad()
-        loss, _ = trainer._loss(trainer.train_model(batch), batch, rows)
+        loss, *_ = trainer._loss(trainer.train_model(batch), batch, rows)
         t2 = time.perf_counter()
         loss.backward()
         if trainer.sync_tables:  # replicated tables under torchrun: their sparse gradients are averaged here

@@ -68,7 +68,7 @@ def _source_key(spec: str) -> str:
 
 
 # Bump when the cache's layout or contents change, so old caches are never misread.
-CACHE_FORMAT = "3"  # 3: vocabulary ids in hashed order within each block
+CACHE_FORMAT = "4"  # 3: vocabulary ids in hashed order within each block; 4: vocabulary fingerprint v2
 
 
 def _cache_key(cfg: Config, *parts: str) -> str:

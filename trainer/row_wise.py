@@ -114,27 +114,21 @@ def _sort_owners(owner: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.T
     return sorted_owner.long(), order
 
 
+# Both layouts cut tensors with one torch.split each, not a slice per piece: a slice's backward makes a zero tensor
+# the size of the whole input and the engine then adds them up, so W x T slices of an exchanged buffer cost W x T
+# buffer-sized fills and adds per step (measured 1.5-2.2 ms of zero fills per rank and step, masked_bag, 2 ranks,
+# 2048 documents each); split's backward concatenates the pieces' gradients once.
 def _blocks(per_table: list[torch.Tensor], counts: list[list[int]]) -> list[torch.Tensor]:
     """Rank-major, table-minor blocks: rank r's rows of table t are the next counts[r][t] rows of per_table[t]
     (each table's rows are grouped by rank, in rank order)."""
-    taken = [0] * len(per_table)
-    out = []
-    for per_rank in counts:
-        for t, n in enumerate(per_rank):
-            out.append(per_table[t][taken[t] : taken[t] + n])
-            taken[t] += n
-    return out
+    pieces = [torch.split(rows, [per_rank[t] for per_rank in counts]) for t, rows in enumerate(per_table)]
+    return [pieces[t][r] for r in range(len(counts)) for t in range(len(per_table))]
 
 
 def _split(rows: torch.Tensor, counts: list[list[int]]) -> list[list[torch.Tensor]]:
     """The inverse layout: [rank][table] views of rank-major, table-minor rows with counts[rank][table] rows each."""
-    out, pos = [], 0
-    for per_rank in counts:
-        out.append([])
-        for n in per_rank:
-            out[-1].append(rows[pos : pos + n])
-            pos += n
-    return out
+    pieces = iter(torch.split(rows, [n for per_rank in counts for n in per_rank]))
+    return [[next(pieces) for _ in per_rank] for per_rank in counts]
 
 
 @dataclass

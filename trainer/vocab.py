@@ -100,10 +100,13 @@ class Vocabulary:
     def num_oov(self) -> int:
         return len(self.words) - self.num_pretrained
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, legacy: bool = False) -> str:
+        """`legacy`: the formula before the list lengths were hashed, which exported models of earlier versions
+        recorded (they still load)."""
         h = hashlib.blake2b(digest_size=16)
-        # the counts make the newline-joined lists unambiguous (a token pattern may match a newline)
-        h.update(f"{self.num_pretrained}\n{len(self.words)}\n{len(self.labels)}\n".encode())
+        # the lengths make the newline-joined lists unambiguous (a token pattern may match a newline)
+        h.update(f"{self.num_pretrained}\n".encode() if legacy else
+                 f"{self.num_pretrained}\n{len(self.words)}\n{len(self.labels)}\n".encode())
         h.update("\n".join(self.words).encode("utf-8", "surrogatepass"))
         h.update(b"\0labels\0")
         h.update("\n".join(self.labels).encode("utf-8", "surrogatepass"))
@@ -135,7 +138,7 @@ class Vocabulary:
             counts=np.load(folder / "counts.npy"),
             labels=meta["labels"],
         )
-        if vocab.fingerprint() != meta["fingerprint"]:
+        if meta["fingerprint"] not in (vocab.fingerprint(), vocab.fingerprint(legacy=True)):
             raise ValueError(f"{folder}: vocabulary files do not match their recorded fingerprint")
         return vocab
 

@@ -1,5 +1,6 @@
 """Tokenizer, stable hashing, bigram and character n-gram buckets, vocabulary construction and coverage."""
 
+import json
 import os
 import subprocess
 import sys
@@ -219,6 +220,21 @@ def test_words_with_newlines_round_trip(tmp_path):
     split = Vocabulary(words=["a", "b", "c", "d\r"], num_pretrained=0, pretrained_rows=np.zeros(0, np.int64),
                        counts=np.zeros(4, np.int64), labels=["x"])
     assert split.fingerprint() != vocab.fingerprint()  # the joined texts are equal; the word counts are not
+
+
+def test_load_accepts_the_fingerprint_of_earlier_versions(tmp_path):
+    """Exported models recorded the fingerprint without the list lengths; they still load (and tampering with
+    them is still caught)."""
+    vocab = build_vocabulary(Counter({"the": 2, "zork": 2}), ["a", "b"], PRETRAINED, 1, 0)
+    vocab.save(tmp_path / "v")
+    meta_file = tmp_path / "v" / "vocab.json"
+    meta = json.loads(meta_file.read_text())
+    meta["fingerprint"] = vocab.fingerprint(legacy=True)
+    meta_file.write_text(json.dumps(meta))
+    assert Vocabulary.load(tmp_path / "v").words == vocab.words
+    (tmp_path / "v" / "words.txt").write_text("the\nzorq")
+    with pytest.raises(ValueError, match="fingerprint"):
+        Vocabulary.load(tmp_path / "v")
 
 
 def test_load_detects_tampered_files(tmp_path):
