@@ -3,7 +3,10 @@
 #
 #   CPU (default):  docker build -t trainer:0.1.0 .
 #   GPU:            docker build -t trainer:0.1.0-cuda --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu130 .
-#   run:            docker run --rm -v "$PWD/data:/data:ro" -v "$PWD/runs:/runs" trainer:0.1.0
+#   run:            mkdir -p runs && docker run --rm --user "$(id -u):$(id -g)" --stop-timeout 180 \
+#                       -v "$PWD/data:/data:ro" -v "$PWD/runs:/runs" trainer:0.1.0
+#                   (--user: /runs must be writable by the container's user; --stop-timeout: `docker stop` waits
+#                   for the checkpoint instead of its default 10 s)
 #
 # Build arguments:
 #   BASE_IMAGE   any image with Python >= 3.11 and pip (the CUDA wheels carry their own CUDA libraries; the GPU
@@ -20,7 +23,8 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 \
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT=150
 
 RUN useradd --uid 1000 --user-group --create-home trainer \
     && mkdir -p /data /runs \
@@ -38,7 +42,9 @@ COPY configs ./configs
 USER 1000:1000
 VOLUME ["/data", "/runs"]
 # Exec form: torchrun is PID 1 and gets the SIGTERM of `docker stop` / a pod's termination, which it passes to the
-# workers; they checkpoint at the next step boundary and exit. Rendezvous settings come from PET_* variables.
+# workers; they checkpoint at the next step boundary and exit. torchrun SIGKILLs workers still running after
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (its default, 30, is shorter than a big checkpoint to shared storage; keep
+# it below the pod's terminationGracePeriodSeconds). Rendezvous settings come from PET_* variables.
 ENTRYPOINT ["torchrun", "-m", "trainer", "train"]
 CMD ["--config=/app/configs/demo.toml", "--data.train=/data/debian/train.csv", \
      "--data.valid=/data/debian/valid.csv", "--data.test=/data/debian/test.csv", "--run.dir=/runs/demo"]

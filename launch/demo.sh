@@ -3,7 +3,8 @@
 #
 #   bash launch/demo.sh [--section.field VALUE ...]     (extra flags go to `trainer train`)
 #
-# Environment: VENV (default .venv), RUN_DIR (default runs/demo), DATA_DIR (default data/debian).
+# Environment: VENV (default .venv), RUN_DIR (default runs/demo), DATA_DIR (default data/debian), TORCH_INDEX (a
+# PyTorch wheel index for the torch install, e.g. https://download.pytorch.org/whl/cpu; default: pip's own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,8 +17,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
-# A pinned CPU torch first: an unpinned resolve pulls a CUDA build of several GB.
-python -c 'import torch' 2>/dev/null || python -m pip install -q torch==2.13.0
+# A pinned torch first: an unpinned resolve pulls a CUDA build of several GB. From PyPI on x86-64 Linux even the
+# pinned one is the CUDA build: set TORCH_INDEX=https://download.pytorch.org/whl/cpu for the small CPU-only wheel.
+python -c 'import torch' 2>/dev/null || python -m pip install -q ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} torch==2.13.0
 python -m pip install -q -e '.[glove]'
 
 if ! ls /var/lib/apt/lists/*i18n_Translation-en* >/dev/null 2>&1; then
@@ -29,7 +31,8 @@ fi
 [ -f "$DATA_DIR/train.csv" ] || python -m trainer data debian --out "$DATA_DIR" >/dev/null
 
 start=$(date +%s)
-python -m trainer train --config configs/demo.toml --run.dir "$RUN_DIR" "$@" >/dev/null
+python -m trainer train --config configs/demo.toml --run.dir "$RUN_DIR" --data.train "$DATA_DIR/train.csv" \
+  --data.valid "$DATA_DIR/valid.csv" --data.test "$DATA_DIR/test.csv" "$@" >/dev/null
 end=$(date +%s)
 python - "$RUN_DIR" "$((end - start))" <<'PY'
 import json, sys

@@ -15,10 +15,12 @@
 #                   newest checkpoint in run.dir [0]
 #   MASTER_PORT     fixed port for the rendezvous (static, on 127.0.0.1) [unset: --standalone picks a free port]
 #
-# TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 is exported: without it a restarted group sometimes fails to reconnect on
-# torch 2.13 (gloo "connectFullMesh ... Connection refused"). The script `exec`s torchrun, so a SIGTERM sent to
-# this script's PID reaches torchrun, which passes it to the workers: they checkpoint at the next step boundary
-# and exit (torchrun then exits non-zero; run the same command again to resume).
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 is exported: under --standalone, without it a restarted group sometimes fails
+# to reconnect on torch 2.13 (gloo "connectFullMesh ... Connection refused"); with MASTER_PORT set (static
+# rendezvous) torch shares the agent's store anyway, and the trainer's per-restart key prefix covers that case.
+# The script `exec`s torchrun, so a SIGTERM sent to this script's PID reaches torchrun, which passes it to the
+# workers: they checkpoint at the next step boundary and exit (torchrun then exits non-zero; run the same command
+# again to resume).
 set -euo pipefail
 
 gpu_count() {
@@ -64,6 +66,8 @@ CORES=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
 THREADS=$((CORES / NPROC))
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((THREADS > 0 ? THREADS : 1))}"
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+# torchrun SIGKILLs its workers this long after passing on a SIGTERM (its default, 30 s, can cut a checkpoint short)
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-150}"
 
 if [[ -n "${MASTER_PORT:-}" ]]; then
     RDZV=(--nnodes 1 --node-rank 0 --master-addr 127.0.0.1 --master-port "$MASTER_PORT")

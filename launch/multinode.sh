@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train on several machines: run this once on every node (by hand, from slurm.sbatch, or as a pod's command).
+# Train on several machines: run this once on every node (by hand, or from slurm.sbatch). The container image does
+# not ship it: its pods run torchrun directly, with the same PET_* variables set in the manifests (k8s/).
 #
 #   node 0:  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/multinode.sh --config configs/demo.toml
 #   node 1:  NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 launch/multinode.sh --config configs/demo.toml
@@ -88,6 +89,8 @@ CORES=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
 THREADS=$((CORES / PET_NPROC_PER_NODE))
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((THREADS > 0 ? THREADS : 1))}"
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+# torchrun SIGKILLs its workers this long after passing on a SIGTERM (its default, 30 s, can cut a checkpoint short)
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-150}"
 # The rendezvous is fixed by master address, port and node rank; clear the other rendezvous variables a
 # platform may have set, so torchrun does not pick an elastic backend behind our back.
 unset PET_RDZV_BACKEND PET_RDZV_ENDPOINT PET_RDZV_ID PET_RDZV_CONF PET_STANDALONE

@@ -66,7 +66,9 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 
 class StopFlag:
-    """SIGTERM / SIGINT: finish the current step, checkpoint, exit. A second signal exits at once."""
+    """SIGTERM / SIGINT: finish the current step, checkpoint, exit. A second SIGINT (Ctrl-C again) exits at once;
+    a repeated SIGTERM does not: schedulers deliver it more than once (Slurm signals every process of the job step,
+    and torchrun then forwards its own to each worker), and their SIGKILL after the grace period is the hard stop."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -77,6 +79,9 @@ class StopFlag:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGTERM:
+            log.warning("signal %d again: still checkpointing after the current step", signum)
+            return
         if self.requested:
             sys.stderr.write(f"second signal {signum}: exiting now\n")
             raise SystemExit(128 + signum)

@@ -38,8 +38,10 @@ IMAGE_ENV = {
     "PIP_NO_CACHE_DIR": "1",
     "PIP_DISABLE_PIP_VERSION_CHECK": "1",
     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "150",
 }
-OWN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "2", "TRAINER_CACHE_DIR": "/cache"}
+OWN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "2", "TRAINER_CACHE_DIR": "/cache",
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "150"}
 
 # (controller, pod name prefix, hostname, subdomain, name other pods use, injected environment)
 GOLDEN = {
@@ -381,6 +383,7 @@ def test_trainjob_builds_the_runtime_jobset():
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE",
         "OMP_NUM_THREADS",
         "TRAINER_CACHE_DIR",
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
         "PET_NNODES",
         "PET_NPROC_PER_NODE",
         "PET_NODE_RANK",

@@ -379,6 +379,9 @@ def test_every_pod_can_checkpoint_and_has_shm_and_resources(kind):
             f"{kind}: no in-memory /dev/shm"
         )
         assert pod.env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == "1"
+        # torchrun SIGKILLs its workers this long after a SIGTERM (default 30 s): longer than that, inside the grace
+        shutdown_s = int(pod.env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+        assert 30 < shutdown_s < pod.grace_period_s, f"{kind}: TORCH_ELASTIC_SHUTDOWN_TIMEOUT {shutdown_s}"
         for what in ("cpu", "memory"):
             request, limit = pod.resources["requests"][what], pod.resources["limits"][what]
             assert parse_quantity(request) <= parse_quantity(limit), f"{kind}: {what} request > limit"
@@ -431,6 +434,7 @@ def test_dockerfile_is_small_and_signal_safe():
     assert 'VOLUME ["/data", "/runs"]' in text
     assert image.user.split(":")[0] == "1000", "non-root, numeric (runAsNonRoot can check it): uid 1000"
     assert dict(image.env)["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert int(dict(image.env)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) > 30
     ignore = [
         line.strip()
         for line in (REPO / ".dockerignore").read_text().splitlines()
@@ -489,7 +493,8 @@ def test_gpu_overlay(kind):
         shm = next(m for m in pod.mounts if m.path == "/dev/shm")
         assert shm.medium == "Memory" and parse_quantity(shm.size_limit) > base_shm
         assert parse_quantity(shm.size_limit) < parse_quantity(pod.resources["limits"]["memory"])
-        assert pod.image.endswith("-cuda") and pod.argv == cpu_pod.argv
+        # the same command, with the device pinned: no silent CPU fallback on a node whose driver is too old
+        assert pod.image.endswith("-cuda") and pod.argv == [*cpu_pod.argv, "--train.device=cuda"]
         assert int(pod.env["PET_NPROC_PER_NODE"]) * int(pod.env["OMP_NUM_THREADS"]) <= parse_quantity(
             pod.resources["limits"]["cpu"]
         )
