@@ -17,6 +17,8 @@
 #                   "auto" / "cpu" are refused on a machine without GPUs: they mean one process per visible core,
 #                   not per core the job was given.
 #   MAX_RESTARTS    whole-group restarts after a failure       -> PET_MAX_RESTARTS    [$PET_MAX_RESTARTS, else 0]
+#   RDZV_TIMEOUT    seconds node 0 waits for every node        -> PET_RDZV_CONF=timeout=N  [1800; torch's own
+#                   default, 600, is short for a node that first pulls a multi-GB image or waits for a GPU]
 #   CONFIG          config file, passed as `--config CONFIG`  [unset: give --config yourself]
 #   DEVICE          cpu | cuda | auto, passed as --train.device [unset: the config's train.device]
 #   OMP_NUM_THREADS threads per process [cores / NPROC_PER_NODE, at least 1]
@@ -93,7 +95,8 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-150}"
 # The rendezvous is fixed by master address, port and node rank; clear the other rendezvous variables a
 # platform may have set, so torchrun does not pick an elastic backend behind our back.
-unset PET_RDZV_BACKEND PET_RDZV_ENDPOINT PET_RDZV_ID PET_RDZV_CONF PET_STANDALONE
+unset PET_RDZV_BACKEND PET_RDZV_ENDPOINT PET_RDZV_ID PET_STANDALONE
+export PET_RDZV_CONF="timeout=${RDZV_TIMEOUT:-1800}"
 
 if [[ -n "$DEVICE" ]]; then
     set -- --train.device "$DEVICE" "$@"

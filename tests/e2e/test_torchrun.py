@@ -582,6 +582,7 @@ def test_multinode_sh_maps_environment_to_pet_variables(stubs) -> None:
         "PET_MASTER_PORT": "29999",
         "PET_NPROC_PER_NODE": "1",
         "PET_MAX_RESTARTS": "0",
+        "PET_RDZV_CONF": "timeout=1800",  # node 0 waits 30 minutes for the others, not torch's 10
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
         "OMP_NUM_THREADS": str(_cores()),
     }
