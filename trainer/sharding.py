@@ -43,11 +43,10 @@ def build_tables(mode: str, specs: list[TableSpec], frozen: torch.Tensor, seed: 
     return LocalTables(specs, frozen, seed)
 
 
-def _ddp(module: nn.Module, info: DistInfo) -> DistributedDataParallel:
+def _ddp(module: nn.Module) -> DistributedDataParallel:
     # device_ids=None on CUDA too (allowed for a module on one device): with device_ids, DDP's forward copies every
     # tensor argument to that GPU with a blocking copy, a host sync per step, and it would move `seq_lengths`,
     # which the LSTM encoder keeps on the host on purpose, onto the GPU.
-    del info
     with warnings.catch_warnings():
         # torch 2.13 deprecates broadcast_buffers in favour of forward_sync_buffers, which still syncs at init;
         # our modules have no buffers, and nothing may be broadcast per forward
@@ -62,7 +61,7 @@ def wrap_for_training(model: nn.Module, mode: str, info: DistInfo) -> nn.Module:
     `sync_sparse_grads` after backward; neither is DDP's business."""
     if not info.is_distributed:
         return model
-    model.dense = _ddp(model.dense, info)
+    model.dense = _ddp(model.dense)
     return model
 
 

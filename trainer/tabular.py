@@ -139,7 +139,7 @@ def _read_csv(path: Path, fmt: str, text_column: str, label_column: str) -> _Rea
     while True:
         try:
             # pyarrow infers .gz/.bz2 (and .lz4/.zst) from the name but not .xz: hand it the decompressed stream
-            source = lzma.open(path, "rb") if path.suffix.lower() == ".xz" else path
+            source = _open(path, "rb") if path.suffix.lower() == ".xz" else path
             try:
                 table = pacsv.read_csv(source, pacsv.ReadOptions(block_size=block), parse, convert)
             finally:

@@ -110,6 +110,13 @@ def use_bf16(setting: str, device: torch.device) -> bool:
     return setting == "on" or torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+def state_layout(state: dict) -> dict[str, list[int]]:
+    """Every checkpointed tensor's global shape by key (of `Trainer.state()`). The same for every world size and
+    sharding mode; it changes with the dense part's shape (model.hidden, model.combine, the LSTM's sizes) and with
+    optimizer state (dense SGD momentum), which DCP would otherwise report as an unreadable checkpoint."""
+    return {f"{section}/{key}": list(t.shape) for section, tensors in state.items() for key, t in tensors.items()}
+
+
 def _seed_step(seed: int, device: torch.device) -> None:
     torch.random.default_generator.manual_seed(seed)
     if device.type == "cuda":
@@ -199,15 +206,8 @@ class Trainer:
             "encoder": self.cfg.model.encoder,
         }
 
-    def state_layout(self) -> dict[str, list[int]]:
-        """Every checkpointed tensor's global shape by key. The same for every world size and sharding mode; it
-        changes with the dense part's shape (model.hidden, model.combine, the LSTM's sizes) and with optimizer
-        state (dense SGD momentum), which DCP would otherwise report as an unreadable checkpoint."""
-        return {f"{section}/{key}": list(t.shape) for section, tensors in self.state().items()
-                for key, t in tensors.items()}
-
     def check_resumable(self, saved: dict) -> None:
-        mine = {**self.fingerprints(), "state_layout": self.state_layout()}
+        mine = {**self.fingerprints(), "state_layout": state_layout(self.state())}
         before, now = saved.get("state_layout") or {}, mine["state_layout"]
         changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         shown = ", ".join(f"{k}: {before.get(k, 'absent')} then, {now.get(k, 'absent')} now" for k in changed[:3])
@@ -377,7 +377,8 @@ class Trainer:
                     last_valid = self._evaluate("valid", step)
             if save_now or stop_now:
                 with meter.paused():
-                    self.checkpointer.save(step, self.state(), self._trainer_state(step, tokens_seen, epoch))
+                    state = self.state()
+                    self.checkpointer.save(step, state, self._trainer_state(step, tokens_seen, epoch, state))
             if stop_now:
                 log.warning("stopped by signal at step %d; checkpoint saved", step)
                 bar.close()
@@ -398,7 +399,7 @@ class Trainer:
             atomic_write_text(self.run_dir / "result.json", json.dumps(result, indent=1))
         return result
 
-    def _trainer_state(self, step: int, tokens_seen: int, epoch: int) -> dict:
+    def _trainer_state(self, step: int, tokens_seen: int, epoch: int, state: dict) -> dict:
         return {
             "step": step,
             "epoch": epoch,
@@ -406,7 +407,7 @@ class Trainer:
             "world_size": self.info.world_size,
             "sharding": self.sharding,
             "torch_version": torch.__version__,
-            "state_layout": self.state_layout(),
+            "state_layout": state_layout(state),
             **self.fingerprints(),
         }
 
