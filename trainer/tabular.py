@@ -8,7 +8,8 @@ file should cost the user one glance at the message, not a stack trace from deep
 Conventions, chosen so the same data gives the same table whatever the format:
 
 * labels become ``str`` (``1`` -> ``"1"``, ``1.0`` -> ``"1"``, ``true`` -> ``"true"``; hub
-  ``ClassLabel`` columns give their names), stripped of surrounding whitespace;
+  ``ClassLabel`` columns give their names), stripped of surrounding whitespace; label text is read the
+  same way (``"1.0"`` -> ``"1"``, ``"True"`` -> ``"true"``: pandas writes float and bool columns so);
 * rows whose text is null, empty or whitespace-only are skipped and counted, never an error;
 * among the kept rows a null/empty label is an error naming the first such row.
 """
@@ -20,9 +21,11 @@ import csv
 import gzip
 import io
 import json
+import logging
 import lzma
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +39,8 @@ _COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _CSV_BLOCK = 16 << 20  # pyarrow's default of 1 MiB fails on any row longer than that
 _MAX_BLOCK = (1 << 31) - 1  # pyarrow block sizes are int32
 _DIAGNOSE_MAX_BYTES = 1 << 30
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -110,6 +115,9 @@ def _check_columns(source: object, present: Sequence[str], text_column: str, lab
     for column, what in ((text_column, "text"), (label_column, "label")):
         if column not in present:
             raise _columns_error(source, column, what, present)
+        if list(present).count(column) > 1:  # readers would silently take one of them
+            raise DataError(f"{source}: the header names {what} column {column!r} {list(present).count(column)} "
+                            "times; rename all but one")
 
 
 _Read = tuple[list[Any], list[Any], Callable[[int], str]]
@@ -138,24 +146,49 @@ def _read_csv(path: Path, fmt: str, text_column: str, label_column: str) -> _Rea
     block = _CSV_BLOCK
     while True:
         try:
-            # pyarrow infers .gz/.bz2 (and .lz4/.zst) from the name but not .xz: hand it the decompressed stream
-            source = _open(path, "rb") if path.suffix.lower() == ".xz" else path
-            try:
+            with _csv_stream(path) as source:
                 table = pacsv.read_csv(source, pacsv.ReadOptions(block_size=block), parse, convert)
-            finally:
-                if source is not path:
-                    source.close()
             break
         except pa.ArrowInvalid as exc:
             if "straddl" in str(exc) and block < _MAX_BLOCK:
                 block = min(block * 8, _MAX_BLOCK)
                 continue
             raise _csv_error(path, delimiter, exc) from None
+        except (OSError, EOFError, lzma.LZMAError) as exc:  # a truncated or corrupt compressed file
+            raise DataError(f"{path}: cannot read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")\
+                from None
+    if fmt == "tsv":
+        _warn_tabs_in_text(path, table.column(text_column))
     return (
         table.column(text_column).to_pylist(),
         table.column(label_column).to_pylist(),
         lambda i: f"data row {i + 1}",
     )
+
+
+def _csv_stream(path: Path) -> IO[Any]:
+    """The file's decompressed bytes for pyarrow, which infers compression only from lower-case .gz / .bz2 names
+    and has no .xz codec."""
+    suffix = path.suffix.lower()
+    if suffix == ".xz":
+        return _open(path, "rb")
+    return pa.input_stream(str(path), compression={".gz": "gzip", ".bz2": "bz2"}.get(suffix))
+
+
+def _warn_tabs_in_text(path: Path, texts: pa.ChunkedArray) -> None:
+    """A tab inside a TSV text field can only come from quoting, and a stray quote at the start of a field
+    (common in TSV files written without quoting) swallows every row up to the next quote: say where."""
+    import pyarrow.compute as pc
+
+    has_tab = pc.fill_null(pc.match_substring(texts, "\t"), False)
+    count = pc.sum(has_tab).as_py() or 0
+    if count:
+        first = pc.index(has_tab, True).as_py()
+        log.warning(
+            "%s: %d text field(s) hold a tab, the first in data row %d: a quoted field, or a stray '\"' at the "
+            "start of a field that merged the rows after it into one (%d rows read)", path, count, first + 1,
+            len(texts),
+        )
 
 
 def _csv_header(path: Path, delimiter: str) -> list[str]:
@@ -215,6 +248,9 @@ def _csv_error(path: Path, delimiter: str, exc: Exception) -> DataError:
 # --------------------------------------------------------------------------------------------------
 
 
+_BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, which some editors put at the start of a file
+
+
 def _open(path: Path, mode: str) -> IO[Any]:
     opener = _COMPRESSIONS.get(path.suffix.lower(), open)
     return opener(path, mode)
@@ -228,13 +264,13 @@ def _read_json(path: Path, fmt: str, text_column: str, label_column: str) -> _Re
     """
     try:
         with _open(path, "rb") as fh:
-            head = fh.read(4096).lstrip()
+            head = fh.read(4096).removeprefix(_BOM).lstrip()
             fh.seek(0)
             if not head:
                 raise DataError(f"{path}: empty file")
             records = None
             if fmt == "json" and head[:1] in (b"[", b"{"):
-                records = _parse_json_document(path, fh.read(), strict=head[:1] == b"[")
+                records = _parse_json_document(path, fh.read().removeprefix(_BOM), strict=head[:1] == b"[")
                 fh.seek(0)
             if records is None:
                 records = _parse_jsonl(path, fh)
@@ -257,6 +293,8 @@ def _read_json(path: Path, fmt: str, text_column: str, label_column: str) -> _Re
 def _parse_jsonl(path: Path, fh: IO[bytes]) -> list[tuple[int, dict]]:
     records = []
     for lineno, raw in enumerate(fh, 1):
+        if lineno == 1:
+            raw = raw.removeprefix(_BOM)
         if not raw.strip():
             continue
         try:
@@ -350,6 +388,9 @@ def _read_hub(name: str, split: str, text_column: str, label_column: str) -> Tex
 # --------------------------------------------------------------------------------------------------
 
 
+_INTEGRAL_FLOAT = re.compile(r"[+-]?\d+\.0*")
+
+
 def _label_str(value: Any) -> str | None:
     """One canonical string per label value, whatever type the format stored it as."""
     if value is None:
@@ -360,8 +401,15 @@ def _label_str(value: Any) -> str | None:
         if math.isnan(value):
             return None
         return str(int(value)) if value.is_integer() else repr(value)
-    if isinstance(value, str | int):
-        return str(value).strip() or None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        # text formats carry the typed formats' values as written: pandas writes a float column's 1.0 and a bool
+        # column's True to CSV, which JSON / Parquet read as 1.0 -> "1" and true -> "true" above
+        value = value.strip()
+        if _INTEGRAL_FLOAT.fullmatch(value):
+            return str(int(value.partition(".")[0]))
+        return value.lower() if value in ("True", "False", "TRUE", "FALSE") else value or None
     raise TypeError(type(value).__name__)
 
 

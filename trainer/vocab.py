@@ -119,7 +119,8 @@ class Vocabulary:
         if any("\n" in w for w in self.words):  # a custom token_pattern matched a newline: one line per word fails
             (folder / "words.json").write_text(json.dumps(self.words))
         else:
-            (folder / "words.txt").write_text("\n".join(self.words), encoding="utf-8", errors="surrogatepass")
+            # bytes, not text mode: text mode reads a "\r" inside a word (a custom token_pattern) as a line end
+            (folder / "words.txt").write_bytes("\n".join(self.words).encode("utf-8", "surrogatepass"))
         np.save(folder / "pretrained_rows.npy", self.pretrained_rows)
         np.save(folder / "counts.npy", self.counts)
 
@@ -129,7 +130,7 @@ class Vocabulary:
         if (folder / "words.json").exists():
             words = json.loads((folder / "words.json").read_text())
         else:
-            text = (folder / "words.txt").read_text(encoding="utf-8", errors="surrogatepass")
+            text = (folder / "words.txt").read_bytes().decode("utf-8", "surrogatepass")
             words = text.split("\n") if text else []
         vocab = cls(
             words=words,

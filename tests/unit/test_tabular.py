@@ -124,6 +124,78 @@ def test_compressed_text_formats(tmp_path: Path) -> None:
         assert read_table(str(tmp_path / name), "text", "label").texts == ["x, y"], name
 
 
+def test_labels_are_the_same_whatever_the_format(tmp_path: Path) -> None:
+    """pandas writes a float label column as 1.0 and a bool one as True: CSV, JSONL and Parquet must agree on
+    the class names, or a model trained on one format scores 0 on the other."""
+    labels = [1.0, 0.0, -2.0, True, False]
+    texts = ["a", "b", "c", "d", "e"]
+    as_text = ["1.0", "0.0", "-2.00", "True", "FALSE"]
+    write_csv(tmp_path / "d.csv", [["text", "label"], *zip(texts, as_text, strict=True)])
+    write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)])
+    pq.write_table(pa.table({"text": texts[:3], "label": labels[:3]}), tmp_path / "d.parquet")
+    pq.write_table(pa.table({"text": texts[3:], "label": labels[3:]}), tmp_path / "b.parquet")
+    expected = ["1", "0", "-2", "true", "false"]
+    assert read_table(str(tmp_path / "d.csv"), "text", "label").labels == expected
+    assert read_table(str(tmp_path / "d.jsonl"), "text", "label").labels == expected
+    assert (read_table(str(tmp_path / "d.parquet"), "text", "label").labels
+            + read_table(str(tmp_path / "b.parquet"), "text", "label").labels) == expected
+    # only integral floats and booleans: other label text stays as written
+    write_csv(tmp_path / "k.csv", [["text", "label"], ["a", "1.5"], ["b", "1.0.0"], ["c", "true story"], ["d", "01"]])
+    assert read_table(str(tmp_path / "k.csv"), "text", "label").labels == ["1.5", "1.0.0", "true story", "01"]
+
+
+def test_upper_case_compressed_names(tmp_path: Path) -> None:
+    """pyarrow infers compression only from lower-case names; an upper-case .GZ was read as raw bytes."""
+    (tmp_path / "d.CSV.GZ").write_bytes(gzip.compress(b'text,label\n"x, y",1\n'))
+    (tmp_path / "d.csv.BZ2").write_bytes(bz2.compress(b'text,label\n"x, y",1\n'))
+    for name in ("d.CSV.GZ", "d.csv.BZ2"):
+        assert read_table(str(tmp_path / name), "text", "label").texts == ["x, y"], name
+
+
+@pytest.mark.parametrize("name", ["d.csv.gz", "d.csv.bz2", "d.csv.xz"])
+def test_truncated_compressed_csv_names_the_file(tmp_path: Path, name: str) -> None:
+    # several bz2 blocks (900 KB each), so the header decompresses and the body's end is missing
+    body = b"text,label\n" + b"".join(b"document number %d here,%d\n" % (i, i % 3) for i in range(100_000))
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[Path(name).suffix]
+    blob = compress(body)
+    path = tmp_path / name
+    path.write_bytes(blob[: len(blob) // 2])
+    assert error(path).startswith(f"{path}: cannot read")
+
+
+def test_tsv_stray_quote_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """TSV files are often written without quoting; a field starting with a quote then swallows the rows that
+    follow it. The reader cannot know, so it says where a text field holds a tab."""
+    path = tmp_path / "d.tsv"
+    path.write_text('text\tlabel\n"Hello" he said\tA\n"unbalanced start\tB\nnext row\tC\nlast "row"\tD\n')
+    with caplog.at_level("WARNING", logger="trainer.tabular"):
+        table = read_table(str(path), "text", "label")
+    assert len(table) == 2
+    assert "1 text field(s) hold a tab, the first in data row 2" in caplog.text
+    caplog.clear()
+    path.write_text('text\tlabel\n"Hello" he said\tA\nplain\tB\n')
+    with caplog.at_level("WARNING", logger="trainer.tabular"):
+        assert len(read_table(str(path), "text", "label")) == 2
+    assert "tab" not in caplog.text
+
+
+@pytest.mark.parametrize(("name", "body"), [("d.json", '[{"text": "x", "label": 1}]'),
+                                            ("d.json", '{"text": "x", "label": 1}\n'),
+                                            ("d.jsonl", '{"text": "x", "label": 1}\n')])
+def test_json_with_byte_order_mark(tmp_path: Path, name: str, body: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert read_table(str(path), "text", "label").labels == ["1"]
+
+
+def test_duplicate_column_is_refused(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "d.csv", [["text", "label", "label"], ["x", "a", "b"]])
+    assert "names label column 'label' 2 times" in error(path)
+    pq.write_table(pa.Table.from_arrays([pa.array(["x"]), pa.array(["a"]), pa.array(["b"])],
+                                        names=["text", "text", "label"]), tmp_path / "d.parquet")
+    assert "names text column 'text' 2 times" in error(tmp_path / "d.parquet")
+
+
 def test_local_format_detection() -> None:
     assert local_format("a/b.CSV") == "csv" and local_format("x.tsv.gz") == "tsv"
     assert local_format("x.parquet") == "parquet" and local_format("x.json") == "json"

@@ -222,6 +222,16 @@ def test_words_with_newlines_round_trip(tmp_path):
     assert split.fingerprint() != vocab.fingerprint()  # the joined texts are equal; the word counts are not
 
 
+def test_words_with_carriage_returns_round_trip(tmp_path):
+    """Without a newline in any word the vocabulary is one word per line (words.txt); a word holding a "\r"
+    (a custom token_pattern) must come back as it was, not as two lines."""
+    vocab = build_vocabulary(Counter({"first\rsecond": 3, "c": 2, "d\r\u2028e": 2}), ["x"], None, 1, 0)
+    vocab.save(tmp_path / "v")
+    assert (tmp_path / "v" / "words.txt").exists()
+    back = Vocabulary.load(tmp_path / "v")
+    assert back.words == vocab.words and back.index == vocab.index
+
+
 def test_load_accepts_the_fingerprint_of_earlier_versions(tmp_path):
     """Exported models recorded the fingerprint without the list lengths; they still load (and tampering with
     them is still caught)."""
