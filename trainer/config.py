@@ -6,6 +6,7 @@ Precedence is CLI > file > defaults. Every field is documented in the line above
 """
 
 import dataclasses
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -164,7 +165,7 @@ class OptimConfig:
         _choice(self.dense, "optim.dense", ("adamw", "sgd"))
         for name in ("sparse_lr", "dense_lr", "pretrained_lr"):
             value = getattr(self, name)
-            _check(value > 0, f"optim.{name}", f"must be > 0, got {value}")
+            _check(value > 0 and math.isfinite(value), f"optim.{name}", f"must be a finite number > 0, got {value}")
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.sparse_weight_decay >= 0, "optim.sparse_weight_decay",
                f"must be >= 0, got {self.sparse_weight_decay}")
@@ -204,6 +205,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
         _check(self.max_steps >= 0, "train.max_steps", f"must be >= 0, got {self.max_steps}")
+        _check(0 <= self.seed < 2**32, "train.seed", f"must be in [0, 2**32), got {self.seed}")
         _check(self.batch_size >= 0, "train.batch_size", f"must be >= 0, got {self.batch_size}")
         _check(self.tokens_per_batch >= 0, "train.tokens_per_batch", f"must be >= 0, got {self.tokens_per_batch}")
         _check(self.batch_size > 0 or self.tokens_per_batch > 0, "train.batch_size",

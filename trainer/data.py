@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.config import Config
-from trainer.distributed import DistInfo, barrier
+from trainer.distributed import DistInfo, barrier, broadcast_object
 from trainer.embeddings import pretrained_scale
 from trainer.features import EncodedDocs, Featurizer, tokenize
 from trainer.tabular import DataError, TextTable, read_table
@@ -57,18 +57,21 @@ def make_featurizer(cfg: Config, vocab: Vocabulary) -> Featurizer:
 
 
 def _source_key(spec: str) -> str:
-    """Identity of a data source for the cache: a local file's path, size and mtime; a hub name as given."""
+    """Identity of a data source for the cache: a local file's path, size, inode and change times; a hub name as
+    given. The inode change time (ctime) is in the key because a tool can put the old modification time back on
+    new contents (`cp -p`, `rsync -t`, `tar x` do): ctime cannot be set, and every write, rename or copy moves it."""
     if not spec:  # an unset split; Path("") is the current directory, whose mtime would change the key
         return ""
     path = Path(spec)
     if path.exists():
         st = path.stat()
-        return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
     return spec
 
 
 # Bump when the cache's layout or contents change, so old caches are never misread.
-CACHE_FORMAT = "4"  # 3: vocabulary ids in hashed order within each block; 4: vocabulary fingerprint v2
+CACHE_FORMAT = "5"  # 3: vocabulary ids in hashed order within each block; 4: vocabulary fingerprint v2;
+# 5: label text normalised like typed labels (tabular: "1.0" -> "1", "True" -> "true")
 
 
 def _cache_key(cfg: Config, *parts: str) -> str:
@@ -93,6 +96,9 @@ def prepare_data(cfg: Config, pretrained: PretrainedVectors | None, info: DistIn
     key = _cache_key(cfg, _source_key(cfg.data.train), _source_key(cfg.data.valid), _source_key(cfg.data.test),
                      pretrained.fingerprint if pretrained is not None else "none",
                      str(cfg.embeddings.min_freq), str(cfg.embeddings.max_vocab), str(cfg.embeddings.full_pretrained))
+    # rank 0 builds the cache, so its view of the files names it: another node's copy of the data (same path,
+    # another inode) must not send that node's ranks looking for a folder nobody writes
+    key = broadcast_object(key, info)
     folder = cache_dir / f"data-{key}"
     if info.is_main and not (folder / "done.json").exists():
         _build_cache(cfg, pretrained, folder)

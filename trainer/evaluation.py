@@ -36,44 +36,53 @@ def predict_logits(
 
 def evaluate(
     model: nn.Module, docs: EncodedDocs, num_pretrained: int, token_level: bool, num_classes: int, info: DistInfo,
-    weights: np.ndarray | None = None,
 ) -> dict:
     """Accuracy, macro F1, loss and the confusion matrix over all ranks' shares. Documents whose label was never
-    seen in training (label -1) are counted as errors."""
+    seen in training (label -1) are counted as errors, and their predictions as false positives of the predicted
+    class. The loss is the plain cross-entropy over documents with known labels (not class-weighted: the
+    held-out figure means the same whatever train.class_weights is)."""
     logits, rows = predict_logits(model, docs, num_pretrained, token_level, info)
     labels = np.asarray(docs.labels[rows]) if len(rows) else np.zeros(0, dtype=np.int64)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
     loss_sum = torch.zeros(2, dtype=torch.float64)  # [sum of losses, count] over known labels
-    unseen = torch.zeros(1, dtype=torch.float64)
+    unseen_pred = torch.zeros(num_classes, dtype=torch.float64)  # predictions for documents of unseen labels
     if len(rows):
         pred = logits.argmax(1)
         known = labels >= 0
         np.add.at(confusion.numpy(), (labels[known], pred[known]), 1)
-        unseen[0] = float((~known).sum())
+        np.add.at(unseen_pred.numpy(), pred[~known], 1)
         if known.any():
             losses = F.cross_entropy(torch.from_numpy(logits[known]), torch.from_numpy(labels[known]), reduction="none")
             loss_sum[0], loss_sum[1] = float(losses.sum()), float(known.sum())
-    packed = torch.cat([confusion.flatten(), loss_sum, unseen])
+    packed = torch.cat([confusion.flatten(), unseen_pred, loss_sum])
     if info.backend == "nccl":
         packed = packed.to(info.device)
     all_reduce_(packed, info)
-    packed = packed.cpu()
-    confusion = packed[: num_classes * num_classes].view(num_classes, num_classes).numpy()
-    loss_sum, unseen_n = packed[num_classes * num_classes : -1].numpy(), float(packed[-1])
-    return metrics_from_confusion(confusion, unseen_n) | {"loss": float(loss_sum[0] / max(loss_sum[1], 1))}
+    packed = packed.cpu().numpy()
+    confusion = packed[: num_classes * num_classes].reshape(num_classes, num_classes)
+    unseen_pred, loss_sum = packed[num_classes * num_classes : -2], packed[-2:]
+    # no document with a known label: no loss to report (null in JSON), not a perfect 0
+    loss = float(loss_sum[0] / loss_sum[1]) if loss_sum[1] else None
+    return metrics_from_confusion(confusion, unseen_pred) | {"loss": loss}
 
 
-def metrics_from_confusion(confusion: np.ndarray, unseen: float = 0.0) -> dict:
-    """Rows are true labels, columns predictions. `unseen` documents have no row: they are wrong by definition."""
+def metrics_from_confusion(confusion: np.ndarray, unseen_pred: np.ndarray | None = None) -> dict:
+    """Rows are true labels, columns predictions. `unseen_pred[c]`: documents whose label was never seen in
+    training that were predicted as class c; they have no row, so they are all wrong, and false positives of c.
+
+    Macro F1 averages over the classes that occur in the labels or in the predictions (sklearn's
+    `f1_score(average="macro")` over those labels): a class predicted but absent from the data scores 0."""
+    unseen_pred = np.zeros(confusion.shape[0]) if unseen_pred is None else np.asarray(unseen_pred, np.float64)
     tp = np.diag(confusion)
     true_n = confusion.sum(1)
-    pred_n = confusion.sum(0)
+    pred_n = confusion.sum(0) + unseen_pred
+    unseen = unseen_pred.sum()
     n = confusion.sum() + unseen
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = np.where(pred_n > 0, tp / pred_n, 0.0)
         recall = np.where(true_n > 0, tp / true_n, 0.0)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    present = true_n > 0
+    present = (true_n > 0) | (pred_n > 0)
     return {
         "accuracy": float(tp.sum() / n) if n else 0.0,
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,

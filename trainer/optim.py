@@ -100,6 +100,11 @@ class OptimizerContainer:
                 cfg.sparse, _decay_groups(named["sparse"]), cfg.sparse_lr, weight_decay=cfg.sparse_weight_decay
             )
         if named["pretrained"]:
+            if cfg.sparse == "sgd" and cfg.pretrained_lr * 1000 < cfg.sparse_lr:
+                # the correction shares the tables' optimizer type; the default pretrained_lr is on Adam's scale
+                log.warning("optim.pretrained_lr = %g with optim.sparse = sgd at optim.sparse_lr = %g: the pretrained "
+                            "rows' correction will barely move (SGD rates here are on the sparse_lr scale; the demo's "
+                            "late unfreeze used sparse_lr / 100)", cfg.pretrained_lr, cfg.sparse_lr)
             self.optimizers["pretrained"] = build_sparse_optimizer(
                 cfg.sparse, [p for _, p in named["pretrained"]], cfg.pretrained_lr
             )
@@ -141,8 +146,11 @@ class OptimizerContainer:
             for pg, base in zip(opt.param_groups, self.base_lr[name], strict=True):
                 pg["lr"] = base * mult
 
-    def lrs(self) -> dict[str, float]:
-        return {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
+    def lrs(self, step: int) -> dict[str, float]:
+        """The learning rate each optimizer stepped with at `step`: 0 for the pretrained correction before the
+        unfreeze step (its optimizer is not stepped then)."""
+        return {name: 0.0 if name == "pretrained" and not self.pretrained_active(step) else opt.param_groups[0]["lr"]
+                for name, opt in self.optimizers.items()}
 
     def zero_grad(self) -> None:
         for opt in self.optimizers.values():

@@ -171,7 +171,7 @@ def format_report(report: dict[str, Any]) -> str:
         if m:
             lines.append(
                 f"  {split:<6} accuracy {m['accuracy']:.4f}  macro_f1 {m['macro_f1']:.4f}  "
-                f"loss {m['loss']:.4f}  n {m['n']}"
+                f"loss {'n/a' if m.get('loss') is None else format(m['loss'], '.4f')}  n {m['n']}"
             )
     for tag, value in report["final"].items():  # what result.json does not already say
         if not (result or {}).get(tag.split("/", 1)[1].removesuffix("_macro_f1")):

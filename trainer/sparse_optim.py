@@ -7,7 +7,8 @@ fresh (touched rows x dim) blocks of ~10-20 MB; glibc serves those with mmap and
 step page-faults ~35 MB in again (~9K minor faults; 60-80 % of the step on the 2-core dev VM). The classes here keep
 those blocks in a per-optimizer workspace (`Workspace`) and touch state rows with `index_select` / `index_add_`
 only, so the step is a handful of passes over the touched rows. FastSparseAdam is torch's SparseAdam done this way
-(bit-identical, about 2x faster per step); RowWiseAdagrad keeps one number per row.
+(about 2x faster per step; bit-identical on the torch-op path, and within float32 rounding on the fused CPU kernels,
+which sum duplicate gradient rows in their original order: see kernels.py); RowWiseAdagrad keeps one number per row.
 
 State is created lazily (like torch) or eagerly through `init_optimizer_state`, which checkpoint loading needs: a
 fresh optimizer has no state tensors to load into (DESIGN.md, "Sparse gradients and optimizers").

@@ -435,7 +435,8 @@ class Trainer:
             "memory/peak_rss_gb": peak_rss_bytes() / 2**30,
             "memory/peak_rss_gb_max_rank": float(peak[1]),
         }
-        values.update({f"lr/{k}": v for k, v in self.optim.lrs().items()})
+        # `step` counts completed steps; the one just taken had index step - 1 (set_lr / optim.step)
+        values.update({f"lr/{k}": v for k, v in self.optim.lrs(step - 1).items()})
         rates = meter.rates()
         if rates:  # per-rank rates summed: the whole job's throughput
             packed = all_reduce_(torch.tensor([rates["throughput/tokens_per_s"], rates["throughput/examples_per_s"]],
@@ -459,10 +460,12 @@ class Trainer:
         docs = getattr(self.data, split)
         m = evaluate(self.train_model, docs, self.data.vocab.num_pretrained, self.token_level,
                      len(self.data.vocab.labels), self.info)
-        self.logger.scalars({f"accuracy/{split}": m["accuracy"], f"loss/{split}": m["loss"],
-                             f"accuracy/{split}_macro_f1": m["macro_f1"]}, step)
-        log.info("%s at step %d: accuracy %.4f macro_f1 %.4f loss %.4f (n=%d)", split, step, m["accuracy"],
-                 m["macro_f1"], m["loss"], m["n"])
+        scalars = {f"accuracy/{split}": m["accuracy"], f"accuracy/{split}_macro_f1": m["macro_f1"]}
+        if m["loss"] is not None:  # None: no document of the split has a label seen in training
+            scalars[f"loss/{split}"] = m["loss"]
+        self.logger.scalars(scalars, step)
+        log.info("%s at step %d: accuracy %.4f macro_f1 %.4f loss %s (n=%d)", split, step, m["accuracy"],
+                 m["macro_f1"], "n/a" if m["loss"] is None else f"{m['loss']:.4f}", m["n"])
         if self.info.is_main:
             (self.run_dir / "eval").mkdir(exist_ok=True)
             atomic_write_text(self.run_dir / "eval" / f"{split}.json", json.dumps(m))

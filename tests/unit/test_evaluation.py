@@ -28,27 +28,36 @@ def test_accuracy_and_macro_f1_by_hand():
     assert m["confusion"] == CONFUSION.astype(int).tolist()
 
 
-def test_unseen_label_documents_count_as_errors():
-    m = metrics_from_confusion(CONFUSION, unseen=2)
+def test_unseen_label_documents_count_as_errors_and_false_positives():
+    """Documents of labels never seen in training are wrong; their predictions are false positives of the
+    predicted class, as sklearn counts them (here with the unseen label outside the averaged labels)."""
+    m = metrics_from_confusion(CONFUSION, unseen_pred=np.array([2, 0, 0]))
     assert m["n"] == 12 and m["unseen_label_docs"] == 2
     assert m["accuracy"] == pytest.approx(6 / 12)
-    assert m["macro_f1"] == pytest.approx(metrics_from_confusion(CONFUSION)["macro_f1"])
+    assert m["per_class"]["precision"][0] == pytest.approx(3 / 6)
+    # class 0: precision 3/6, recall 3/4 -> 0.6; classes 1 and 2 as before (sklearn.metrics.f1_score of the same
+    # documents with labels=[0, 1, 2] gives the same mean)
+    assert m["macro_f1"] == pytest.approx((0.6 + 4 / 7 + 0.4) / 3)
 
 
-def test_class_absent_from_the_data_is_left_out_of_macro_f1():
-    confusion = np.array([[2, 0, 0], [0, 0, 0], [0, 1, 1]], dtype=np.float64)
+def test_macro_f1_matches_sklearn_when_a_class_is_only_predicted():
+    """A class with no true documents that was predicted scores F1 0 and is averaged (sklearn's macro F1 over the
+    labels in y_true and y_pred); a class neither present nor predicted is left out."""
+    y_true, y_pred = [0, 0, 1, 1, 2, 2], [0, 3, 1, 1, 2, 0]
+    confusion = np.zeros((5, 5))
+    np.add.at(confusion, (y_true, y_pred), 1)
     m = metrics_from_confusion(confusion)
-    # class 1 has no true documents: its f1 (0, it was only predicted wrongly) is not averaged
-    f1_2 = 2 * 1 * 0.5 / 1.5
-    assert m["macro_f1"] == pytest.approx((1.0 + f1_2) / 2)
-    assert m["accuracy"] == pytest.approx(3 / 4)
+    # f1 per class 0.5, 1, 2/3, 0 (class 3: predicted once, never true); class 4 is left out. sklearn's
+    # f1_score(y_true, y_pred, average="macro") = 0.5417
+    assert m["macro_f1"] == pytest.approx((0.5 + 1 + 2 / 3 + 0) / 4)
+    assert m["accuracy"] == pytest.approx(4 / 6)
 
 
 def test_empty_and_all_unseen():
     m = metrics_from_confusion(np.zeros((2, 2)))
     assert (m["accuracy"], m["macro_f1"], m["n"]) == (0.0, 0.0, 0)
-    m = metrics_from_confusion(np.zeros((2, 2)), unseen=3)
-    assert (m["accuracy"], m["n"]) == (0.0, 3)
+    m = metrics_from_confusion(np.zeros((2, 2)), unseen_pred=np.array([3, 0]))
+    assert (m["accuracy"], m["n"], m["macro_f1"]) == (0.0, 3, 0.0)
 
 
 def test_per_class_table_and_image():

@@ -209,11 +209,21 @@ def test_constant_schedule_and_warmup_longer_than_run():
 
 def test_set_lr_scales_every_optimizer():
     cfg = OptimConfig(warmup_steps=4, sparse_lr=0.2, dense_lr=0.02, pretrained_lr=0.002)
-    c = container(make_model(), cfg, total=100)
+    c = container(make_model(), cfg, total=100, unfreeze=0)
     c.set_lr(1)
-    assert c.lrs() == pytest.approx({"dense": 0.01, "sparse": 0.1, "pretrained": 0.001})
+    assert c.lrs(1) == pytest.approx({"dense": 0.01, "sparse": 0.1, "pretrained": 0.001})
     c.set_lr(52)  # halfway through the decay
-    assert c.lrs() == pytest.approx({"dense": 0.01, "sparse": 0.1, "pretrained": 0.001})
+    assert c.lrs(52) == pytest.approx({"dense": 0.01, "sparse": 0.1, "pretrained": 0.001})
+
+
+def test_logged_pretrained_lr_is_zero_until_the_unfreeze():
+    """The pretrained correction's optimizer is not stepped before the unfreeze step: its logged rate is 0."""
+    cfg = OptimConfig(warmup_steps=0, schedule="constant", pretrained_lr=0.002)
+    c = container(make_model(), cfg, total=100, unfreeze=10)
+    c.set_lr(9)
+    assert c.lrs(9)["pretrained"] == 0.0 and c.lrs(9)["sparse"] > 0
+    c.set_lr(10)
+    assert c.lrs(10)["pretrained"] == pytest.approx(0.002)
 
 
 # ---------------------------------------------------------------- stepping
@@ -309,3 +319,15 @@ def test_sparse_weight_decay_sends_the_mask_towards_one(sparse):
 def test_sparse_weight_decay_refused_for_optimizers_that_cannot_decay():
     with pytest.raises(ConfigError, match="optim.sparse_weight_decay"):
         OptimConfig(sparse="sgd", sparse_weight_decay=0.1)
+
+
+def test_warns_when_sgd_would_leave_the_pretrained_correction_still(caplog):
+    """The correction uses optim.sparse's type; with sgd at thousands the Adam-scale default lr does nothing."""
+    with caplog.at_level("WARNING", logger="trainer.optim"):
+        container(make_model(), OptimConfig(sparse="sgd", sparse_lr=3000), unfreeze=5)
+    assert "optim.pretrained_lr = 0.001 with optim.sparse = sgd" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trainer.optim"):
+        container(make_model(), OptimConfig(sparse="sgd", sparse_lr=3000, pretrained_lr=30), unfreeze=5)
+        container(make_model(), OptimConfig(sparse="sparse_adam", sparse_lr=0.02), unfreeze=5)
+    assert "pretrained_lr" not in caplog.text

@@ -438,3 +438,20 @@ def test_an_unset_split_does_not_key_the_data_cache_on_the_working_directory(tmp
     before = _source_key("")
     (tmp_path / "train.log").write_text("x")
     assert _source_key("") == before == ""
+
+
+def test_the_data_cache_key_changes_when_a_copy_restores_the_old_mtime(tmp_path) -> None:
+    """`cp -p`, `rsync -t` and `tar x` put the old modification time on new contents; a relabelled file of the
+    same size must still miss the cache (it used to be keyed on path, size and mtime only)."""
+    import os
+    import shutil
+
+    from trainer.data import _source_key
+
+    path = write_csv(tmp_path / "d.csv", [["text", "label"], ["one", "libs"], ["two", "libs"]])
+    before, old = _source_key(str(path)), path.stat()
+    replacement = write_csv(tmp_path / "new.csv", [["text", "label"], ["one", "LIBS"], ["two", "libs"]])
+    os.utime(replacement, ns=(old.st_atime_ns, old.st_mtime_ns))
+    shutil.copy2(replacement, path)  # what cp -p does: new contents, the old file's size and mtime
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    assert _source_key(str(path)) != before
