@@ -86,8 +86,9 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--run", required=True, help="run folder (or its model/ folder)")
     p.add_argument("--data", required=True, help="labelled data: .csv/.jsonl/.parquet path, or hub name[:split] (default split: test)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-extend", action="store_true", help="score with the training vocabulary only (the result the run reported for its test data); by default words unseen in training get their pretrained rows")
     args = p.parse_args(argv)
-    summary, table = run_eval(args.run, args.data, args.device)
+    summary, table = run_eval(args.run, args.data, args.device, extend=not args.no_extend)
     sys.stderr.write(table + "\n")
     print(json.dumps(summary))
     return 0
@@ -101,10 +102,11 @@ def cmd_predict(argv: list[str]) -> int:
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--input", default="-", help="file with one text per line (default: stdin)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-extend", action="store_true", help="predict with the training vocabulary only; by default words unseen in training get their pretrained rows")
     args = p.parse_args(argv)
     if args.top_k < 1:
         p.error("--top-k must be >= 1")
-    predictor = Predictor(args.run, args.device)
+    predictor = Predictor(args.run, args.device, extend=not args.no_extend)
     if args.input == "-":
         print_jsonl(predictor.predict_stream(sys.stdin, args.top_k))
     else:

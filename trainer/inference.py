@@ -41,15 +41,19 @@ def _local_info(device: torch.device) -> DistInfo:
     return DistInfo(0, 0, 1, device, "none")
 
 
-def run_eval(run: str, data: str, device: str = "cpu") -> tuple[dict, str]:
+def run_eval(run: str, data: str, device: str = "cpu", extend: bool = True) -> tuple[dict, str]:
+    """Metrics of the exported model on `data`. `extend`: words unseen in training get their pretrained rows
+    (LoadedModel), as `predict` does by default; the figures can then differ slightly from the run's own test
+    evaluation, which `extend=False` reproduces exactly."""
     folder = model_folder(run)
-    loaded = LoadedModel(folder, device)
+    loaded = LoadedModel(folder, device, extend_pretrained=extend)
     cfg = loaded.cfg
     table = read_table(data, cfg.data.text_column, cfg.data.label_column, split="test")  # a bare hub name: its test split
     docs = make_featurizer(cfg, loaded.vocab).encode(table.texts, table.labels)
     metrics = evaluate(loaded.model, docs, loaded.vocab.num_pretrained, cfg.model.encoder == "lstm",
                        len(loaded.vocab.labels), _local_info(loaded.device))
     metrics["skipped_empty"] = table.num_skipped_empty
+    metrics["extended_words"] = loaded.num_extended
     unseen = sorted({y for y in table.labels if y not in loaded.vocab.label_index})
     metrics["unseen_labels"] = unseen
     text = per_class_table(metrics, loaded.vocab.labels)
@@ -61,13 +65,14 @@ def run_eval(run: str, data: str, device: str = "cpu") -> tuple[dict, str]:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data).name)
     _write_atomic(out_dir / f"{name}.per_class.txt", text + "\n")
     _write_atomic(out_dir / f"{name}.json", json.dumps(metrics))
-    summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "n", "loss", "unseen_label_docs", "skipped_empty")}
+    summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "n", "loss", "unseen_label_docs", "skipped_empty",
+                                       "extended_words")}
     return summary, text
 
 
 class Predictor:
-    def __init__(self, run: str, device: str = "cpu") -> None:
-        self.loaded = LoadedModel(model_folder(run), device)
+    def __init__(self, run: str, device: str = "cpu", extend: bool = True) -> None:
+        self.loaded = LoadedModel(model_folder(run), device, extend_pretrained=extend)
         self.featurizer = make_featurizer(self.loaded.cfg, self.loaded.vocab)
         self.token_level = self.loaded.cfg.model.encoder == "lstm"
 

@@ -117,6 +117,11 @@ def state_layout(state: dict) -> dict[str, list[int]]:
     return {f"{section}/{key}": list(t.shape) for section, tensors in state.items() for key, t in tensors.items()}
 
 
+def _absolute_source(spec: str) -> str:
+    """A vectors file's absolute path; a package name (glove-6b-50d) or an empty spec as given."""
+    return str(Path(spec).resolve()) if spec and Path(spec).exists() else spec
+
+
 def _seed_step(seed: int, device: torch.device) -> None:
     torch.random.default_generator.manual_seed(seed)
     if device.type == "cuda":
@@ -200,7 +205,8 @@ class Trainer:
         return {
             "vocab_fingerprint": self.data.vocab.fingerprint(),
             "pretrained_fingerprint": self.pretrained.fingerprint if self.pretrained is not None else "none",
-            "pretrained_source": self.cfg.embeddings.pretrained,
+            # absolute: the exported model reopens the file to extend its vocabulary from any working directory
+            "pretrained_source": _absolute_source(self.cfg.embeddings.pretrained),
             "tables": [[s.name, s.num_rows, s.dim] for s in self.specs],
             "optimizers": {k: type(v).__name__ for k, v in self.optim.optimizers.items()},
             "encoder": self.cfg.model.encoder,

@@ -131,6 +131,14 @@ def test_train_eval_predict_neighbors(tiny_config, tiny_data):
     assert table.splitlines()[0].split()[:2] == ["label", "precision"]
     assert table.strip() in proc.stderr
     assert json.loads((run / "eval" / "test.csv.json").read_text())["accuracy"] == summary["accuracy"]
+    # by default words unseen in training get their pretrained rows; --no-extend scores the model the run
+    # evaluated, so it reproduces the run's own test figures exactly
+    assert Path(json.loads((model / "model.json").read_text())["pretrained_source"]).is_absolute()
+    assert summary["extended_words"] > 0
+    exact = last_json(ok(cli("eval", "--run", run, "--data", tiny_data["test"], "--no-extend")).stdout)
+    assert exact["extended_words"] == 0
+    assert (exact["accuracy"], exact["macro_f1"]) == (result["test"]["accuracy"], result["test"]["macro_f1"])
+    assert exact["loss"] == pytest.approx(result["test"]["loss"], rel=1e-6)
 
     # ---- predict: stdin and --input, top-k 2
     texts = [
