@@ -375,6 +375,7 @@ def _parse_text_slow(
         rows.clear(), tokens.clear(), lines.clear()
 
     end, pos, lineno = len(mm), start, first_line - 1
+    width_from = "the header's width" if dim is not None else ""
     while pos < end:
         nl = mm.find(b"\n", pos)
         nl = end if nl < 0 else nl
@@ -387,8 +388,9 @@ def _parse_text_slow(
             dim = len(parts) - 1
             if dim < 1:
                 raise _fail(name, f"line {lineno}", "expected a word followed by its values, found one field")
+            width_from = f"the width of line {lineno}, the first vector"
         if len(parts) - 1 != dim:
-            raise _fail(name, f"line {lineno}", f"expected {dim} values, found {len(parts) - 1}")
+            raise _fail(name, f"line {lineno}", f"expected {dim} values ({width_from}), found {len(parts) - 1}")
         values = parts[1:]
         try:
             rows.append([float(v) for v in values])

@@ -92,7 +92,7 @@ VECTOR_CASES = [
                 "\n".join(glove_lines(w)[:2] + [glove_lines(w)[2].rsplit(" ", 1)[0]] + glove_lines(w)[3:]),
             ),
         ],
-        ["width.txt line 3", "expected 8 values, found 7"],
+        ["width.txt line 3", "expected 8 values (the width of line 1, the first vector), found 7"],
     ),
     (
         "vectors-non-numeric",

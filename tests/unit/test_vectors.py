@@ -89,7 +89,7 @@ def test_detect_from_content_not_extension(tmp_path):
     bad = tmp_path / "e.vec"
     bad.write_text("2 3\nw 0.1 0.2\nv 0.1 0.2 0.3\n")
     assert detect_format(bad) == "fasttext_vec"
-    with pytest.raises(VectorFileError, match=r"e\.vec line 2: expected 3 values, found 2"):
+    with pytest.raises(VectorFileError, match=r"e\.vec line 2: expected 3 values \(the header.s width\), found 2"):
         load(bad, tmp_path)
 
 
@@ -104,8 +104,8 @@ def test_binary_one_dim_with_text_like_bytes(tmp_path):
 ERRORS = [
     ("empty.txt", b"", r"empty\.txt: empty file"),
     ("blank.txt", b"\n  \n", r"blank\.txt: empty file"),
-    ("count.txt", b"a 1 2 3\nb 1 2 3\nc 1 2\n", r"count\.txt line 3: expected 3 values, found 2"),
-    ("extra.txt", b"a 1 2\nb 1 2 3\n", r"extra\.txt line 2: expected 2 values, found 3"),
+    ("count.txt", b"a 1 2 3\nb 1 2 3\nc 1 2\n", r"count\.txt line 3: expected 3 values \(the width of line 1, the first vector\), found 2"),
+    ("extra.txt", b"a 1 2\nb 1 2 3\n", r"extra\.txt line 2: expected 2 values \(the width of line 1, the first vector\), found 3"),
     ("word.txt", b"a 1 2\nb 1 zz\n", r"word\.txt line 2: value 'zz' is not a number"),
     ("gap.txt", b"a 1 2\nb 1  2\n", r"gap\.txt line 2: (expected 2 values|empty value)"),
     ("nan.txt", b"a 1 2\n\nb 1 2\nc nan 2\n", r"nan\.txt line 4: value 'nan' is NaN"),
@@ -113,7 +113,7 @@ ERRORS = [
     ("big.txt", b"a 1 2\nb 1 1e39\n", r"big\.txt line 2: value '1e39' is out of float32 range"),
     ("one.txt", b"a\nb 1\n", r"one\.txt line 1: expected a word followed by its values"),
     ("rows.vec", b"5 2\na 1 2\nb 1 2\nc 1 2\n", r"rows\.vec line 1: header says 5 rows, file has 3"),
-    ("dim.vec", b"3 2\na 1 2\nb 1 2 3\nc 1 2\n", r"dim\.vec line 3: expected 2 values, found 3"),
+    ("dim.vec", b"3 2\na 1 2\nb 1 2 3\nc 1 2\n", r"dim\.vec line 3: expected 2 values \(the header's width\), found 3"),
     ("nan.vec", b"2 2\na 1 2\nb NaN 2\n", r"nan\.vec line 3: value 'NaN' is NaN"),
 ]
 
@@ -135,7 +135,7 @@ def test_error_line_number_in_large_file(tmp_path):
     lines = path.read_text().split("\n")
     lines[4321] = lines[4321].rsplit(" ", 1)[0]
     path.write_text("\n".join(lines))
-    with pytest.raises(VectorFileError, match=r"big\.txt line 4322: expected 4 values, found 3"):
+    with pytest.raises(VectorFileError, match=r"big\.txt line 4322: expected 4 values \(the width of line 1, the first vector\), found 3"):
         load(path, tmp_path)
 
 
