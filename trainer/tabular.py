@@ -442,4 +442,6 @@ def _finish(
     if bad:
         more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
         raise DataError(f"{source}: {locate(bad[0])}: null or empty label in column {label_column!r}{more}")
+    if not out_texts:  # an evaluation would report accuracy 0 over n = 0 and exit 0
+        raise DataError(f"{source}: every row's text is null, empty or whitespace ({skipped} rows)")
     return TextTable(out_texts, out_labels, os.fspath(source), skipped)

@@ -196,6 +196,11 @@ def test_duplicate_column_is_refused(tmp_path: Path) -> None:
     assert "names text column 'text' 2 times" in error(tmp_path / "d.parquet")
 
 
+def test_a_file_of_empty_texts_is_an_error(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "d.csv", [["text", "label"], ["", "a"], ["  ", "b"]])
+    assert "every row's text is null, empty or whitespace (2 rows)" in error(path)
+
+
 def test_local_format_detection() -> None:
     assert local_format("a/b.CSV") == "csv" and local_format("x.tsv.gz") == "tsv"
     assert local_format("x.parquet") == "parquet" and local_format("x.json") == "json"
@@ -236,6 +241,9 @@ def test_round_trip_property(tmp_path_factory: pytest.TempPathFactory, rows: lis
     ]
     pq.write_table(pa.table({"text": [t for t, _ in rows], "label": [x for _, x in rows]}), d / "d.parquet")
     for path in [*paths, d / "d.parquet"]:
+        if not expected:
+            assert "every row's text is null, empty or whitespace" in error(path)
+            continue
         table = read_table(str(path), "text", "label")
         assert list(zip(table.texts, table.labels, strict=True)) == expected, path.name
         assert table.num_skipped_empty == skipped
