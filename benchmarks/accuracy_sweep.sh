@@ -14,7 +14,7 @@ run() {
   local name=$1
   shift
   rm -rf "${OUT:?}/$name"
-  python -m trainer train --config configs/demo.toml --run.dir "$OUT/$name" --checkpoint.at_epoch_end false \
+  python -m trainer train --config configs/demo.toml --run.dir "$OUT/$name" --checkpoint.enabled false \
     --data.cache_dir "$OUT/cache" --metrics.tensorboard false --metrics.projector_words 0 --train.threads 1 "$@" \
     2>"$OUT/$name.log" |
     python -c "import json, sys; r = json.load(sys.stdin); print('$name', r['valid']['accuracy'], r['test']['accuracy'], round(r['train_seconds'], 1))"

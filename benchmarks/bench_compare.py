@@ -58,7 +58,7 @@ from trainer.config import load_config  # noqa: E402
 DATA = ROOT / "data" / "debian"
 # side outputs the other systems do not write; otherwise ours runs the config as shipped
 SIDE_OUTPUTS_OFF = (
-    "--checkpoint.at_epoch_end false --metrics.tensorboard false --metrics.projector_words 0 --metrics.progress false"
+    "--checkpoint.enabled false --metrics.tensorboard false --metrics.projector_words 0 --metrics.progress false"
 ).split()
 VECTORS_WORK = Path(tempfile.gettempdir()) / "trainer-bench-vectors"  # bench_vectors.py's default work folder
 

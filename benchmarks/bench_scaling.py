@@ -80,7 +80,7 @@ def throughput(args, work: Path, batch: int) -> dict:
     if not (data / "train.csv").exists():
         subprocess.run([sys.executable, "-m", "trainer", "data", "debian", "--out", str(data)], check=True, cwd=ROOT)
     base = ["--config", str(ROOT / "configs" / "demo.toml"), "--train.max_steps", str(args.steps),
-            "--train.batch_size", str(batch), "--checkpoint.at_epoch_end", "false",
+            "--train.batch_size", str(batch), "--checkpoint.enabled", "false",
             "--metrics.log_every_steps", "10", "--metrics.warmup_steps", "5", "--metrics.tensorboard", "false",
             "--data.valid", "", "--data.test", "", "--data.cache_dir", str(work / "cache"),
             "--metrics.projector_words", "0", *args.train_args]
@@ -142,7 +142,7 @@ def memory(args, work: Path) -> dict:
     base = ["--data.train", str(data), "--embeddings.pretrained", str(vec), "--embeddings.full_pretrained", "true",
             "--embeddings.ngram_buckets", str(args.trainable_rows), "--embeddings.vectors_cache_dir",
             str(work / "vcache"), "--data.cache_dir", str(work / "cache-big"), "--train.max_steps", "20",
-            "--train.batch_size", "256", "--optim.sparse", "rowwise_adagrad", "--checkpoint.at_epoch_end", "false",
+            "--train.batch_size", "256", "--optim.sparse", "rowwise_adagrad", "--checkpoint.enabled", "false",
             "--metrics.log_every_steps", "5", "--metrics.tensorboard", "false", "--metrics.projector_words", "0"]
     # prime the vector cache once so the runs below measure training, not parsing
     run_training(1, base + ["--train.max_steps", "1"], work / "mem-prime")

@@ -17,9 +17,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-
 from trainer.config import CheckpointConfig
 from trainer.distributed import DistInfo, agree_any, barrier, broadcast_object
 
@@ -53,8 +50,18 @@ def valid_steps(folder: Path) -> list[int]:
     return sorted(steps)
 
 
+def _dcp():
+    """torch.distributed.checkpoint, imported on first use: the import takes ~0.9 s (DTensor, sympy), which a run
+    with checkpoint.enabled = false, and every run until its first save, need not pay up front."""
+    import torch.distributed.checkpoint as dcp
+
+    return dcp
+
+
 def _describe(e: BaseException) -> str:
     """One line for a failed load: the underlying error of each failing rank, not DCP's wrapped traceback."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     if isinstance(e, CheckpointException) and e.failures:
         parts = []
         for rank, failure in sorted(e.failures.items()):
@@ -102,7 +109,7 @@ class Checkpointer:
 
     def should_save(self, step: int, epoch_end: bool, final: bool) -> bool:
         """The save policy lives here, not in the training loop. `step` counts completed steps."""
-        if step == self.last_saved_step or step == 0:
+        if not self.cfg.enabled or step == self.last_saved_step or step == 0:
             return False
         if final or (epoch_end and self.cfg.at_epoch_end):
             return True
@@ -116,7 +123,7 @@ class Checkpointer:
             path.mkdir(parents=True)
         barrier(self.info)
         with _single_process_quiet():
-            dcp.save(state, checkpoint_id=str(path))
+            _dcp().save(state, checkpoint_id=str(path))
         barrier(self.info)
         if self.info.is_main:
             atomic_write_text(path / STATE_FILE, json.dumps(trainer_state, indent=1))
@@ -148,8 +155,18 @@ class Checkpointer:
         """Load the newest loadable checkpoint into `state` (in place); returns its trainer state, or None.
 
         `check(trainer_state)` raises ResumeError when the checkpoint belongs to an incompatible run; that is
-        final. A checkpoint that fails to load (corrupted file) is reported and the previous one is tried."""
+        final. A checkpoint that fails to load (corrupted file) is reported and the previous one is tried.
+        With checkpoints disabled nothing is loaded, and a folder that holds some is refused: a run started over
+        beside them would later be resumed from them."""
         steps = broadcast_object(valid_steps(self.folder), self.info)
+        if not self.cfg.enabled:
+            if steps:
+                raise ResumeError(f"checkpoint.enabled = false, but {self.folder} holds checkpoints (newest: step "
+                                  f"{steps[-1]}); resume with checkpoints enabled, or use another run.dir")
+            return None
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        dcp = _dcp()
         for step in reversed(steps):
             path = self.folder / f"step-{step}"
             try:

@@ -226,6 +226,9 @@ class CheckpointConfig:
     at_epoch_end: bool = True
     # Keep this many newest valid checkpoints (>= 1; 2 or more survives a crash during a save).
     keep_latest_k: int = 2
+    # Write checkpoints and resume from them. false (benchmarks, sweeps): none is written or loaded; the exported
+    # model is still written at the end, and a SIGTERM stops the run without saving.
+    enabled: bool = True
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {self.every_steps}")

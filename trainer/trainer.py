@@ -381,12 +381,13 @@ class Trainer:
             ):
                 with meter.paused():  # throughput is training throughput: evaluation and saving do not count
                     last_valid = self._evaluate("valid", step)
-            if save_now or stop_now:
+            if save_now or (stop_now and cfg.checkpoint.enabled):
                 with meter.paused():
                     state = self.state()
                     self.checkpointer.save(step, state, self._trainer_state(step, tokens_seen, epoch, state))
             if stop_now:
-                log.warning("stopped by signal at step %d; checkpoint saved", step)
+                log.warning("stopped by signal at step %d; %s", step,
+                            "checkpoint saved" if cfg.checkpoint.enabled else "checkpoint.enabled = false: not saved")
                 bar.close()
                 self.logger.close()
                 return {"stopped": True, "step": step}

@@ -386,3 +386,32 @@ def test_training_without_pretrained_vectors_exports_and_projects(quick_config):
     assert vectors.shape == (len(t.data.vocab.words), 6)
     rows, labels, _ = projector_rows(t.model, t.data.vocab, 10, INFO)
     assert rows.shape[1] == 6 and all(kind == "learned" for _, kind, _ in labels)
+
+
+def test_disabled_checkpoints_write_and_load_nothing_and_refuse_a_folder_that_has_some(quick_config):
+    """checkpoint.enabled = false: no step folder, the model is still exported; a run folder that already holds
+    checkpoints is refused (starting over beside them, a later run would resume from the old timeline)."""
+    import subprocess
+    import sys
+
+    path = quick_config("off", checkpoint={"enabled": False})
+    result = make_trainer(path).fit()
+    run = Path(tomllib.loads(path.read_text())["run"]["dir"])
+    assert result["step"] == 4 and valid_steps(run / "checkpoints") == []
+    assert (run / "model" / "model.json").is_file()
+    # nothing in training imports DCP when checkpoints are off (its import alone costs ~0.9 s)
+    probe = ("import sys, torch; from trainer.config import load_config; from trainer.trainer import Trainer; "
+             "from trainer.distributed import DistInfo; "
+             f"Trainer(load_config({str(path)!r}, ['--run.dir', {str(run) + '2'!r}]), "
+             "DistInfo(0, 0, 1, torch.device('cpu'), 'none')).fit(); "
+             "print('torch.distributed.checkpoint' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip().splitlines()[-1] == "False"
+    stopped = make_trainer(path, "--run.dir", str(run) + "3")
+    stopped.stop.requested = True  # as a SIGTERM before the first step would: stop after it, save nothing
+    assert stopped.fit() == {"stopped": True, "step": 1}
+    assert valid_steps(Path(str(run) + "3") / "checkpoints") == []
+    on = quick_config("on")
+    make_trainer(on).fit()
+    with pytest.raises(ResumeError, match="checkpoint.enabled = false, but .* holds checkpoints"):
+        make_trainer(on, "--checkpoint.enabled", "false").fit()
