@@ -31,7 +31,7 @@ class ResumeError(RuntimeError):
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w") as f:
+    with tmp.open("w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -170,7 +170,7 @@ class Checkpointer:
         for step in reversed(steps):
             path = self.folder / f"step-{step}"
             try:
-                trainer_state = json.loads((path / STATE_FILE).read_text())
+                trainer_state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
                 if not isinstance(trainer_state, dict) or not isinstance(trainer_state.get("step"), int):
                     raise ValueError("not a trainer state object with an integer 'step'")
             except (OSError, ValueError) as e:  # every rank reads the same file, so every rank skips it

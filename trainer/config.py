@@ -45,6 +45,9 @@ class DataConfig:
     lowercase: bool = True
     # Regular expression whose matches are the tokens (default: words with internal apostrophes).
     token_pattern: str = r"\w+(?:['’]\w+)*"
+    # 2: non-ASCII text is NFC-normalised, and the default pattern keeps combining marks inside words (Hindi, Arabic,
+    # decomposed accents); 1: the tokenizer before that (exported models without this field use it).
+    tokenizer_version: int = 2
     # Documents longer than this many word tokens are truncated (protects memory against one enormous document).
     max_tokens_per_doc: int = 20000
     # Folder for cached token ids; empty means RUN_DIR/cache.
@@ -52,6 +55,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_tokens_per_doc > 0, "data.max_tokens_per_doc", f"must be > 0, got {self.max_tokens_per_doc}")
+        _check(self.tokenizer_version in (1, 2), "data.tokenizer_version", f"must be 1 or 2, got {self.tokenizer_version}")
         try:  # here, not at tokenizing time: a config error before any file is read, on every rank
             re.compile(self.token_pattern)
         except re.error as e:

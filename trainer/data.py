@@ -46,7 +46,7 @@ class DataBundle:
 def make_featurizer(cfg: Config, vocab: Vocabulary) -> Featurizer:
     e = cfg.embeddings
     return Featurizer(
-        Tokenizer(cfg.data.token_pattern, cfg.data.lowercase),
+        Tokenizer(cfg.data.token_pattern, cfg.data.lowercase, cfg.data.tokenizer_version),
         vocab,
         ngram_buckets=e.ngram_buckets,
         char_buckets=e.char_ngrams,
@@ -77,6 +77,7 @@ CACHE_FORMAT = "5"  # 3: vocabulary ids in hashed order within each block; 4: vo
 def _cache_key(cfg: Config, *parts: str) -> str:
     d, e = cfg.data, cfg.embeddings
     settings = [CACHE_FORMAT, d.text_column, d.label_column, str(d.lowercase), d.token_pattern, str(d.max_tokens_per_doc),
+                str(d.tokenizer_version),
                 str(e.ngram_buckets), str(e.char_ngrams), str(e.char_minn), str(e.char_maxn), *parts]
     return hashlib.blake2b("\x00".join(settings).encode(), digest_size=10).hexdigest()
 
@@ -104,7 +105,7 @@ def prepare_data(cfg: Config, pretrained: PretrainedVectors | None, info: DistIn
         _build_cache(cfg, pretrained, folder)
     barrier(info)
     vocab = Vocabulary.load(folder / "vocab")
-    meta = json.loads((folder / "done.json").read_text())
+    meta = json.loads((folder / "done.json").read_text(encoding="utf-8"))
     if pretrained is None:  # no rows, but the model's width: word_vectors concatenates it with the OOV rows
         frozen = np.zeros((0, cfg.embeddings.dim), dtype=np.float32)
     elif cfg.embeddings.full_pretrained:
@@ -147,7 +148,7 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
     if not train.texts:
         raise DataError(f"{train.source}: no training rows with text (all {train.num_skipped_empty} texts are empty "
                         f"or whitespace in column {cfg.data.text_column!r})")
-    tokenizer = Tokenizer(cfg.data.token_pattern, cfg.data.lowercase)
+    tokenizer = Tokenizer(cfg.data.token_pattern, cfg.data.lowercase, cfg.data.tokenizer_version)
     tokenized_train = tokenize(train.texts, tokenizer, cfg.data.max_tokens_per_doc)  # once: counts and encoding
     counts = tokenized_train.word_counts()
     e = cfg.embeddings
@@ -190,7 +191,7 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
                         table.source, stats[f"{split}_unseen_label_docs"], ", ".join(unseen[:10]))
         encoded.save(tmp / split)
     meta = {"coverage": coverage(vocab, counts), "stats": stats, "init_std": init_std}
-    (tmp / "done.json").write_text(json.dumps(meta, indent=1))
+    (tmp / "done.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
 
 def class_weights(labels: np.ndarray, num_classes: int, kind: str) -> np.ndarray:

@@ -44,7 +44,7 @@ def export_model(folder: Path, model: TextClassifier, vocab: Vocabulary, frozen:
     torch.save(weights, tmp / "weights.pt")
     np.save(tmp / "frozen.npy", frozen.cpu().numpy())
     vocab.save(tmp / "vocab")
-    (tmp / "config.toml").write_text(dump_toml(cfg))
+    (tmp / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")
     meta = {
         "labels": vocab.labels,
         "table_specs": [{"name": s.name, "num_rows": s.num_rows, "dim": s.dim, "trainable": s.trainable, "init": s.init,
@@ -52,7 +52,7 @@ def export_model(folder: Path, model: TextClassifier, vocab: Vocabulary, frozen:
         "delta_active": bool(model.delta_active) or cfg.pretrained_trainable,
         **fingerprints,
     }
-    (tmp / "model.json").write_text(json.dumps(meta, indent=1))
+    (tmp / "model.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     if folder.exists():
         old = folder.with_name(folder.name + f".old{os.getpid()}")
         folder.rename(old)
@@ -73,8 +73,12 @@ class LoadedModel:
         import tomllib
 
         self.folder = folder
-        self.meta = json.loads((folder / "model.json").read_text())
-        self.cfg: Config = config_from_dict(tomllib.loads((folder / "config.toml").read_text()))
+        self.meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+        saved = tomllib.loads((folder / "config.toml").read_bytes().decode("utf-8"))
+        # a model exported before data.tokenizer_version existed was trained with tokenizer 1: keep featurizing its
+        # input that way, not with the current default
+        saved.setdefault("data", {}).setdefault("tokenizer_version", 1)
+        self.cfg: Config = config_from_dict(saved)
         self.vocab = Vocabulary.load(folder / "vocab")
         weights = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
         frozen = torch.from_numpy(np.load(folder / "frozen.npy"))

@@ -33,7 +33,7 @@ def model_folder(run: str) -> Path:
 def _write_atomic(path: Path, text: str) -> None:
     """Temp file + rename (not trainer.checkpoint's: that import pulls in DCP, seconds for a predict)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

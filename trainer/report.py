@@ -60,7 +60,7 @@ def series(rows: list[dict[str, Any]], tag: str) -> list[tuple[int, float]]:
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None

@@ -240,7 +240,7 @@ def _read_entry(entry: Path, ident: list[dict], spec: str) -> PretrainedVectors 
     if not entry.is_dir():
         return None
     try:
-        meta = json.loads((entry / "meta.json").read_text())
+        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
         rows, dim = meta["num_rows"], meta["dim"]
         if meta["version"] != _CACHE_VERSION or meta["sources"] != ident:
             raise ValueError("meta does not match the source")
@@ -289,7 +289,7 @@ def _write_entry(
                 "words_bytes": len(blob),
                 "vectors_bytes": (tmp / "vectors.npy").stat().st_size,
             }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
             if entry.exists():  # a corrupt entry that _read_entry could not move away
                 _remove(entry)
             os.replace(tmp, entry)

@@ -5,9 +5,11 @@ saved model is used later for prediction), so nothing here uses Python's salted 
 BLAKE2b, and bigrams are mixed from the two word hashes with SplitMix64 in numpy.
 """
 
+import functools
 import hashlib
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,20 +19,53 @@ import numpy as np
 _MASK64 = (1 << 64) - 1
 
 
-class Tokenizer:
-    """Regex tokenizer (default: words with internal apostrophes), optionally lowercasing first."""
+DEFAULT_TOKEN_PATTERN = r"\w+(?:['’]\w+)*"
+TOKENIZER_VERSION = 2
 
-    def __init__(self, pattern: str, lowercase: bool) -> None:
+
+@functools.cache
+def _default_pattern_with_marks() -> re.Pattern:
+    """The default pattern with Unicode combining marks (category M) as word characters. Python's `\\w` does not
+    match them, so Devanagari vowel signs, Arabic harakat or a decomposed accent split a word and vanish
+    ("हिन्दी" -> ["ह", "न", "द"]). Built on first use (~20 ms): the code points of planes 0, 1 and 14, where
+    every mark lies."""
+    ranges, start = [], None
+    for cp in [*range(0x20000), *range(0xE0000, 0xE1000), 0x110000]:
+        mark = cp < 0x110000 and unicodedata.category(chr(cp)).startswith("M")
+        if mark and start is None:
+            start = cp
+        elif not mark and start is not None:
+            ranges.append(f"\\U{start:08x}-\\U{cp - 1:08x}")
+            start = None
+    word = "[\\w" + "".join(ranges) + "]"
+    return re.compile(f"{word}+(?:['’]{word}+)*")
+
+
+class Tokenizer:
+    """Regex tokenizer (default: words with internal apostrophes), optionally lowercasing first.
+
+    Version 2 (`data.tokenizer_version`): text that is not pure ASCII is put in Unicode NFC form first (the same
+    words whether a file was written composed or decomposed, as macOS and some PDF tools do), and with the default
+    pattern combining marks are word characters (`_default_pattern_with_marks`). ASCII text, most of it, takes
+    the plain pattern. Version 1 is the tokenizer of models exported before version 2 existed."""
+
+    def __init__(self, pattern: str, lowercase: bool, version: int = TOKENIZER_VERSION) -> None:
         try:
             self._regex = re.compile(pattern)
         except re.error as e:
             raise ValueError(f"data.token_pattern: invalid regular expression {pattern!r}: {e}") from None
         self.pattern = pattern
         self.lowercase = lowercase
+        self.version = version
+        self._marks = version >= 2 and pattern == DEFAULT_TOKEN_PATTERN
 
     def __call__(self, text: str) -> list[str]:
         if self.lowercase:
             text = text.lower()
+        if self.version >= 2 and not text.isascii():
+            # after lowercasing: lower() maps code point by code point, so it can leave sequences NFC composes
+            text = unicodedata.normalize("NFC", text)
+            return (_default_pattern_with_marks() if self._marks else self._regex).findall(text)
         return self._regex.findall(text)
 
 
@@ -115,9 +150,10 @@ class Vocabulary:
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"num_pretrained": self.num_pretrained, "labels": self.labels, "fingerprint": self.fingerprint()}
-        (folder / "vocab.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1))
+        (folder / "vocab.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8",
+                                            errors="surrogatepass")
         if any("\n" in w for w in self.words):  # a custom token_pattern matched a newline: one line per word fails
-            (folder / "words.json").write_text(json.dumps(self.words))
+            (folder / "words.json").write_text(json.dumps(self.words), encoding="utf-8")
         else:
             # bytes, not text mode: text mode reads a "\r" inside a word (a custom token_pattern) as a line end
             (folder / "words.txt").write_bytes("\n".join(self.words).encode("utf-8", "surrogatepass"))
@@ -126,9 +162,9 @@ class Vocabulary:
 
     @classmethod
     def load(cls, folder: Path) -> "Vocabulary":
-        meta = json.loads((folder / "vocab.json").read_text())
+        meta = json.loads((folder / "vocab.json").read_text(encoding="utf-8", errors="surrogatepass"))
         if (folder / "words.json").exists():
-            words = json.loads((folder / "words.json").read_text())
+            words = json.loads((folder / "words.json").read_text(encoding="utf-8"))
         else:
             text = (folder / "words.txt").read_bytes().decode("utf-8", "surrogatepass")
             words = text.split("\n") if text else []

@@ -415,3 +415,39 @@ def test_disabled_checkpoints_write_and_load_nothing_and_refuse_a_folder_that_ha
     make_trainer(on).fit()
     with pytest.raises(ResumeError, match="checkpoint.enabled = false, but .* holds checkpoints"):
         make_trainer(on, "--checkpoint.enabled", "false").fit()
+
+
+def test_a_model_exported_before_tokenizer_versions_keeps_tokenizer_1(quick_config):
+    """Tokenizer 2 keeps combining marks inside words; a model exported before it existed was trained on the
+    version-1 split, so its predictions must featurize text that way."""
+    from trainer.export import LoadedModel
+
+    path = quick_config("tok")
+    make_trainer(path).fit()
+    model = Path(tomllib.loads(path.read_text())["run"]["dir"]) / "model"
+    assert LoadedModel(model).cfg.data.tokenizer_version == 2
+    saved = tomllib.loads((model / "config.toml").read_text(encoding="utf-8"))
+    del saved["data"]["tokenizer_version"]
+    (model / "config.toml").write_text(tomli_w.dumps(saved), encoding="utf-8")
+    assert LoadedModel(model).cfg.data.tokenizer_version == 1
+
+
+def test_run_files_are_utf8_whatever_the_locale(tmp_path):
+    """Labels and the token pattern are not ASCII; under a non-UTF-8 locale the vocabulary and exported config
+    were written in the locale's encoding (or failed to be)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np; from pathlib import Path; from trainer.vocab import Vocabulary; "
+        # escapes, not the letters: under the C locale the command line itself is decoded as ASCII
+        "v = Vocabulary(words=['\\u00e9'], num_pretrained=0, pretrained_rows=np.zeros(0, np.int64), "
+        "counts=np.ones(1, np.int64), labels=['n\\u00e9gatif', 'positif']); "
+        f"v.save(Path({str(tmp_path / 'v')!r})); print(Vocabulary.load(Path({str(tmp_path / 'v')!r})).labels)"
+    )
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "utf-8"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['négatif', 'positif']"
+    assert "négatif" in (tmp_path / "v" / "vocab.json").read_bytes().decode("utf-8")

@@ -44,6 +44,23 @@ def test_default_tokenizer_edge_cases():
     assert tok("a1 b_2 x'") == ["a1", "b_2", "x"]
 
 
+def test_combining_marks_stay_inside_words_and_either_normal_form_gives_the_same_words():
+    """Python's \\w does not match combining marks: version 1 split Hindi, Arabic and decomposed accents and dropped
+    the marks; version 2 keeps them, and NFC- and NFD-written text give the same tokens."""
+    import unicodedata
+
+    tok = default_tokenizer()
+    assert tok("हिन्दी भाषा") == ["हिन्दी", "भाषा"]
+    assert tok("كَتَبَ") == ["كَتَبَ"]
+    assert tok(unicodedata.normalize("NFD", "Café RÉSUMÉ")) == tok("Café RÉSUMÉ") == ["café", "résumé"]
+    legacy = Tokenizer(DataConfig().token_pattern, True, version=1)
+    assert legacy("हिन्दी") == ["ह", "न", "द"] and legacy(unicodedata.normalize("NFD", "café")) == ["cafe"]
+    ascii_text = "Don't STOP, it's rock’n’roll 42"
+    assert tok(ascii_text) == legacy(ascii_text)  # ASCII text: unchanged
+    # a custom pattern is the user's: normalised, but no marks added to it
+    assert Tokenizer(r"[a-zé]+", True)(unicodedata.normalize("NFD", "Café")) == ["café"]
+
+
 def test_custom_pattern():
     tok = Tokenizer(r"[a-z]+", lowercase=True)
     assert tok("Foo42bar baz") == ["foo", "bar", "baz"]
