@@ -283,6 +283,12 @@ def _read_json(path: Path, fmt: str, text_column: str, label_column: str) -> _Re
             break
     _check_columns(path, list(keys), text_column, label_column)
     lines = [line for line, _ in records]
+    for column in (text_column, label_column):  # absent, not null: probably a differently named field
+        absent = [i for i, (_, r) in enumerate(records) if column not in r]
+        if absent:
+            where = f"line {lines[absent[0]]}" if lines[absent[0]] else f"record {absent[0] + 1}"
+            log.warning("%s: %d of %d records have no %r field (the first at %s); they are read as null",
+                        path, len(absent), len(records), column, where)
     return (
         [r.get(text_column) for _, r in records],
         [r.get(label_column) for _, r in records],

@@ -201,6 +201,17 @@ def test_a_file_of_empty_texts_is_an_error(tmp_path: Path) -> None:
     assert "every row's text is null, empty or whitespace (2 rows)" in error(path)
 
 
+def test_jsonl_records_without_the_text_field_are_reported(tmp_path: Path, caplog) -> None:
+    """A record without the key (not one with a null value) is likely a differently named field: say how many
+    and where, rather than only counting them among the empty texts."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 1}, {"body": "b", "label": 2},
+                                              {"text": None, "label": 3}, {"body": "c", "label": 2}])
+    with caplog.at_level("WARNING", logger="trainer.tabular"):
+        table = read_table(str(path), "text", "label")
+    assert (table.texts, table.num_skipped_empty) == (["a"], 3)
+    assert "2 of 4 records have no 'text' field (the first at line 2)" in caplog.text
+
+
 def test_local_format_detection() -> None:
     assert local_format("a/b.CSV") == "csv" and local_format("x.tsv.gz") == "tsv"
     assert local_format("x.parquet") == "parquet" and local_format("x.json") == "json"
