@@ -124,11 +124,29 @@ class ModelConfig:
     lstm_hidden: int = 128
     # Number of stacked LSTM layers.
     lstm_layers: int = 1
+    # Wide & deep: comma-separated families among words, bigrams, chars, each with a linear table of one logit per
+    # class and feature, TF-IDF weighted as sklearn's TfidfVectorizer(sublinear_tf=True, min_df=2) with the idf of
+    # the training split, summed into the logits and trained jointly (plain SGD at optim.wide_lr). bigrams needs
+    # embeddings.ngram_buckets, chars embeddings.char_ngrams. Empty disables it (configs/demo_wide.toml uses it).
+    wide: str = ""
+    # Whether the embedding part also pools the char n-gram rows (false: embeddings.char_ngrams feeds only the wide
+    # part's chars family).
+    deep_chars: bool = True
+
+    @property
+    def wide_families(self) -> list[str]:
+        return [f.strip() for f in self.wide.split(",") if f.strip()]
 
     def __post_init__(self) -> None:
         _choice(self.encoder, "model.encoder", ("bag", "masked_bag", "lstm"))
         _choice(self.pooling, "model.pooling", ("mean", "sum", "sqrt"))
         _choice(self.combine, "model.combine", ("sum", "concat"))
+        families = self.wide_families
+        for family in families:
+            _choice(family, "model.wide", ("words", "bigrams", "chars"))
+        _check(len(set(families)) == len(families), "model.wide", f"names a family twice: {self.wide!r}")
+        _check(not families or self.encoder != "lstm", "model.wide",
+               "is for the bag encoders (masked_bag, bag); the lstm encoder's batches hold tokens, not documents")
         _check(self.hidden >= 0, "model.hidden", f"must be >= 0, got {self.hidden}")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(self.lstm_hidden > 0, "model.lstm_hidden", f"must be > 0, got {self.lstm_hidden}")
@@ -148,6 +166,8 @@ class OptimConfig:
     dense_lr: float = 0.003
     # Peak learning rate for the pretrained-row correction (embeddings.unfreeze_after_steps / freeze_pretrained=false).
     pretrained_lr: float = 0.001
+    # Peak learning rate of the wide tables (model.wide), stepped with plain SGD (demo: 300; 100 and 1000 were worse).
+    wide_lr: float = 300.0
     # Weight decay of the dense optimizer.
     weight_decay: float = 0.0
     # Decoupled weight decay of the trainable tables' rows (sparse_adam; L2 for rowwise_adagrad), applied lazily to the
@@ -167,7 +187,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _choice(self.sparse, "optim.sparse", ("sparse_adam", "sgd", "adagrad", "rowwise_adagrad"))
         _choice(self.dense, "optim.dense", ("adamw", "sgd"))
-        for name in ("sparse_lr", "dense_lr", "pretrained_lr"):
+        for name in ("sparse_lr", "dense_lr", "pretrained_lr", "wide_lr"):
             value = getattr(self, name)
             _check(value > 0 and math.isfinite(value), f"optim.{name}", f"must be a finite number > 0, got {value}")
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
@@ -306,6 +326,14 @@ class Config:
                 "embeddings.unfreeze_after_steps: set it only with embeddings.freeze_pretrained = true "
                 "(freeze_pretrained = false already trains the pretrained rows from step 0)"
             )
+        families = self.model.wide_families
+        if "bigrams" in families and not self.embeddings.ngram_buckets:
+            raise ConfigError("model.wide: the bigrams family needs embeddings.ngram_buckets > 0")
+        if "chars" in families and not self.embeddings.char_ngrams:
+            raise ConfigError("model.wide: the chars family needs embeddings.char_ngrams > 0")
+        if not self.model.deep_chars and "chars" not in families:
+            raise ConfigError("model.deep_chars = false: the char n-grams would feed nothing (add chars to model.wide, "
+                              "or set embeddings.char_ngrams = 0)")
         if self.model.encoder == "lstm" and self.embeddings.ngram_buckets > 0:
             raise ConfigError("embeddings.ngram_buckets: word bigram buckets are for the bag encoders; "
                               "the lstm encoder sees word order itself (set it to 0)")

@@ -32,7 +32,7 @@ from trainer import kernels
 from trainer.bag_lookup import bag_sum
 from trainer.kernels import advise_hugepages
 
-TRAINABLE_TABLES = ("oov", "pretrained_delta", "mask", "bigram", "char")
+TRAINABLE_TABLES = ("oov", "pretrained_delta", "mask", "bigram", "char", "wide_word", "wide_bigram", "wide_char")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,9 @@ def build_table_specs(
     masked: bool,
     pretrained_trainable: bool,
     init_std: float,
+    wide: tuple[str, ...] = (),
+    num_classes: int = 0,
+    deep_chars: bool = True,
 ) -> list[TableSpec]:
     """The tables a model needs, in a fixed order (the order of the plan and of the checkpoint)."""
     specs = [TableSpec("pretrained", num_pretrained, dim, trainable=False, init="pretrained")]
@@ -81,8 +84,14 @@ def build_table_specs(
         specs.append(TableSpec("mask", num_pretrained + num_oov, dim, trainable=True, init="ones"))
     if ngram_buckets:
         specs.append(TableSpec("bigram", ngram_buckets, dim, trainable=True, init="normal", init_std=init_std))
-    if char_buckets:
+    if char_buckets and deep_chars:
         specs.append(TableSpec("char", char_buckets, dim, trainable=True, init="normal", init_std=init_std))
+    if "words" in wide:
+        specs.append(TableSpec("wide_word", num_pretrained + num_oov, num_classes, trainable=True, init="zeros"))
+    if "bigrams" in wide:
+        specs.append(TableSpec("wide_bigram", ngram_buckets, num_classes, trainable=True, init="zeros"))
+    if "chars" in wide:
+        specs.append(TableSpec("wide_char", char_buckets, num_classes, trainable=True, init="zeros"))
     return specs
 
 

@@ -41,6 +41,7 @@ def export_model(folder: Path, model: TextClassifier, vocab: Vocabulary, frozen:
     tmp.mkdir(parents=True)
     weights = {f"tables.{k}": v.detach().cpu().contiguous() for k, v in tables.items()}
     weights.update({f"dense.{k}": v.detach().cpu() for k, v in _dense_module(model).state_dict().items()})
+    weights.update({f"wide_idf.{k}": v.cpu() for k, v in model.wide_idf.items()})
     torch.save(weights, tmp / "weights.pt")
     np.save(tmp / "frozen.npy", frozen.cpu().numpy())
     vocab.save(tmp / "vocab")
@@ -84,6 +85,7 @@ class LoadedModel:
         frozen = torch.from_numpy(np.load(folder / "frozen.npy"))
         specs = [TableSpec(**t) for t in self.meta["table_specs"]]
         tables_w = {k.removeprefix("tables."): v for k, v in weights.items() if k.startswith("tables.")}
+        self.wide_idf = {k.removeprefix("wide_idf."): v for k, v in weights.items() if k.startswith("wide_idf.")}
         self.num_extended = 0
         if extend_pretrained:
             frozen, tables_w, specs = self._extend(frozen, tables_w, specs)
@@ -96,6 +98,7 @@ class LoadedModel:
         self.model.dense.load_state_dict({k.removeprefix("dense."): v for k, v in weights.items()
                                           if k.startswith("dense.")})
         self.model.delta_active = self.meta["delta_active"]
+        self.model.wide_idf = self.wide_idf
         self.device = torch.device(device)
         self.model.to(self.device)
         tables.move_frozen(self.device)
@@ -132,6 +135,12 @@ class LoadedModel:
         if "mask" in tables_w:
             m = tables_w["mask"]
             tables_w["mask"] = torch.cat([m[:p], m.new_ones(x, m.shape[1]), m[p:]])
+        if "wide_word" in tables_w:  # words unseen in training: no wide weight (zero rows, idf 0)
+            w = tables_w["wide_word"]
+            tables_w["wide_word"] = torch.cat([w[:p], w.new_zeros(x, w.shape[1]), w[p:]])
+            if "wide_word" in self.wide_idf:
+                i = self.wide_idf["wide_word"]
+                self.wide_idf["wide_word"] = torch.cat([i[:p], i.new_zeros(x), i[p:]])
         words = self.vocab.words
         self.vocab = Vocabulary(
             words=words[:p] + [pv.words[i] for i in extra] + words[p:],
@@ -140,7 +149,7 @@ class LoadedModel:
             counts=np.concatenate([self.vocab.counts[:p], np.zeros(x, dtype=np.int64), self.vocab.counts[p:]]),
             labels=self.vocab.labels,
         )
-        grow = {"pretrained": x, "pretrained_delta": x, "mask": x}
+        grow = {"pretrained": x, "pretrained_delta": x, "mask": x, "wide_word": x}
         specs = [TableSpec(s.name, s.num_rows + grow.get(s.name, 0), s.dim, s.trainable, s.init, s.init_std)
                  for s in specs]
         self.num_extended = x

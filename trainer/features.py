@@ -198,6 +198,8 @@ class Batch:
     num_tokens: int
     groups: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     routes: dict = field(default_factory=dict)
+    # by wide table (model.wide), its TF-IDF weighted lookups (ids, offsets, weights), made on the data thread
+    weighted: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def pinned(self) -> "Batch":
         """A copy in page-locked host memory (for asynchronous copies to a GPU)."""
@@ -210,6 +212,7 @@ class Batch:
             num_tokens=self.num_tokens,
             groups={k: (d.pin_memory(), i.pin_memory()) for k, (d, i) in self.groups.items()},
             routes={k: r.pinned() for k, r in self.routes.items()},
+            weighted={k: tuple(t.pin_memory() for t in v) for k, v in self.weighted.items()},
         )
 
     def to(self, device: torch.device) -> "Batch":
@@ -226,6 +229,7 @@ class Batch:
             groups={k: (d.pin_memory().to(device, **nb), i.pin_memory().to(device, **nb))
                     for k, (d, i) in self.groups.items()},
             routes={k: r.pinned().to(device, **nb) for k, r in self.routes.items()},
+            weighted={k: tuple(t.pin_memory().to(device, **nb) for t in v) for k, v in self.weighted.items()},
         )
 
 

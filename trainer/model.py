@@ -68,6 +68,11 @@ class TextClassifier(nn.Module):
         self.tables = tables
         self.encoder = cfg.encoder
         self.pooling = cfg.pooling
+        # wide & deep (model.wide): linear tables of one logit per class and feature, TF-IDF weighted; their idf
+        # per row comes from the training split (`wide_idf`, set by the trainer or the exported model)
+        self.wide_tables = [n for n in ("wide_word", "wide_bigram", "wide_char") if tables.has(n)]
+        self.wide_idf: dict[str, torch.Tensor] = {}
+        self._idf_copies: dict[tuple[str, str], torch.Tensor] = {}
         self.num_pretrained = num_pretrained
         # concat: words, then each n-gram table, pooled separately (bag encoders only)
         self.concat_tables = (
@@ -132,6 +137,8 @@ class TextClassifier(nn.Module):
         group the ids of the lookups that can be grouped (`Batch.groups`), then, for row-wise tables, plan where
         every lookup's ids go (`Batch.routes`, `RowWiseTables.route`; masked_bag's are built from the groups)."""
         batch.groups = {name: group_ids(ids) for name, ids in self.groupable_ids(batch).items()}
+        if self.wide_tables:
+            batch.weighted = self.wide_lookups(batch)
         if hasattr(self.tables, "route"):
             word_groups = self._word_groups(batch) if self.encoder == "masked_bag" else None
             batch.routes = {name: self.tables.route(name, ids, offsets)
@@ -182,7 +189,10 @@ class TextClassifier(nn.Module):
             has_word = _counts(batch, "pretrained") + _counts(batch, "oov")
             n_chars = _counts(batch, "char")
             return x / (has_word + n_chars).clamp(min=1).unsqueeze(1).to(x.dtype)
-        return x / _pool_divisor(batch.lengths, self.pooling).unsqueeze(1).to(x.dtype)
+        lengths = batch.lengths
+        if not self.tables.has("char") and "char" in batch.tables:  # char ids for the wide part only
+            lengths = lengths - _counts(batch, "char").to(lengths.dtype)
+        return x / _pool_divisor(lengths, self.pooling).unsqueeze(1).to(x.dtype)
 
     def _concat(self, batch: Batch, words: torch.Tensor, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """[words | bigrams | chars], each family pooled over its own ids (as TF-IDF blocks are normalised
@@ -191,12 +201,65 @@ class TextClassifier(nn.Module):
         parts += [(rows[name], _counts(batch, name)) for name in self.concat_tables]
         return torch.cat([x / _pool_divisor(n, self.pooling).unsqueeze(1).to(x.dtype) for x, n in parts], dim=1)
 
+    def wide_lookups(self, batch: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The wide part's lookups, by table: (distinct feature ids, offsets, TF-IDF weights) per document, as
+        sklearn's TfidfVectorizer(sublinear_tf=True, min_df=2) weights them: (1 + ln tf) x idf, features of fewer
+        than two training documents weighted 0, each block (words with bigrams; char n-grams) L2-normalised per
+        document. The data thread makes them (`prepare`, `Batch.weighted`); evaluation batches here."""
+        (pre_ids, pre_off), (oov_ids, oov_off) = batch.tables["pretrained"], batch.tables["oov"]
+        device, num_docs = pre_ids.device, batch.num_docs
+        blocks: list[list[tuple[str, torch.Tensor, torch.Tensor]]] = [[], []]
+        if "wide_word" in self.wide_tables:
+            seg = torch.cat([segment_index(pre_off, pre_ids.shape[0]), segment_index(oov_off, oov_ids.shape[0])])
+            blocks[0].append(("wide_word", torch.cat([pre_ids, oov_ids + self.num_pretrained]), seg))
+        for name, family, block in (("wide_bigram", "bigram", 0), ("wide_char", "char", 1)):
+            if name in self.wide_tables:
+                ids, offsets = batch.tables[family]
+                blocks[block].append((name, ids, segment_index(offsets, ids.shape[0])))
+        out = {}
+        for block in blocks:
+            parts, sq = [], torch.zeros(num_docs, dtype=torch.float32, device=device)
+            for name, ids, seg in block:
+                rows = self.tables.specs[name].num_rows
+                # distinct (document, feature) pairs, sorted by document: tf = their counts
+                key, tf = torch.unique(seg * rows + ids, return_counts=True)
+                doc, feature = torch.div(key, rows, rounding_mode="floor"), key % rows
+                weight = (1 + torch.log(tf.float())) * self._idf(name, device)[feature]
+                sq.index_add_(0, doc, weight * weight)
+                parts.append((name, doc, feature, weight))
+            norm = sq.sqrt().clamp(min=1e-12)
+            for name, doc, feature, weight in parts:
+                offsets = torch.zeros(num_docs, dtype=torch.long, device=device)
+                offsets[1:] = torch.cumsum(torch.bincount(doc, minlength=num_docs), 0)[:-1]
+                out[name] = (feature, offsets, weight / norm[doc])
+        return out
+
+    def _idf(self, name: str, device: torch.device) -> torch.Tensor:
+        """`wide_idf[name]` on `device`, one copy per device (the data thread works on host batches, evaluation on a
+        GPU on device batches)."""
+        key = (name, str(device))
+        if key not in self._idf_copies:
+            self._idf_copies[key] = self.wide_idf[name].to(device)
+        return self._idf_copies[key]
+
+    def wide_logits(self, batch: Batch) -> torch.Tensor:
+        """Sum over the wide tables of their rows (one logit per class) weighted by `wide_lookups`."""
+        lookups = batch.weighted or self.wide_lookups(batch)
+        logits = None
+        for name in self.wide_tables:
+            ids, offsets, weights = lookups[name]
+            z = self.tables.bags[name](ids, offsets, per_sample_weights=weights)
+            logits = z if logits is None else logits + z
+        return logits
+
     def forward(self, batch: Batch) -> torch.Tensor:
         x = self.embed(batch)
         if self.dense_autocast:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.dense(x, batch.seq_lengths).float()
-        return self.dense(x, batch.seq_lengths)
+                logits = self.dense(x, batch.seq_lengths).float()
+        else:
+            logits = self.dense(x, batch.seq_lengths)
+        return logits + self.wide_logits(batch) if self.wide_tables else logits
 
 
 def _pool_divisor(counts: torch.Tensor, pooling: str) -> torch.Tensor:

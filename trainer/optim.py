@@ -45,6 +45,8 @@ def _is_mask(name: str) -> bool:
 
 
 def group_of(name: str) -> str:
+    if name.startswith("tables.") and ".wide_" in name:
+        return "wide"
     if name.startswith("tables."):
         return "pretrained" if ".pretrained_delta." in name else "sparse"
     return "dense"
@@ -78,7 +80,7 @@ class OptimizerContainer:
         self.cfg = cfg
         self.total_steps = total_steps
         self.unfreeze_step = unfreeze_step
-        named: dict[str, list[tuple[str, nn.Parameter]]] = {"dense": [], "sparse": [], "pretrained": []}
+        named: dict[str, list[tuple[str, nn.Parameter]]] = {"dense": [], "sparse": [], "pretrained": [], "wide": []}
         self.names: dict[nn.Parameter, str] = {}
         for raw_name, param in model.named_parameters():
             if not param.requires_grad:
@@ -99,6 +101,8 @@ class OptimizerContainer:
             self.optimizers["sparse"] = build_sparse_optimizer(
                 cfg.sparse, _decay_groups(named["sparse"]), cfg.sparse_lr, weight_decay=cfg.sparse_weight_decay
             )
+        if named["wide"]:  # linear tables: plain SGD (SparseAdam and Adagrad were worse on the demo)
+            self.optimizers["wide"] = build_sparse_optimizer("sgd", [p for _, p in named["wide"]], cfg.wide_lr)
         if named["pretrained"]:
             if cfg.sparse == "sgd" and cfg.pretrained_lr * 1000 < cfg.sparse_lr:
                 # the correction shares the tables' optimizer type; the default pretrained_lr is on Adam's scale

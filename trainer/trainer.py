@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, valid_steps
-from trainer.config import Config, dump_toml
+from trainer.config import Config, ConfigError, dump_toml
 from trainer.data import BatchPlan, BatchPrefetcher, DataBundle, class_weights, prepare_data, rank_share
 from trainer.distributed import DistInfo, agree_any, all_reduce_, init_distributed, shutdown_distributed
 from trainer.embeddings import build_table_specs
@@ -173,11 +173,17 @@ class Trainer:
             ngram_buckets=e.ngram_buckets, char_buckets=e.char_ngrams, masked=cfg.model.encoder == "masked_bag",
             pretrained_trainable=cfg.pretrained_trainable,
             init_std=self.data.init_std * e.init_scale,
+            wide=tuple(cfg.model.wide_families), num_classes=len(vocab.labels), deep_chars=cfg.model.deep_chars,
         )
         self.sharding = resolve_sharding(cfg.dist, self.specs, info)
+        if cfg.model.wide_families and self.sharding == "row_wise" and info.world_size > 1:
+            raise ConfigError("model.wide is not supported with row_wise embedding sharding yet (its weighted lookups "
+                              "read whole tables); set dist.embedding_sharding = replicated")
         tables = build_tables(self.sharding, self.specs, self.frozen, cfg.train.seed, info)
         self.model = TextClassifier(tables, cfg.model, vocab.num_pretrained, len(vocab.labels)).to(info.device)
         tables.move_frozen(info.device)
+        if self.model.wide_tables:
+            self.model.wide_idf = wide_idf(self.data.train, self.specs)
         self.model.dense_autocast = use_bf16(cfg.train.bf16, info.device)
         self.train_model = wrap_for_training(self.model, self.sharding, info)
         self.sync_tables = needs_sparse_grad_sync(self.sharding, info)
@@ -497,6 +503,30 @@ class Trainer:
         if rows is not None:
             self.logger.projector(*rows, step=step)
         self.logger.close()
+
+
+def _document_frequency(ids: np.ndarray, offsets: np.ndarray, rows: int) -> np.ndarray:
+    """For every row id, the number of documents (CSR `offsets`) it occurs in; negative ids (unknown words) skipped."""
+    ids = np.asarray(ids, dtype=np.int64)
+    doc = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(np.asarray(offsets)))
+    known = ids >= 0
+    pairs = np.unique(doc[known] * rows + ids[known])
+    return np.bincount(pairs % rows, minlength=rows)
+
+
+def wide_idf(docs, specs) -> dict[str, torch.Tensor]:
+    """sklearn's smoothed idf, ln((1 + n) / (1 + df)) + 1, for every row of every wide table over the training
+    documents; 0 where df < 2 (min_df = 2: a feature of one document only memorises it)."""
+    sources = {"wide_word": (docs.token_ids, docs.token_offsets), "wide_bigram": (docs.bigram_ids, docs.bigram_offsets),
+               "wide_char": (docs.char_ids, docs.char_offsets)}
+    out = {}
+    for spec in specs:
+        if spec.name in sources:
+            df = _document_frequency(*sources[spec.name], spec.num_rows)
+            idf = np.log((1 + len(docs)) / (1 + df)) + 1
+            idf[df < 2] = 0
+            out[spec.name] = torch.from_numpy(idf.astype(np.float32))
+    return out
 
 
 def run_training(cfg: Config) -> dict:

@@ -323,8 +323,10 @@ def test_resume_after_finish_runs_no_steps(quick_config):
             "adagrad",
         ],
         ["--train.batch_size", "0", "--train.tokens_per_batch", "400", "--optim.sparse", "rowwise_adagrad"],
+        ["--model.wide", "words,bigrams,chars", "--embeddings.ngram_buckets", "64", "--embeddings.char_ngrams", "97",
+         "--model.deep_chars", "false", "--model.encoder", "masked_bag"],
     ],
-    ids=["dropout-weights", "unfreeze", "lstm", "token-budget"],
+    ids=["dropout-weights", "unfreeze", "lstm", "token-budget", "wide"],
 )
 def test_resumed_run_ends_where_an_uninterrupted_run_ends(quick_config, overrides):
     """Run 6 steps saving at 3 and 6; drop step 6 and the export; the resumed run (steps 4-6) must reproduce it."""
@@ -451,3 +453,21 @@ def test_run_files_are_utf8_whatever_the_locale(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['négatif', 'positif']"
     assert "négatif" in (tmp_path / "v" / "vocab.json").read_bytes().decode("utf-8")
+
+
+def test_wide_model_exports_and_evaluates_as_trained(quick_config, tiny_data):
+    """The exported wide & deep model carries its idf; `eval --no-extend` scores exactly what the run reported."""
+    from trainer.inference import run_eval
+
+    path = quick_config("wide", model={"wide": "words,bigrams,chars", "deep_chars": False},
+                        embeddings={"ngram_buckets": 64, "char_ngrams": 97}, train={"max_steps": 12})
+    doc = tomllib.loads(path.read_text())
+    doc["data"]["test"] = str(tiny_data["test"])
+    path.write_text(tomli_w.dumps(doc))
+    result = make_trainer(path).fit()
+    run = Path(doc["run"]["dir"])
+    summary, _ = run_eval(str(run), str(tiny_data["test"]), extend=False)
+    assert (summary["accuracy"], summary["macro_f1"]) == (result["test"]["accuracy"], result["test"]["macro_f1"])
+    assert summary["loss"] == pytest.approx(result["test"]["loss"], rel=1e-6)
+    extended, _ = run_eval(str(run), str(tiny_data["test"]))  # extra pretrained words: zero wide rows, idf 0
+    assert extended["extended_words"] > 0 and extended["n"] == summary["n"]

@@ -331,3 +331,78 @@ def test_warns_when_sgd_would_leave_the_pretrained_correction_still(caplog):
         container(make_model(), OptimConfig(sparse="sgd", sparse_lr=3000, pretrained_lr=30), unfreeze=5)
         container(make_model(), OptimConfig(sparse="sparse_adam", sparse_lr=0.02), unfreeze=5)
     assert "pretrained_lr" not in caplog.text
+
+
+# ---------------------------------------------------------------- wide & deep (model.wide)
+def make_wide_model(deep_chars: bool = False) -> TextClassifier:
+    specs = build_table_specs(num_pretrained=2, num_oov=2, dim=3, ngram_buckets=7, char_buckets=5, masked=True,
+                              pretrained_trainable=False, init_std=0.5, wide=("words", "bigrams", "chars"),
+                              num_classes=3, deep_chars=deep_chars)
+    tables = LocalTables(specs, torch.randn(2, 3, generator=torch.Generator().manual_seed(0)), seed=0)
+    model = TextClassifier(tables, ModelConfig(encoder="masked_bag", wide="words,bigrams,chars",
+                                               deep_chars=deep_chars), 2, 3)
+    g = torch.Generator().manual_seed(3)
+    for bag in tables.bags.values():  # the wide tables start at zero: give them values to see
+        with torch.no_grad():
+            bag.weight.copy_(torch.randn(bag.weight.shape, generator=g))
+    model.wide_idf = {name: torch.rand(tables.specs[name].num_rows, generator=g) + 0.5 for name in model.wide_tables}
+    return model
+
+
+def wide_batch(texts=("the cat zork the the", "blip the dog dog")):
+    f = Featurizer(Tokenizer(DataConfig().token_pattern, True), VOCAB, 7, 5, 3, 3, 100)
+    docs = f.encode(list(texts), ["a"] * len(texts))
+    return docs, collate(docs, np.arange(len(texts)), 2, False)
+
+
+def test_wide_tables_are_stepped_by_their_own_sgd():
+    model = make_wide_model()
+    c = container(model, OptimConfig(sparse="sparse_adam", wide_lr=300))
+    wide = {c.names[p] for pg in c.optimizers["wide"].param_groups for p in pg["params"]}
+    assert wide == {"tables.bags.wide_word.weight", "tables.bags.wide_bigram.weight", "tables.bags.wide_char.weight"}
+    assert type(c.optimizers["wide"]).__name__ == "SparseSGD" and c.base_lr["wide"] == [300]
+    assert "tables.bags.char.weight" not in c.names.values()  # deep_chars = false: no deep char table
+
+
+def test_wide_logits_are_tfidf_weighted_rows_by_hand():
+    """Each document's wide logits = sum over blocks (words with bigrams; chars) of the L2-normalised
+    (1 + ln tf) x idf weights times the feature rows (sklearn's sublinear TF-IDF, normalised per block)."""
+    model = make_wide_model()
+    docs, batch = wide_batch()
+    got = model.wide_logits(batch)
+    rows = {n: model.tables.bags[n].weight.detach() for n in model.wide_tables}
+    expected = torch.zeros(2, 3)
+    for d in range(2):
+        features = {
+            "wide_word": [int(i) for i in docs.token_ids[docs.token_offsets[d]:docs.token_offsets[d + 1]] if i >= 0],
+            "wide_bigram": docs.bigram_ids[docs.bigram_offsets[d]:docs.bigram_offsets[d + 1]].tolist(),
+            "wide_char": docs.char_ids[docs.char_offsets[d]:docs.char_offsets[d + 1]].tolist(),
+        }
+        for block in (("wide_word", "wide_bigram"), ("wide_char",)):
+            weights = {(n, f): (1 + math.log(features[n].count(f))) * float(model.wide_idf[n][f])
+                       for n in block for f in set(features[n])}
+            norm = math.sqrt(sum(w * w for w in weights.values()))
+            for (n, f), w in weights.items():
+                expected[d] += w / norm * rows[n][f]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # the data thread's lookups (Batch.weighted) give the same logits, and the gradient reaches only the wide rows
+    # of the batch's features, sparse
+    prepared = model.prepare(wide_batch()[1])
+    torch.testing.assert_close(model.wide_logits(prepared), got)
+    model.wide_logits(prepared).sum().backward()
+    grad = model.tables.bags["wide_bigram"].weight.grad
+    assert grad.is_sparse and set(grad.coalesce().indices()[0].tolist()) == set(docs.bigram_ids.tolist())
+
+
+def test_deep_part_without_chars_pools_over_words_and_bigrams_only():
+    """deep_chars = false: the char ids of the batch feed the wide part; the mean of the deep part must not count
+    them (it would shrink every document vector by its char n-gram count)."""
+    model = make_wide_model(deep_chars=False)
+    docs, batch = wide_batch()
+    x = model.embed(batch)
+    words = torch.tensor([(docs.token_ids[docs.token_offsets[d]:docs.token_offsets[d + 1]] >= 0).sum()
+                          for d in range(2)], dtype=torch.float32)
+    bigrams = torch.tensor(np.diff(docs.bigram_offsets), dtype=torch.float32)
+    model.pooling = "sum"
+    summed = model.embed(batch)
+    torch.testing.assert_close(x, summed / (words + bigrams).unsqueeze(1))
