@@ -279,3 +279,27 @@ def collate(docs: EncodedDocs, rows: np.ndarray, num_pretrained: int, token_leve
         num_tokens=int(docs.raw_tokens[rows].sum()),
     )
 
+
+def _document_frequency(ids: np.ndarray, offsets: np.ndarray, rows: int) -> np.ndarray:
+    """For every row id, the number of documents (CSR `offsets`) it occurs in; negative ids (unknown words) skipped."""
+    ids = np.asarray(ids, dtype=np.int64)
+    doc = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(np.asarray(offsets)))
+    known = ids >= 0
+    pairs = np.unique(doc[known] * rows + ids[known])
+    return np.bincount(pairs % rows, minlength=rows)
+
+
+def wide_idf(docs: EncodedDocs, rows: dict[str, int]) -> dict[str, torch.Tensor]:
+    """For the wide tables among `rows` (table name -> rows), sklearn's smoothed idf ln((1 + n) / (1 + df)) + 1 of
+    every row over the (training) documents; 0 where df < 2 (min_df = 2: a feature of one document only memorises
+    it)."""
+    sources = {"wide_word": (docs.token_ids, docs.token_offsets), "wide_bigram": (docs.bigram_ids, docs.bigram_offsets),
+               "wide_char": (docs.char_ids, docs.char_offsets)}
+    out = {}
+    for name, (ids, offsets) in sources.items():
+        if name in rows:
+            df = _document_frequency(ids, offsets, rows[name])
+            idf = np.log((1 + len(docs)) / (1 + df)) + 1
+            idf[df < 2] = 0
+            out[name] = torch.from_numpy(idf.astype(np.float32))
+    return out

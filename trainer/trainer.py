@@ -25,7 +25,7 @@ from trainer.distributed import DistInfo, agree_any, all_reduce_, init_distribut
 from trainer.embeddings import build_table_specs
 from trainer.evaluation import confusion_image, evaluate, per_class_table
 from trainer.export import export_model
-from trainer.features import Batch, collate
+from trainer.features import Batch, collate, wide_idf
 from trainer.metrics import (
     MetricsLogger,
     NullLogger,
@@ -183,7 +183,7 @@ class Trainer:
         self.model = TextClassifier(tables, cfg.model, vocab.num_pretrained, len(vocab.labels)).to(info.device)
         tables.move_frozen(info.device)
         if self.model.wide_tables:
-            self.model.wide_idf = wide_idf(self.data.train, self.specs)
+            self.model.wide_idf = wide_idf(self.data.train, {s.name: s.num_rows for s in self.specs})
         self.model.dense_autocast = use_bf16(cfg.train.bf16, info.device)
         self.train_model = wrap_for_training(self.model, self.sharding, info)
         self.sync_tables = needs_sparse_grad_sync(self.sharding, info)
@@ -503,30 +503,6 @@ class Trainer:
         if rows is not None:
             self.logger.projector(*rows, step=step)
         self.logger.close()
-
-
-def _document_frequency(ids: np.ndarray, offsets: np.ndarray, rows: int) -> np.ndarray:
-    """For every row id, the number of documents (CSR `offsets`) it occurs in; negative ids (unknown words) skipped."""
-    ids = np.asarray(ids, dtype=np.int64)
-    doc = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(np.asarray(offsets)))
-    known = ids >= 0
-    pairs = np.unique(doc[known] * rows + ids[known])
-    return np.bincount(pairs % rows, minlength=rows)
-
-
-def wide_idf(docs, specs) -> dict[str, torch.Tensor]:
-    """sklearn's smoothed idf, ln((1 + n) / (1 + df)) + 1, for every row of every wide table over the training
-    documents; 0 where df < 2 (min_df = 2: a feature of one document only memorises it)."""
-    sources = {"wide_word": (docs.token_ids, docs.token_offsets), "wide_bigram": (docs.bigram_ids, docs.bigram_offsets),
-               "wide_char": (docs.char_ids, docs.char_offsets)}
-    out = {}
-    for spec in specs:
-        if spec.name in sources:
-            df = _document_frequency(*sources[spec.name], spec.num_rows)
-            idf = np.log((1 + len(docs)) / (1 + df)) + 1
-            idf[df < 2] = 0
-            out[spec.name] = torch.from_numpy(idf.astype(np.float32))
-    return out
 
 
 def run_training(cfg: Config) -> dict:

@@ -406,3 +406,17 @@ def test_deep_part_without_chars_pools_over_words_and_bigrams_only():
     model.pooling = "sum"
     summed = model.embed(batch)
     torch.testing.assert_close(x, summed / (words + bigrams).unsqueeze(1))
+
+
+def test_wide_idf_is_sklearns_smoothed_idf_with_min_df_2():
+    from trainer.features import wide_idf
+
+    texts = ["the cat the", "the dog", "cat zork", "blip"]
+    docs = Featurizer(Tokenizer(DataConfig().token_pattern, True), VOCAB, 7, 5, 3, 3, 100).encode(texts, ["a"] * 4)
+    idf = wide_idf(docs, {"wide_word": 4, "wide_bigram": 7, "oov": 2})
+    assert set(idf) == {"wide_word", "wide_bigram"}
+    for word in range(4):
+        df = sum(word in docs.token_ids[docs.token_offsets[d]:docs.token_offsets[d + 1]] for d in range(4))
+        expected = math.log(5 / (1 + df)) + 1 if df >= 2 else 0.0
+        assert float(idf["wide_word"][word]) == pytest.approx(expected, rel=1e-6), (VOCAB.words[word], df)
+    assert (idf["wide_word"] > 0).sum() >= 1  # "the" and "cat" occur in two documents each
