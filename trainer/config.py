@@ -189,7 +189,8 @@ class OptimConfig:
         _choice(self.dense, "optim.dense", ("adamw", "sgd"))
         for name in ("sparse_lr", "dense_lr", "pretrained_lr", "wide_lr"):
             value = getattr(self, name)
-            _check(value > 0 and math.isfinite(value), f"optim.{name}", f"must be a finite number > 0, got {value}")
+            _check(value > 0, f"optim.{name}", f"must be > 0, got {value}")
+            _check(math.isfinite(value), f"optim.{name}", f"must be finite, got {value}")
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.sparse_weight_decay >= 0, "optim.sparse_weight_decay",
                f"must be >= 0, got {self.sparse_weight_decay}")

@@ -145,9 +145,6 @@ def _build_cache(cfg: Config, pretrained: PretrainedVectors | None, folder: Path
 def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) -> None:
     train = _read(cfg.data.train, cfg)
     log.info("read %s: %d documents (%d empty skipped)", train.source, len(train.texts), train.num_skipped_empty)
-    if not train.texts:
-        raise DataError(f"{train.source}: no training rows with text (all {train.num_skipped_empty} texts are empty "
-                        f"or whitespace in column {cfg.data.text_column!r})")
     tokenizer = Tokenizer(cfg.data.token_pattern, cfg.data.lowercase, cfg.data.tokenizer_version)
     tokenized_train = tokenize(train.texts, tokenizer, cfg.data.max_tokens_per_doc)  # once: counts and encoding
     counts = tokenized_train.word_counts()

@@ -89,7 +89,7 @@ def read_table(spec: str, text_column: str, label_column: str, split: str | None
     texts, labels, locate = reader(path, fmt, text_column, label_column)
     if not texts:
         raise DataError(f"{spec}: no data rows")
-    return _finish(str(path), texts, labels, label_column, locate)
+    return _finish(str(path), texts, labels, text_column, label_column, locate)
 
 
 def local_format(spec: str) -> str | None:
@@ -386,7 +386,7 @@ def _read_hub(name: str, split: str, text_column: str, label_column: str) -> Tex
         labels = [None if v is None or v < 0 else feature.int2str(v) for v in labels]
     if not texts:
         raise DataError(f"{source}: no data rows")
-    return _finish(source, texts, labels, label_column, lambda i: f"row {i + 1}")
+    return _finish(source, texts, labels, text_column, label_column, lambda i: f"row {i + 1}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,7 +420,8 @@ def _label_str(value: Any) -> str | None:
 
 
 def _finish(
-    source: str, texts: list[Any], labels: list[Any], label_column: str, locate: Callable[[int], str]
+    source: str, texts: list[Any], labels: list[Any], text_column: str, label_column: str,
+    locate: Callable[[int], str],
 ) -> TextTable:
     out_texts: list[str] = []
     out_labels: list[str] = []
@@ -449,5 +450,6 @@ def _finish(
         more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
         raise DataError(f"{source}: {locate(bad[0])}: null or empty label in column {label_column!r}{more}")
     if not out_texts:  # an evaluation would report accuracy 0 over n = 0 and exit 0
-        raise DataError(f"{source}: every row's text is null, empty or whitespace ({skipped} rows)")
+        raise DataError(f"{source}: no rows with text: all {skipped} texts in column {text_column!r} are null, empty "
+                        "or whitespace")
     return TextTable(out_texts, out_labels, os.fspath(source), skipped)

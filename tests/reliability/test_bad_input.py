@@ -170,7 +170,7 @@ DATA_CASES = [
     (
         "data-only-empty-texts",
         lambda w: ["--data.train", w.file("blank.csv", 'text,label\n"  ",a\n,b\n')],
-        ["blank.csv", "no training rows with text", "all 2 texts are empty"],
+        ["blank.csv", "no rows with text", "all 2 texts in column 'text' are null, empty or whitespace"],
     ),
     (
         "data-single-class",
