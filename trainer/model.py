@@ -71,6 +71,7 @@ class TextClassifier(nn.Module):
         # wide & deep (model.wide): linear tables of one logit per class and feature, TF-IDF weighted; their idf
         # per row comes from the training split (`wide_idf`, set by the trainer or the exported model)
         self.wide_tables = [n for n in ("wide_word", "wide_bigram", "wide_char") if tables.has(n)]
+        self.chars_wide_only = "wide_char" in self.wide_tables and not tables.has("char")  # model.deep_chars = false
         self.wide_idf: dict[str, torch.Tensor] = {}
         self._idf_copies: dict[tuple[str, str], torch.Tensor] = {}
         self.num_pretrained = num_pretrained
@@ -190,7 +191,7 @@ class TextClassifier(nn.Module):
             n_chars = _counts(batch, "char")
             return x / (has_word + n_chars).clamp(min=1).unsqueeze(1).to(x.dtype)
         lengths = batch.lengths
-        if not self.tables.has("char") and "char" in batch.tables:  # char ids for the wide part only
+        if self.chars_wide_only:  # batch.lengths counts the char ids, which only the wide part looks up
             lengths = lengths - _counts(batch, "char").to(lengths.dtype)
         return x / _pool_divisor(lengths, self.pooling).unsqueeze(1).to(x.dtype)
 
