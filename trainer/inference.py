@@ -84,10 +84,13 @@ class Predictor:
         k = min(top_k, probs.shape[1])
         scores, idx = probs.topk(k, dim=1)
         labels = self.loaded.vocab.labels
+        # ids looked up per text (words, word n-gram buckets, char n-grams): 0 means no known feature, so the label
+        # is the one the biases alone favour (an empty line, or only unseen words with no n-gram tables)
+        features = batch.lengths.round().long().tolist()
         out = []
-        for s_row, i_row in zip(scores.tolist(), idx.tolist(), strict=True):
+        for s_row, i_row, n in zip(scores.tolist(), idx.tolist(), features, strict=True):
             top = [{"label": labels[i], "score": round(s, 6)} for s, i in zip(s_row, i_row, strict=True)]
-            out.append({"label": top[0]["label"], "score": top[0]["score"], "top_k": top})
+            out.append({"label": top[0]["label"], "score": top[0]["score"], "top_k": top, "features": n})
         return out
 
     def predict_stream(self, lines: Iterable[str], top_k: int, chunk: int = 512) -> Iterator[dict]:
