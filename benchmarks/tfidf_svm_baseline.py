@@ -28,6 +28,21 @@ def read_csv(path: Path) -> tuple[list[str], list[str]]:
     return [r["text"] for r in rows], [r["label"] for r in rows]
 
 
+def tfidf_features(train_x: list[str]):
+    """(training matrix, transform) of the baseline's features: fitted on `train_x`, `transform(texts)` maps other
+    texts into the same columns (scipy CSR, float32)."""
+    import numpy as np
+    from scipy.sparse import hstack
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    words = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2, dtype=np.float32)
+    chars = TfidfVectorizer(
+        analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2, dtype=np.float32
+    )
+    train = hstack([words.fit_transform(train_x), chars.fit_transform(train_x)]).tocsr()
+    return train, lambda texts: hstack([words.transform(texts), chars.transform(texts)]).tocsr()
+
+
 def main(argv: list[str] | None = None) -> int:
     data = ROOT / "data" / "debian"
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,9 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--c", type=float, default=0.5, help="LinearSVC regularisation C")
     args = ap.parse_args(argv)
     try:
-        import numpy as np
-        from scipy.sparse import hstack
-        from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.svm import LinearSVC
     except ImportError:
         print("scikit-learn is not installed: pip install -e .[bench]", file=sys.stderr)
@@ -46,15 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 
     train_x, train_y = read_csv(args.train)
     test_x, test_y = read_csv(args.test)
-    words = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2, dtype=np.float32)
-    chars = TfidfVectorizer(
-        analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2, dtype=np.float32
-    )
     t0 = time.perf_counter()
-    features = hstack([words.fit_transform(train_x), chars.fit_transform(train_x)]).tocsr()
+    features, transform = tfidf_features(train_x)
     svm = LinearSVC(C=args.c).fit(features, train_y)
     train_s = time.perf_counter() - t0
-    predicted = svm.predict(hstack([words.transform(test_x), chars.transform(test_x)]).tocsr())
+    predicted = svm.predict(transform(test_x))
     correct = sum(p == y for p, y in zip(predicted, test_y, strict=True))
     token_re = re.compile(r"\w+(?:['’]\w+)*")
     train_tokens = sum(len(token_re.findall(t.lower())) for t in train_x)

@@ -77,16 +77,20 @@ class Predictor:
         self.token_level = self.loaded.cfg.model.encoder == "lstm"
 
     @torch.no_grad()
-    def predict(self, texts: list[str], top_k: int = 1) -> list[dict]:
+    def probabilities(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """Class probabilities (len(texts), labels), columns in `loaded.vocab.labels` order, and the number of ids
+        looked up per text (words, word n-gram buckets, char n-grams): 0 means no known feature, so the label is
+        the one the biases alone favour (an empty line, or only unseen words with no n-gram tables)."""
         docs = self.featurizer.encode(texts)
         batch = collate(docs, np.arange(len(texts)), self.loaded.vocab.num_pretrained, self.token_level)
         probs = torch.softmax(self.loaded.model(batch.to(self.loaded.device)).float(), dim=1).cpu()
+        return probs, batch.lengths.round().long().tolist()
+
+    def predict(self, texts: list[str], top_k: int = 1) -> list[dict]:
+        probs, features = self.probabilities(texts)
         k = min(top_k, probs.shape[1])
         scores, idx = probs.topk(k, dim=1)
         labels = self.loaded.vocab.labels
-        # ids looked up per text (words, word n-gram buckets, char n-grams): 0 means no known feature, so the label
-        # is the one the biases alone favour (an empty line, or only unseen words with no n-gram tables)
-        features = batch.lengths.round().long().tolist()
         out = []
         for s_row, i_row, n in zip(scores.tolist(), idx.tolist(), features, strict=True):
             top = [{"label": labels[i], "score": round(s, 6)} for s, i in zip(s_row, i_row, strict=True)]
