@@ -95,6 +95,13 @@ def build_table_specs(
     return specs
 
 
+def whole_on_every_rank(name: str) -> bool:
+    """Whether a table stays whole on every rank under row_wise sharding: the wide tables (model.wide). They are
+    narrow (one logit per class), their TF-IDF weighted lookups (`Batch.weighted`) need no exchange when every rank
+    holds every row, and their sparse gradients are averaged over ranks as replicated tables' are."""
+    return name.startswith("wide_")
+
+
 def init_rows_(weight: torch.Tensor, spec: TableSpec, generator: torch.Generator, row_start: int = 0) -> None:
     """Initialise rows [row_start, row_start + len(weight)) of a table deterministically.
 
@@ -183,6 +190,10 @@ class LocalTables(nn.Module):
         name, as `Batch.groups`. `routes` (`Batch.routes`) are row-wise tables' and do not apply here."""
         groups = groups or {}
         return [self.pooled(name, ids, offsets, groups.get(name)) for name, ids, offsets in requests]
+
+    def replicated_weights(self) -> list[torch.Tensor]:
+        """The weights whose sparse gradients ranks average (`sync_sparse_grads`): here every table's."""
+        return [bag.weight for bag in self.bags.values()]
 
     def checkpoint_view(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """How a table-row-indexed tensor is saved: whole here; row-wise sharded tables return a DTensor."""

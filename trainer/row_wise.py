@@ -42,7 +42,7 @@ from torch import nn
 from trainer import kernels
 from trainer.bag_lookup import bag_sum
 from trainer.distributed import DistInfo, host_group
-from trainer.embeddings import TableSpec, init_rows_, segment_index
+from trainer.embeddings import TableSpec, init_rows_, segment_index, whole_on_every_rank
 from trainer.kernels import advise_hugepages
 
 _TABLE_PARAM = re.compile(r"(?:^|\.)bags\.([^.]+)\.weight$")
@@ -247,7 +247,10 @@ class RowWiseTables(nn.Module):
                 f"{self.rank} of {self.world_size}"
             )
         self.group = None  # the default group: the one DDP and the checkpoint mesh use too
-        self.row_ranges = {s.name: shard_rows(s.num_rows, self.world_size, self.rank) for s in specs}
+        # the wide tables stay whole on every rank (`whole_on_every_rank`): replicated inside the sharded module
+        self.replicated_tables = [s.name for s in specs if s.trainable and whole_on_every_rank(s.name)]
+        self.row_ranges = {s.name: (0, s.num_rows) if s.name in self.replicated_tables
+                           else shard_rows(s.num_rows, self.world_size, self.rank) for s in specs}
         pre = self.specs["pretrained"]
         start, end = self.row_ranges["pretrained"]
         if pre.num_rows and frozen.shape[0] != pre.num_rows:
@@ -294,6 +297,8 @@ class RowWiseTables(nn.Module):
     # ------------------------------------------------------------------ lookups
     def route(self, name: str, ids: torch.Tensor, offsets: torch.Tensor) -> Route:
         """`plan_route` for one of this model's tables; needs no process group (the data thread calls it)."""
+        if name in self.replicated_tables:
+            raise ValueError(f"table {name} is whole on every rank: it is looked up locally, not routed")
         return plan_route(ids, offsets, self.specs[name].num_rows, self.world_size)
 
     def pooled(self, name: str, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -359,10 +364,15 @@ class RowWiseTables(nn.Module):
         return outs
 
     # ------------------------------------------------------------------ checkpoints and export
+    def replicated_weights(self) -> list[torch.Tensor]:
+        """The weights whose sparse gradients ranks average (`sync_sparse_grads`): the tables whole on every rank."""
+        return [self.bags[name].weight for name in self.replicated_tables]
+
     def table_of(self, param_name: str) -> str | None:
-        """The trainable table a parameter (or optimizer-state) name refers to: `tables.bags.oov.weight` -> oov."""
+        """The row-sharded table a parameter (or optimizer-state) name refers to: `tables.bags.oov.weight` -> oov;
+        None for anything else, the tables whole on every rank included."""
         m = _TABLE_PARAM.search(param_name)
-        return m.group(1) if m and m.group(1) in self.bags else None
+        return m.group(1) if m and m.group(1) in self.bags and m.group(1) not in self.replicated_tables else None
 
     def checkpoint_view(self, param_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """A table-row-indexed tensor (weight, per-element or per-row optimizer state) as a row-sharded DTensor
@@ -386,6 +396,8 @@ class RowWiseTables(nn.Module):
         """The whole table on every rank, in host memory (export, neighbours, projector). Collective: every rank
         calls it. Gathered on the host group (gloo under NCCL): row_wise is chosen for tables too big for one
         device, so a whole copy (and the gather's second) must not be made on the GPU."""
+        if name in self.replicated_tables:
+            return self.bags[name].weight.detach().cpu()
         local = self.frozen if name == "pretrained" else self.bags[name].weight.detach()
         num_rows = self.specs[name].num_rows
         chunk = rows_per_rank(num_rows, self.world_size)

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from trainer import kernels
 from trainer.config import DistConfig
 from trainer.distributed import DistInfo, host_group
-from trainer.embeddings import LocalTables, TableSpec
+from trainer.embeddings import LocalTables, TableSpec, whole_on_every_rank
 from trainer.sparse_optim import Workspace
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def describe_plan(specs: list[TableSpec], mode: str, info: DistInfo, optim) -> s
     lines = [f"embedding plan: {mode}, world size {info.world_size}"]
     lines.append(f"  {'table':<17}{'rows':>12}{'dim':>6}{'trainable':>10}{'rows/rank':>12}{'MiB/rank':>10}")
     for s in specs:
-        rows_per_rank = -(-s.num_rows // world) if s.num_rows else 0
+        rows_per_rank = -(-s.num_rows // (1 if whole_on_every_rank(s.name) else world)) if s.num_rows else 0
         lines.append(f"  {s.name:<17}{s.num_rows:>12,}{s.dim:>6}{str(s.trainable):>10}{rows_per_rank:>12,}"
                      f"{rows_per_rank * s.dim * 4 / 2**20:>10.1f}")
     state_bytes = sum(t.numel() * t.element_size() for t in optim.state_tensors().values())
@@ -80,9 +80,10 @@ def describe_plan(specs: list[TableSpec], mode: str, info: DistInfo, optim) -> s
     return "\n".join(lines)
 
 
-def needs_sparse_grad_sync(mode: str, info: DistInfo) -> bool:
-    """Replicated tables are outside DDP and synchronised by `sync_sparse_grads` after backward (any backend)."""
-    return info.is_distributed and mode != "row_wise"
+def needs_sparse_grad_sync(tables: nn.Module, info: DistInfo) -> bool:
+    """Replicated tables are outside DDP and synchronised by `sync_sparse_grads` after backward (any backend): all
+    tables in replicated mode, the wide tables (whole on every rank) under row_wise."""
+    return info.is_distributed and bool(tables.replicated_weights())
 
 
 if kernels.numba is not None:
@@ -167,7 +168,8 @@ class _LocalRows:
 
 
 def sync_sparse_grads(tables: nn.Module, info: DistInfo) -> None:
-    """Average replicated tables' sparse gradients over ranks: two collectives for all tables together.
+    """Average the sparse gradients of `tables.replicated_weights()` over ranks (every table in replicated mode, the
+    wide tables under row_wise): two collectives for all tables together.
 
     Why not DDP's (gloo's) sparse all-reduce, or one all-gather per table with a `coalesce()` before and after:
     measured on the 2-core VM (bag + bigrams, 512 documents per rank), `coalesce` of the 32K-row bigram gradient
@@ -180,7 +182,7 @@ def sync_sparse_grads(tables: nn.Module, info: DistInfo) -> None:
     the same bits), which the sparse optimizers step without grouping rows again. Every rank calls every
     collective, also with zero touched rows."""
     world, rank = info.world_size, info.rank
-    weights = [bag.weight for bag in tables.bags.values()]
+    weights = tables.replicated_weights()
     if not weights:
         return
     dtype = weights[0].dtype

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, valid_steps
-from trainer.config import Config, ConfigError, dump_toml
+from trainer.config import Config, dump_toml
 from trainer.data import BatchPlan, BatchPrefetcher, DataBundle, class_weights, prepare_data, rank_share
 from trainer.distributed import DistInfo, agree_any, all_reduce_, init_distributed, shutdown_distributed
 from trainer.embeddings import build_table_specs
@@ -176,9 +176,6 @@ class Trainer:
             wide=tuple(cfg.model.wide_families), num_classes=len(vocab.labels), deep_chars=cfg.model.deep_chars,
         )
         self.sharding = resolve_sharding(cfg.dist, self.specs, info)
-        if cfg.model.wide_families and self.sharding == "row_wise" and info.world_size > 1:
-            raise ConfigError("model.wide is not supported with row_wise embedding sharding yet (its weighted lookups "
-                              "read whole tables); set dist.embedding_sharding = replicated")
         tables = build_tables(self.sharding, self.specs, self.frozen, cfg.train.seed, info)
         self.model = TextClassifier(tables, cfg.model, vocab.num_pretrained, len(vocab.labels)).to(info.device)
         tables.move_frozen(info.device)
@@ -186,7 +183,7 @@ class Trainer:
             self.model.wide_idf = wide_idf(self.data.train, {s.name: s.num_rows for s in self.specs})
         self.model.dense_autocast = use_bf16(cfg.train.bf16, info.device)
         self.train_model = wrap_for_training(self.model, self.sharding, info)
-        self.sync_tables = needs_sparse_grad_sync(self.sharding, info)
+        self.sync_tables = needs_sparse_grad_sync(tables, info)
         self.token_level = cfg.model.encoder == "lstm"
         tc = cfg.train
         self.plan = BatchPlan(self.data.train.raw_tokens, tc.batch_size, tc.tokens_per_batch, tc.seed)

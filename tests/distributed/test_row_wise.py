@@ -28,7 +28,7 @@ from trainer.config import ModelConfig, OptimConfig
 from trainer.data import class_weights, rank_share
 from trainer.distributed import DistInfo, all_reduce_
 from trainer.embeddings import LocalTables, TableSpec, build_table_specs, init_rows_
-from trainer.features import EncodedDocs, collate
+from trainer.features import EncodedDocs, collate, wide_idf
 from trainer.model import DenseNet, TextClassifier
 from trainer.optim import OptimizerContainer
 from trainer.row_wise import RowWiseTables, shard_rows
@@ -62,6 +62,7 @@ class Case:
     hidden: int = 0
     pretrained_trainable: bool = False
     unfreeze_step: int = -1
+    wide: tuple = ()  # model.wide families: their tables stay whole on every rank, also under row_wise
     batches: tuple = field(default=BAG_BATCHES)
 
 
@@ -73,10 +74,12 @@ CASES = (
     Case("masked_bag-sgd", encoder="masked_bag", sparse="sgd"),
     Case("masked_bag-rowwise_adagrad", encoder="masked_bag", sparse="rowwise_adagrad", dense="sgd"),
     Case("lstm-sparse_adam", encoder="lstm", batches=LSTM_BATCHES),
+    Case("masked_bag-sgd-wide", encoder="masked_bag", sparse="sgd", wide=("words", "bigrams", "chars")),
 )
 CKPT_CASES = (
     Case("ckpt-sparse_adam", encoder="masked_bag"),
     Case("ckpt-rowwise_adagrad", sparse="rowwise_adagrad"),
+    Case("ckpt-wide", encoder="masked_bag", sparse="sgd", wide=("words", "bigrams", "chars")),
 )
 CKPT_TRAIN_STEPS = 3  # steps before the save; the next batch (one document) is the continuation step
 
@@ -130,6 +133,8 @@ def case_specs(case: Case) -> list[TableSpec]:
         masked=case.encoder == "masked_bag",
         pretrained_trainable=case.pretrained_trainable,
         init_std=0.3,
+        wide=case.wide,
+        num_classes=CLASSES,
     )
 
 
@@ -147,9 +152,12 @@ def build(info: DistInfo, mode: str, case: Case, seed: int = 0) -> SimpleNamespa
     # without a reseed here the dense init would depend on the table sizes (and differ from row_wise)
     torch.manual_seed(1234 + seed)
     cfg = ModelConfig(
-        encoder=case.encoder, pooling=case.pooling, hidden=case.hidden, dropout=0.0, lstm_hidden=3
+        encoder=case.encoder, pooling=case.pooling, hidden=case.hidden, dropout=0.0, lstm_hidden=3,
+        wide=",".join(case.wide),
     )
     model = TextClassifier(tables, cfg, P, CLASSES)
+    if case.wide:  # as Trainer.build sets it: from the whole training split, the same on every rank
+        model.wide_idf = wide_idf(make_docs(), {s.name: s.num_rows for s in specs})
     tables.move_frozen(info.device)
     train_model = wrap_for_training(model, sharding, info)
     ocfg = OptimConfig(
@@ -161,6 +169,7 @@ def build(info: DistInfo, mode: str, case: Case, seed: int = 0) -> SimpleNamespa
         warmup_steps=2,
         schedule="linear",
         grad_clip=1.0,
+        wide_lr=0.5,
     )
     optim = OptimizerContainer(train_model, ocfg, len(case.batches), case.unfreeze_step, frozen)
     optim.init_state()  # as Trainer.fit does before the first step
@@ -176,9 +185,10 @@ def build(info: DistInfo, mode: str, case: Case, seed: int = 0) -> SimpleNamespa
     )
 
 
-def gather_rows(local: torch.Tensor, num_rows: int, info: DistInfo, tables) -> torch.Tensor:
-    """A row-sharded tensor, whole (independent of RowWiseTables.full_rows); whole tensors pass through."""
-    if not isinstance(tables, RowWiseTables):
+def gather_rows(local: torch.Tensor, num_rows: int, info: DistInfo, tables, name: str = "") -> torch.Tensor:
+    """A row-sharded tensor, whole (independent of RowWiseTables.full_rows); whole tensors (LocalTables', and
+    RowWiseTables' tables whole on every rank) pass through."""
+    if not isinstance(tables, RowWiseTables) or name in tables.replicated_tables:
         return local.clone()
     import torch.distributed as dist
 
@@ -193,7 +203,7 @@ def gather_rows(local: torch.Tensor, num_rows: int, info: DistInfo, tables) -> t
 def table_grad(run: SimpleNamespace, name: str, info: DistInfo) -> torch.Tensor:
     weight = run.tables.bags[name].weight
     local = weight.grad.to_dense() if weight.grad is not None else torch.zeros_like(weight)
-    return gather_rows(local, run.tables.specs[name].num_rows, info, run.tables)
+    return gather_rows(local, run.tables.specs[name].num_rows, info, run.tables, name)
 
 
 def train(
@@ -219,7 +229,7 @@ def train(
         logits = run.train_model(batch)
         loss, *_ = Trainer._loss(loss_ctx, logits, batch, global_rows)
         loss.backward()
-        if needs_sparse_grad_sync(run.sharding, info):  # as Trainer._steps does
+        if needs_sparse_grad_sync(run.tables, info):  # as Trainer._steps does
             sync_sparse_grads(run.tables, info)
         # sum over ranks of (local sum * W / denominator) = W * global mean
         rec["loss"].append(float(all_reduce_(loss.detach().clone(), info)) / info.world_size)
@@ -366,7 +376,7 @@ def _state_values(run: SimpleNamespace, info: DistInfo) -> dict:
         table = re.fullmatch(r"tables\.bags\.(\w+)\.weight", name)
         if table is None or t.dim() == 0:
             return t.detach().clone()
-        return gather_rows(t.detach(), run.specs_by_name[table.group(1)].num_rows, info, run.tables)
+        return gather_rows(t.detach(), run.specs_by_name[table.group(1)].num_rows, info, run.tables, table.group(1))
 
     model = {n: whole(n, p) for p, n in run.optim.names.items()}
     optim = {k: whole(k.split("/")[1], v) for k, v in run.optim.state_tensors().items()}
@@ -567,6 +577,11 @@ def test_sharding_plan_and_checkpoint_view(runs):
     assert "row_wise, world size 3" in plan
     oov_line = next(line for line in plan.splitlines() if line.split()[:1] == ["oov"])
     assert oov_line.split()[4] == "1"  # ceil(2 / 3) rows on the fullest rank
+    # model.wide's tables stay whole on every rank under row_wise: all P + OOV word rows, where mask has 3
+    plan = runs[3][0]["oracle"]["masked_bag-sgd-wide", "row_wise"]["plan"]
+    rows_per_rank = {line.split()[0]: line.split()[4] for line in plan.splitlines()[2:-1]}
+    assert rows_per_rank["wide_word"] == "9" and rows_per_rank["mask"] == "3"
+    assert rows_per_rank["wide_bigram"] == str(BIGRAMS)
 
 
 def _assert_state_equal(got: dict, expected: dict, where: str) -> None:

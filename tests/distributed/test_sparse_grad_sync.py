@@ -22,6 +22,7 @@ def _tables(info: DistInfo, round_: int) -> nn.Module:
     g = torch.Generator().manual_seed(1000 * round_ + info.rank)
     tables = nn.Module()
     tables.bags = nn.ModuleDict({n: nn.EmbeddingBag(ROWS, DIM, mode="sum", sparse=True) for n in ("a", "b", "c")})
+    tables.replicated_weights = lambda: [bag.weight for bag in tables.bags.values()]  # as LocalTables'
     for name, bag in tables.bags.items():
         if name == "c" and round_ == 0:
             continue  # grad stays None on every rank

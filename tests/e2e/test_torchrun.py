@@ -672,27 +672,24 @@ def test_two_processes_row_wise_equal_one_process(e2e: E2E, ref_1: Path) -> None
     assert_same_weights(run, ref_1, 1e-5)
 
 
-def test_wide_and_deep_two_processes_replicated_equal_one_process_and_row_wise_is_refused(e2e: E2E) -> None:
-    """model.wide's tables are replicated bags with TF-IDF weighted lookups: two processes must train the same
-    weights as one (idf from the same training split on every rank, sparse gradients averaged like any table's);
-    row_wise does not support them yet and must say so before training."""
+def test_wide_and_deep_two_processes_equal_one_process_replicated_and_row_wise(e2e: E2E) -> None:
+    """model.wide's tables are bags with TF-IDF weighted lookups, whole on every rank in both modes (row_wise shards
+    the embedding tables only): two processes must train the same weights as one (idf from the same training split
+    on every rank, sparse gradients averaged over ranks)."""
     extra = ("--model.wide", "words,bigrams,chars", "--embeddings.char_ngrams", "97", "--model.deep_chars", "false",
              "--train.max_steps", "20", "--checkpoint.every_steps", "0")
-    one, two = e2e.run_dir("wide_1"), e2e.run_dir("wide_2")
+    one, two, sharded = e2e.run_dir("wide_1"), e2e.run_dir("wide_2"), e2e.run_dir("wide_row_wise")
     run_to_end(e2e.single(e2e.plain, one, *extra))
     run_to_end(e2e.torchrun(e2e.plain, two, 2, *extra))
+    run_to_end(e2e.torchrun(e2e.plain, sharded, 2, *extra, "--dist.embedding_sharding", "row_wise"))
     exported = weights(one)
     assert {k for k in exported if k.startswith("tables.wide_")} == {
         "tables.wide_word", "tables.wide_bigram", "tables.wide_char"}
     assert {"wide_idf.wide_word", "wide_idf.wide_bigram", "wide_idf.wide_char"} <= set(exported)
     assert_same_weights(two, one, 1e-5)
-    refused = e2e.torchrun(e2e.plain, e2e.run_dir("wide_row_wise"), 2, *extra, "--dist.embedding_sharding",
-                           "row_wise")
-    try:
-        assert refused.wait(RUN_TIMEOUT_S) != 0
-    finally:
-        refused.kill_all()
-    assert "model.wide is not supported with row_wise embedding sharding" in refused.tail()
+    plan = (sharded.parent / "wide_row_wise.log").read_text()
+    assert "embedding plan: row_wise, world size 2" in plan
+    assert_same_weights(sharded, one, 1e-5)
 
 
 def test_a_rank_without_documents_in_a_step_logs_the_global_loss(e2e: E2E) -> None:
