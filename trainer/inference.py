@@ -77,24 +77,29 @@ class Predictor:
         self.token_level = self.loaded.cfg.model.encoder == "lstm"
 
     @torch.no_grad()
-    def probabilities(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
-        """Class probabilities (len(texts), labels), columns in `loaded.vocab.labels` order, and the number of ids
-        looked up per text (words, word n-gram buckets, char n-grams): 0 means no known feature, so the label is
-        the one the biases alone favour (an empty line, or only unseen words with no n-gram tables)."""
+    def probabilities(self, texts: list[str]) -> tuple[torch.Tensor, dict[str, list[int]]]:
+        """Class probabilities (len(texts), labels), columns in `loaded.vocab.labels` order, and per text:
+        `known_words`, its tokens found in the vocabulary, and `features`, the ids looked up (those words, word
+        bigram buckets, char n-grams; hashed n-grams exist for unknown words too). features 0 means the model saw
+        nothing of the text and the label is the biases' choice."""
         docs = self.featurizer.encode(texts)
         batch = collate(docs, np.arange(len(texts)), self.loaded.vocab.num_pretrained, self.token_level)
         probs = torch.softmax(self.loaded.model(batch.to(self.loaded.device)).float(), dim=1).cpu()
-        return probs, batch.lengths.round().long().tolist()
+        doc_of_token = np.repeat(np.arange(len(texts)), np.diff(docs.token_offsets))
+        known = np.bincount(doc_of_token[docs.token_ids >= 0], minlength=len(texts))
+        return probs, {"known_words": known.tolist(), "features": batch.lengths.round().long().tolist()}
 
     def predict(self, texts: list[str], top_k: int = 1) -> list[dict]:
-        probs, features = self.probabilities(texts)
+        probs, counts = self.probabilities(texts)
         k = min(top_k, probs.shape[1])
         scores, idx = probs.topk(k, dim=1)
         labels = self.loaded.vocab.labels
         out = []
-        for s_row, i_row, n in zip(scores.tolist(), idx.tolist(), features, strict=True):
+        for s_row, i_row, known, n in zip(scores.tolist(), idx.tolist(), counts["known_words"], counts["features"],
+                                          strict=True):
             top = [{"label": labels[i], "score": round(s, 6)} for s, i in zip(s_row, i_row, strict=True)]
-            out.append({"label": top[0]["label"], "score": top[0]["score"], "top_k": top, "features": n})
+            out.append({"label": top[0]["label"], "score": top[0]["score"], "top_k": top, "known_words": known,
+                        "features": n})
         return out
 
     def predict_stream(self, lines: Iterable[str], top_k: int, chunk: int = 512) -> Iterator[dict]:

@@ -1,4 +1,5 @@
-"""Row-wise sharded embedding tables: each rank owns one contiguous block of rows of every table.
+"""Row-wise sharded embedding tables: each rank owns one contiguous block of rows of every table (but model.wide's
+tables, narrow, which stay whole on every rank: `whole_on_every_rank`, synchronised by `sync_sparse_grads`).
 
 Rank r of W owns rows [r*c, min(V, (r+1)*c)) of a V-row table, c = ceil(V/W) (torch.chunk / DTensor `Shard(0)`
 layout; trailing ranks may own no rows). The frozen table is sharded the same way (a copy of this rank's slice,
@@ -22,7 +23,7 @@ ids, no segments or an empty shard (the payloads are then empty, the collectives
 Gradient scale: replicated DDP averages gradients over W ranks, while an owner here receives the SUM of every
 rank's gradient for its rows, so the partials carry a 1/W gradient scale; with the trainer's loss
 (local sum * W / global denominator) both give the gradient of the global-batch mean. Each row has one owner:
-no sparse all-reduce is needed on either backend.
+no sparse gradient exchange is needed on either backend (for the sharded tables; the wide ones are averaged).
 
 Lock-step rule: the backward all-to-all runs when autograd reaches a partial, so every rank's loss must depend on
 every pooled output of a step (ops on empty tensors keep the graph connected); a rank that skips one waits for
@@ -229,7 +230,8 @@ def plan_route(ids: torch.Tensor, offsets: torch.Tensor, num_rows: int, world: i
 
 
 class RowWiseTables(nn.Module):
-    """The `LocalTables` interface over row-wise sharded tables (one block of rows of every table per rank)."""
+    """The `LocalTables` interface over row-wise sharded tables (one block of rows of every table per rank; the
+    wide tables whole on every rank)."""
 
     takes_groups = False  # owners group the ids they receive (pooled_many)
 
@@ -393,8 +395,8 @@ class RowWiseTables(nn.Module):
         return DTensor.from_local(tensor, self.mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
 
     def full_rows(self, name: str) -> torch.Tensor:
-        """The whole table on every rank, in host memory (export, neighbours, projector). Collective: every rank
-        calls it. Gathered on the host group (gloo under NCCL): row_wise is chosen for tables too big for one
+        """The whole table on every rank, in host memory (export, neighbours, projector). Collective for the
+        sharded tables: every rank calls it (a table whole on every rank is returned as it is). Gathered on the host group (gloo under NCCL): row_wise is chosen for tables too big for one
         device, so a whole copy (and the gather's second) must not be made on the GPU."""
         if name in self.replicated_tables:
             return self.bags[name].weight.detach().cpu()

@@ -5,8 +5,8 @@
   all-reduce; with gloo's, a 2-process bag + bigram step at global batch 1024 took 54-61 ms against 37-48 ms with
   `sync_sparse_grads`, interleaved runs on the loaded 2-core VM). The frozen table is a plain tensor attribute,
   invisible to DDP (never broadcast).
-- `row_wise`: each rank holds a contiguous block of rows of every table (see row_wise.py); only the dense part is
-  wrapped in DDP.
+- `row_wise`: each rank holds a contiguous block of rows of every table (see row_wise.py) but model.wide's, which
+  stay whole on every rank and are synchronised as replicated tables are; only the dense part is wrapped in DDP.
 """
 
 import logging
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 def resolve_sharding(cfg: DistConfig, specs: list[TableSpec], info: DistInfo) -> str:
     if cfg.embedding_sharding != "auto":
         return cfg.embedding_sharding
-    table_bytes = sum(s.num_bytes for s in specs)
+    table_bytes = sum(s.num_bytes for s in specs if not whole_on_every_rank(s.name))  # what sharding would split
     return "row_wise" if info.world_size > 1 and table_bytes > cfg.auto_shard_bytes else "replicated"
 
 
@@ -83,7 +83,7 @@ def describe_plan(specs: list[TableSpec], mode: str, info: DistInfo, optim) -> s
 def needs_sparse_grad_sync(tables: nn.Module, info: DistInfo) -> bool:
     """Replicated tables are outside DDP and synchronised by `sync_sparse_grads` after backward (any backend): all
     tables in replicated mode, the wide tables (whole on every rank) under row_wise."""
-    return info.is_distributed and bool(tables.replicated_weights())
+    return info.world_size > 1 and bool(tables.replicated_weights())
 
 
 if kernels.numba is not None:

@@ -150,7 +150,7 @@ def test_train_eval_predict_neighbors(tiny_config, tiny_data):
     preds = jsonl(proc.stdout)
     assert len(preds) == 3
     for p in preds:
-        assert set(p) == {"label", "score", "top_k", "features"}
+        assert set(p) == {"label", "score", "top_k", "known_words", "features"}
         assert len(p["top_k"]) == 2
         assert p["top_k"][0] == {"label": p["label"], "score": p["score"]}
         assert p["top_k"][0]["score"] >= p["top_k"][1]["score"]
@@ -161,12 +161,13 @@ def test_train_eval_predict_neighbors(tiny_config, tiny_data):
     infile.write_text("\n".join(texts) + "\n")
     from_file = jsonl(ok(cli("predict", "--run", run, "--top-k", "2", "--input", infile)).stdout)
     assert from_file == preds
-    # the features count: known words + bigram buckets, so an empty line or only unseen words (tiny_config has no
-    # char n-grams; --no-extend keeps pretrained words unseen in training out) look up nothing
-    lines = ["", "zzqx qqzv", texts[0]]
+    # known_words: tokens in the vocabulary (--no-extend keeps pretrained words unseen in training out); features:
+    # the ids looked up, those words and (tiny_config has no hashed n-gram tables) nothing else, so an empty line
+    # and a line of unseen words get the biases' label
+    lines = ["", "zzqx qqzv", texts[0], "zzqx soccer"]
     counted = jsonl(ok(cli("predict", "--run", run, "--no-extend", stdin="\n".join(lines) + "\n")).stdout)
-    assert [p["features"] for p in counted[:2]] == [0, 0]
-    assert counted[2]["features"] == preds[0]["features"] >= 5  # 5 known words plus any bigram buckets
+    assert [(p["known_words"], p["features"]) for p in counted] == [(0, 0), (0, 0), (5, 5), (1, 1)]
+    assert preds[0]["known_words"] == preds[0]["features"] == 5
     assert counted[0]["label"] == counted[1]["label"]  # the biases' label
 
     # ---- neighbors: JSON lines with word, score, kind
