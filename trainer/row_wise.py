@@ -396,8 +396,9 @@ class RowWiseTables(nn.Module):
 
     def full_rows(self, name: str) -> torch.Tensor:
         """The whole table on every rank, in host memory (export, neighbours, projector). Collective for the
-        sharded tables: every rank calls it (a table whole on every rank is returned as it is). Gathered on the host group (gloo under NCCL): row_wise is chosen for tables too big for one
-        device, so a whole copy (and the gather's second) must not be made on the GPU."""
+        sharded tables: every rank calls it (a table whole on every rank is returned as it is). Gathered on the
+        host group (gloo under NCCL): row_wise is chosen for tables too big for one device, so a whole copy (and
+        the gather's second) must not be made on the GPU."""
         if name in self.replicated_tables:
             return self.bags[name].weight.detach().cpu()
         local = self.frozen if name == "pretrained" else self.bags[name].weight.detach()
