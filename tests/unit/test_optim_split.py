@@ -420,3 +420,24 @@ def test_wide_idf_is_sklearns_smoothed_idf_with_min_df_2():
         expected = math.log(5 / (1 + df)) + 1 if df >= 2 else 0.0
         assert float(idf["wide_word"][word]) == pytest.approx(expected, rel=1e-6), (VOCAB.words[word], df)
     assert (idf["wide_word"] > 0).sum() >= 1  # "the" and "cat" occur in two documents each
+
+
+def test_auto_sharding_and_gradient_sync_consider_only_what_they_act_on():
+    """`auto` shards when the tables row_wise would split exceed the threshold: the wide tables, whole on every rank
+    under row_wise too, do not count. The sparse-gradient sync runs only with more than one rank."""
+    from trainer.config import DistConfig
+    from trainer.distributed import DistInfo
+    from trainer.sharding import needs_sparse_grad_sync, resolve_sharding
+
+    specs = build_table_specs(num_pretrained=10, num_oov=10, dim=4, ngram_buckets=1000, char_buckets=1000,
+                              masked=False, pretrained_trainable=False, init_std=0.1,
+                              wide=("words", "bigrams", "chars"), num_classes=40)
+    split_bytes = sum(s.num_bytes for s in specs if not s.name.startswith("wide_"))
+    assert sum(s.num_bytes for s in specs) > 10 * split_bytes  # the wide tables dominate
+    two = DistInfo(0, 0, 2, torch.device("cpu"), "gloo")
+    assert resolve_sharding(DistConfig(auto_shard_bytes=split_bytes), specs, two) == "replicated"
+    assert resolve_sharding(DistConfig(auto_shard_bytes=split_bytes - 1), specs, two) == "row_wise"
+    tables = LocalTables(specs, torch.zeros(10, 4), seed=0)
+    assert len(tables.replicated_weights()) == len(tables.bags) == 6  # oov, bigram, char and the 3 wide
+    assert needs_sparse_grad_sync(tables, two)
+    assert not needs_sparse_grad_sync(tables, DistInfo(0, 0, 1, torch.device("cpu"), "gloo"))
