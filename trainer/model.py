@@ -222,8 +222,10 @@ class TextClassifier(nn.Module):
             parts, sq = [], torch.zeros(num_docs, dtype=torch.float32, device=device)
             for name, ids, seg in block:
                 rows = self.tables.specs[name].num_rows
-                # distinct (document, feature) pairs, sorted by document: tf = their counts
-                key, tf = torch.unique(seg * rows + ids, return_counts=True)
+                # distinct (document, feature) pairs, sorted by document (group_ids: the radix grouping on the
+                # data thread's host batches): tf = how often each occurs
+                key, inverse = group_ids(seg * rows + ids)
+                tf = torch.bincount(inverse, minlength=key.shape[0])
                 doc, feature = torch.div(key, rows, rounding_mode="floor"), key % rows
                 weight = (1 + torch.log(tf.float())) * self._idf(name, device)[feature]
                 sq.index_add_(0, doc, weight * weight)
