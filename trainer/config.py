@@ -15,6 +15,8 @@ from typing import Any
 
 import tomli_w
 
+from trainer.vocab import DEFAULT_TOKEN_PATTERN  # tokenizer 2 widens this exact pattern
+
 
 class ConfigError(ValueError):
     """A user error in the configuration; the message names the offending flag."""
@@ -44,7 +46,7 @@ class DataConfig:
     # Lowercase text before tokenizing.
     lowercase: bool = True
     # Regular expression whose matches are the tokens (default: words with internal apostrophes).
-    token_pattern: str = r"\w+(?:['’]\w+)*"
+    token_pattern: str = DEFAULT_TOKEN_PATTERN
     # 2: non-ASCII text is NFC-normalised, and the default pattern keeps combining marks inside words (Hindi, Arabic,
     # decomposed accents); 1: the tokenizer before that (exported models without this field use it).
     tokenizer_version: int = 2
