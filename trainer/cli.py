@@ -174,3 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         sys.stderr.write(f"error: {message}\n")
         return 2
+
+
+def run() -> None:
+    """`python -m trainer` and the `trainer` console script: main(), then `distributed.exit_process` (a process
+    that joined a gloo group must not finalise the interpreter; see there)."""
+    from trainer.distributed import exit_process
+
+    exit_process(main())

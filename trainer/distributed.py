@@ -4,8 +4,11 @@ Single-process mode when torchrun's variables are absent; otherwise NCCL on CUDA
 on CPU, with a finite timeout so a rank that died makes the others fail instead of hanging forever.
 """
 
+import atexit
 import datetime
+import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +33,7 @@ class DistInfo:
 
 
 _control_group = None  # gloo group for host-side flags when the main backend is NCCL (else the default group)
+_joined_process_group = False  # whether this process ever joined one (exit_process)
 
 
 def agree_any(*flags: bool, info: DistInfo) -> bool | tuple[bool, ...]:
@@ -97,6 +101,8 @@ def init_distributed(device: str = "auto", timeout_s: int = 600, pin_cores: bool
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     timeout = datetime.timedelta(seconds=timeout_s)
+    global _joined_process_group
+    _joined_process_group = True
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
@@ -132,6 +138,31 @@ def shutdown_distributed() -> None:
     _control_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End the process with `code`; after a process group, without the interpreter's finalisation.
+
+    Why: gloo's worker threads destroy each finished collective's work, and with it the tensors it held, a moment
+    after the caller's `wait()` returned; that needs the GIL. A rank whose last collective was its last work (for
+    example the export's all_gather) reached interpreter finalisation first in 4 of 10 row_wise runs here, and a
+    worker thread asking for the GIL then aborted the process ("terminate called without an active exception",
+    SIGABRT, core dump: `ProcessGroupGloo::runLoop` -> `~AsyncAllgatherWork` -> `THPVariable_dealloc` ->
+    `take_gil` -> `pthread_exit`), so a finished run exited -6 and torchrun reported a failure (and would restart
+    it). `destroy_process_group` does not stop those threads: DDP keeps a reference to the group (torch 2.13), so
+    the group is never freed and its threads never joined. Here the atexit handlers run and the standard streams
+    and logs are flushed while the interpreter is whole, then the process ends without finalising it. Every file
+    of a run is closed explicitly before this point (loggers, checkpoints, eval files)."""
+    if not _joined_process_group:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing left to save
+            pass
+    os._exit(code)
 
 
 def barrier(info: DistInfo) -> None:
