@@ -45,6 +45,19 @@ if kernels.numba is not None:
                     dst[j] += src[j]
 
     @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
+    def _sum_weighted_rows(grad_out, offsets, inverse, weights, out):
+        """out[inverse[k]] += weights[k] * grad_out[segment of id k]: `_sum_rows` with per-sample weights."""
+        out[:] = np.float32(0.0)
+        n, segments = inverse.shape[0], offsets.shape[0]
+        for s in range(segments):
+            end = offsets[s + 1] if s + 1 < segments else n
+            src = grad_out[s]
+            for k in range(offsets[s], end):
+                dst, w = out[inverse[k]], weights[k]
+                for j in range(dst.shape[0]):
+                    dst[j] += w * src[j]
+
+    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
     def _add_rows(src, src_row, dst_row, dst):
         """dst[dst_row[k]] += src[src_row[k]] for every k, in order, dst zeroed first: gather_pool's forward
         (rows -> segments) and, with the indices swapped, its backward (segment gradients -> rows)."""
@@ -112,26 +125,31 @@ if kernels.numba is not None:
 
 
 class _GroupedBagSum(torch.autograd.Function):
-    """`F.embedding_bag(ids, weight, offsets, mode="sum")` with a coalesced sparse gradient for `weight`."""
+    """`F.embedding_bag(ids, weight, offsets, mode="sum", per_sample_weights=...)` with a coalesced sparse gradient
+    for `weight` (none for the per-sample weights, which are data: the wide part's TF-IDF weights)."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, ids: Tensor, offsets: Tensor, groups: tuple[Tensor, Tensor] | None) -> Tensor:
+    def forward(ctx, weight: Tensor, ids: Tensor, offsets: Tensor, groups: tuple[Tensor, Tensor] | None,
+                per_sample_weights: Tensor | None) -> Tensor:
         distinct, inverse = groups if groups is not None else group_ids(ids)
-        ctx.save_for_backward(distinct, inverse, offsets)
+        ctx.save_for_backward(distinct, inverse, offsets, per_sample_weights)
         ctx.table_shape = weight.shape
-        return F.embedding_bag(ids, weight, offsets, mode="sum")
+        return F.embedding_bag(ids, weight, offsets, mode="sum", per_sample_weights=per_sample_weights)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        distinct, inverse, offsets = ctx.saved_tensors
+        distinct, inverse, offsets, per_sample_weights = ctx.saved_tensors
         rows, dim = ctx.table_shape
         values = torch.empty(distinct.numel(), dim)
         if distinct.numel():
-            _sum_rows(grad_out.contiguous().float().numpy(), offsets.contiguous().numpy(), inverse.numpy(),
-                      values.numpy())
+            args = (grad_out.contiguous().float().numpy(), offsets.contiguous().numpy(), inverse.numpy())
+            if per_sample_weights is None:
+                _sum_rows(*args, values.numpy())
+            else:
+                _sum_weighted_rows(*args, per_sample_weights.contiguous().numpy(), values.numpy())
         grad = torch.sparse_coo_tensor(distinct.unsqueeze(0), values, (rows, dim), is_coalesced=True,
                                        check_invariants=False)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def group_ids(ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -172,11 +190,15 @@ def gather_pool(rows: Tensor, inverse: Tensor, segment: Tensor, num_segments: in
     return rows.new_zeros(num_segments, rows.shape[1]).index_add(0, segment, rows[inverse])
 
 
-def bag_sum(weight: Tensor, ids: Tensor, offsets: Tensor, groups: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """Sum of `weight`'s rows per segment (EmbeddingBag `mode="sum"`, segments start at `offsets`), with a sparse
-    gradient: coalesced through the CPU kernels above when they apply, else EmbeddingBag's own. `groups`, if given,
-    is `group_ids(ids)` computed ahead (on the data thread), else the forward computes it."""
+def bag_sum(weight: Tensor, ids: Tensor, offsets: Tensor, groups: tuple[Tensor, Tensor] | None = None,
+            per_sample_weights: Tensor | None = None) -> Tensor:
+    """Sum of `weight`'s rows per segment (EmbeddingBag `mode="sum"`, segments start at `offsets`; each row
+    times its `per_sample_weights` entry if given, which get no gradient), with a sparse gradient for `weight`:
+    coalesced through the CPU kernels above when they apply, else EmbeddingBag's own. `groups`, if given, is
+    `group_ids(ids)` computed ahead (on the data thread), else the forward computes it."""
     if (weight.requires_grad and torch.is_grad_enabled() and ids.device.type == "cpu" and ids.dtype == torch.int64
-            and offsets.dtype == torch.int64 and kernels.can_fuse(weight) and weight.dim() == 2):
-        return _GroupedBagSum.apply(weight, ids, offsets, groups)
-    return F.embedding_bag(ids, weight, offsets, mode="sum", sparse=True)
+            and offsets.dtype == torch.int64 and kernels.can_fuse(weight) and weight.dim() == 2
+            and (per_sample_weights is None or (kernels.can_fuse(per_sample_weights)
+                                                and not per_sample_weights.requires_grad))):
+        return _GroupedBagSum.apply(weight, ids, offsets, groups, per_sample_weights)
+    return F.embedding_bag(ids, weight, offsets, mode="sum", sparse=True, per_sample_weights=per_sample_weights)

@@ -186,7 +186,8 @@ class Batch:
     Segments are documents for bag encoders and token positions for the LSTM (`seq_lengths` then says how many
     tokens each document has). `lengths` is each document's number of looked-up ids (for mean pooling). `groups`
     optionally holds, by table name, the ids of `tables[name]` grouped ahead on the data thread
-    (bag_lookup.group_ids); masked_bag builds its per-word lookups from the "pretrained" and "oov" groups.
+    (bag_lookup.group_ids), and for a wide table (`wide_*`) the ids of `weighted[name]`; masked_bag builds its
+    per-word lookups from the "pretrained" and "oov" groups.
     `routes` holds, for row-wise sharded tables, where each lookup's ids go (row_wise.plan_route), also planned
     ahead."""
 

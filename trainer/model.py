@@ -8,7 +8,8 @@ model in DDP; row-wise sharded training wraps only `dense`, because each rank ow
 import torch
 from torch import nn
 
-from trainer.bag_lookup import gather_pool, group_ids
+from trainer import kernels
+from trainer.bag_lookup import bag_sum, gather_pool, group_ids
 from trainer.config import ModelConfig
 from trainer.embeddings import per_token_offsets, segment_counts, segment_index
 from trainer.features import Batch
@@ -135,11 +136,14 @@ class TextClassifier(nn.Module):
 
     def prepare(self, batch: Batch) -> Batch:
         """The data thread's work on a collated batch, ahead of its step (same results as leaving it to forward):
-        group the ids of the lookups that can be grouped (`Batch.groups`), then, for row-wise tables, plan where
-        every lookup's ids go (`Batch.routes`, `RowWiseTables.route`; masked_bag's are built from the groups)."""
+        group the ids of the lookups that can be grouped (`Batch.groups`; the wide tables' TF-IDF weighted lookups
+        `Batch.weighted` with theirs), then, for row-wise tables, plan where every lookup's ids go (`Batch.routes`,
+        `RowWiseTables.route`; masked_bag's are built from the groups)."""
         batch.groups = {name: group_ids(ids) for name, ids in self.groupable_ids(batch).items()}
         if self.wide_tables:
             batch.weighted = self.wide_lookups(batch)
+            batch.groups.update({name: group_ids(ids) for name, (ids, _, _) in batch.weighted.items()
+                                 if kernels.can_fuse(self.tables.bags[name].weight)})
         if hasattr(self.tables, "route"):
             word_groups = self._word_groups(batch) if self.encoder == "masked_bag" else None
             batch.routes = {name: self.tables.route(name, ids, offsets)
@@ -251,7 +255,8 @@ class TextClassifier(nn.Module):
         logits = None
         for name in self.wide_tables:
             ids, offsets, weights = lookups[name]
-            z = self.tables.bags[name](ids, offsets, per_sample_weights=weights)
+            # groups: the data thread's grouping of the ids (prepare), so the gradient comes out coalesced
+            z = bag_sum(self.tables.bags[name].weight, ids, offsets, batch.groups.get(name), weights)
             logits = z if logits is None else logits + z
         return logits
 

@@ -40,13 +40,20 @@ def test_sorted_groups_equals_numpy_unique(n) -> None:
 CASES = [(50, 200, 13), (1000, 0, 4), (10, 30, 1), (100_000, 5000, 300), (8, 40, 40), (30, 0, 0)]
 
 
+def sample_weights(ids: torch.Tensor, weighted: bool) -> torch.Tensor | None:
+    """Per-id weights (the wide part's TF-IDF weights are such), or None."""
+    return torch.rand(ids.numel(), generator=torch.Generator().manual_seed(7)) if weighted else None
+
+
 @pytest.mark.parametrize(("rows", "num_ids", "segments"), CASES)
 @pytest.mark.parametrize("ahead", [False, True])
-def test_forward_and_gradient_equal_embedding_bag(rows, num_ids, segments, ahead) -> None:
+@pytest.mark.parametrize("weighted", [False, True])
+def test_forward_and_gradient_equal_embedding_bag(rows, num_ids, segments, ahead, weighted) -> None:
     ids, offsets, w0 = lookup_case(rows, num_ids, segments, seed=rows + num_ids)
+    psw = sample_weights(ids, weighted)
     ours, ref = w0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
-    out = bag_sum(ours, ids, offsets, group_ids(ids) if ahead else None)
-    want = F.embedding_bag(ids, ref, offsets, mode="sum", sparse=True)
+    out = bag_sum(ours, ids, offsets, group_ids(ids) if ahead else None, psw)
+    want = F.embedding_bag(ids, ref, offsets, mode="sum", sparse=True, per_sample_weights=psw)
     assert torch.equal(out, want)
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     (out * upstream).sum().backward()
@@ -69,18 +76,23 @@ OPTIMIZERS = {
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_steps_are_bit_identical_to_embedding_bag_gradients(name) -> None:
+@pytest.mark.parametrize("weighted", [False, True])
+def test_steps_are_bit_identical_to_embedding_bag_gradients(name, weighted) -> None:
     """Duplicates are summed in their original order, as the fused optimizer kernels summed EmbeddingBag's
     per-id rows: training gives the same bits whichever lookup produced the gradient."""
     ids, offsets, w0 = lookup_case(5000, 3000, 200, seed=11)
+    psw = sample_weights(ids, weighted)
     ours, ref = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
     opt_ours, opt_ref = OPTIMIZERS[name]([ours]), OPTIMIZERS[name]([ref])
     upstream = torch.randn(offsets.numel(), 6, generator=torch.Generator().manual_seed(5))
+
+    def embedding_bag(w, i, o, groups=None, per_sample_weights=None):
+        return F.embedding_bag(i, w, o, mode="sum", sparse=True, per_sample_weights=per_sample_weights)
+
     for _ in range(3):
-        for p, opt, lookup in ((ours, opt_ours, bag_sum),
-                               (ref, opt_ref, lambda w, i, o: F.embedding_bag(i, w, o, mode="sum", sparse=True))):
+        for p, opt, lookup in ((ours, opt_ours, bag_sum), (ref, opt_ref, embedding_bag)):
             opt.zero_grad()
-            (lookup(p, ids, offsets) * upstream).sum().backward()
+            (lookup(p, ids, offsets, None, psw) * upstream).sum().backward()
             opt.step()
     assert torch.equal(ours.detach(), ref.detach())
 
@@ -95,17 +107,21 @@ def test_falls_back_to_embedding_bag_without_kernels_or_grad(monkeypatch) -> Non
     assert w.grad._nnz() == ids.numel()  # EmbeddingBag's own gradient: one row per id
 
 
-@pytest.mark.parametrize(("encoder", "grouped"), [("masked_bag", {"pretrained", "oov", "bigram"}),
-                                                 ("bag", {"oov", "bigram"})])
-def test_the_data_thread_groups_the_ids_of_every_trainable_lookup(tiny_config, encoder, grouped) -> None:
-    cfg = load_config(tiny_config("run", model={"encoder": encoder}, embeddings={"ngram_buckets": 64}),
+@pytest.mark.parametrize(("encoder", "wide", "grouped"), [
+    ("masked_bag", "", {"pretrained", "oov", "bigram"}),
+    ("bag", "", {"oov", "bigram"}),
+    ("masked_bag", "words,bigrams", {"pretrained", "oov", "bigram", "wide_word", "wide_bigram"}),
+])
+def test_the_data_thread_groups_the_ids_of_every_trainable_lookup(tiny_config, encoder, wide, grouped) -> None:
+    cfg = load_config(tiny_config("run", model={"encoder": encoder, "wide": wide}, embeddings={"ngram_buckets": 64}),
                       ["--train.threads", "1"])
     trainer = Trainer(cfg, DistInfo(0, 0, 1, torch.device("cpu"), "none"))
     trainer.build()
     _, batch, _ = trainer._make_batch(0)
     assert set(batch.groups) == grouped
     for name, (distinct, inverse) in batch.groups.items():
-        assert torch.equal(distinct[inverse], batch.tables[name][0])
+        ids = batch.weighted[name][0] if name.startswith("wide_") else batch.tables[name][0]
+        assert torch.equal(distinct[inverse], ids)
         assert bool((distinct[1:] > distinct[:-1]).all())
     # the model gives the same logits whether the data thread grouped the ids or the forward does
     with torch.no_grad():
