@@ -177,9 +177,9 @@ def main() -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-scaling-"))
     work.mkdir(parents=True, exist_ok=True)
     # What produced the figures, so a results file can be read without the command line that made it
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    report: dict = {"cpus": os.cpu_count(), "commit": commit or None, "steps": args.steps, "repeat": args.repeat,
-                    "train_args": args.train_args}
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    report: dict = {"cpus": os.cpu_count(), "commit": commit or None, "args": vars(args)}
     if not args.skip_throughput:
         by_batch = {b: throughput(args, work, b) for b in args.batch_sizes}
         report["throughput"] = by_batch[args.batch_sizes[0]]

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
-from trainer.distributed import init_distributed  # noqa: E402
+from trainer.distributed import exit_process, init_distributed  # noqa: E402
 from trainer.optim import unwrap  # noqa: E402
 from trainer.sharding import sync_sparse_grads  # noqa: E402
 from trainer.trainer import Trainer  # noqa: E402
@@ -85,4 +85,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # under torchrun: no interpreter finalisation after a gloo group (see there)

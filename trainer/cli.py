@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 
 USAGE = """python -m trainer COMMAND ...
 
@@ -178,7 +179,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """`python -m trainer` and the `trainer` console script: main(), then `distributed.exit_process` (a process
-    that joined a gloo group must not finalise the interpreter; see there)."""
+    that joined a gloo group must not finalise the interpreter; see there), also when main() raised: the exit
+    status Python would have given (SystemExit's code; 1 with the traceback printed for anything else)."""
     from trainer.distributed import exit_process
 
-    exit_process(main())
+    try:
+        code = main()
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code
+        else:  # SystemExit("message"): Python prints it and exits 1
+            sys.stderr.write(f"{e.code}\n")
+            code = 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = 130  # what a shell reports for a process ended by SIGINT
+    except BaseException:  # noqa: BLE001 - reported as Python would, then the same exit path
+        traceback.print_exc()
+        code = 1
+    exit_process(code)

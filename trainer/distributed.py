@@ -140,12 +140,12 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def exit_process(code: int) -> None:
+def exit_process(code: int | None) -> None:
     """End the process with `code`; after a process group, without the interpreter's finalisation.
 
     Why: gloo's worker threads destroy each finished collective's work, and with it the tensors it held, a moment
     after the caller's `wait()` returned; that needs the GIL. A rank whose last collective was its last work (for
-    example the export's all_gather) reached interpreter finalisation first in 4 of 10 row_wise runs here, and a
+    example the export's all_gather) reached interpreter finalisation first in 6 of 22 row_wise runs here, and a
     worker thread asking for the GIL then aborted the process ("terminate called without an active exception",
     SIGABRT, core dump: `ProcessGroupGloo::runLoop` -> `~AsyncAllgatherWork` -> `THPVariable_dealloc` ->
     `take_gil` -> `pthread_exit`), so a finished run exited -6 and torchrun reported a failure (and would restart
@@ -153,6 +153,7 @@ def exit_process(code: int) -> None:
     the group is never freed and its threads never joined. Here the atexit handlers run and the standard streams
     and logs are flushed while the interpreter is whole, then the process ends without finalising it. Every file
     of a run is closed explicitly before this point (loggers, checkpoints, eval files)."""
+    code = 0 if code is None else code
     if not _joined_process_group:
         sys.exit(code)
     atexit._run_exitfuncs()

@@ -90,10 +90,13 @@ class MetricsLogger(NullLogger):
             self._writer.flush()
 
     def close(self) -> None:
-        self.flush()
-        self.jsonl.close()
+        """Flush and close both files; again is a no-op (run_training closes whatever way training ended)."""
+        if not self.jsonl.closed:
+            self.jsonl.close()
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
+            self.tensorboard = False  # a late log must not open a second event file
 
 
 class StepTimer:

@@ -504,7 +504,13 @@ class Trainer:
 
 def run_training(cfg: Config) -> dict:
     info = init_distributed(cfg.train.device, cfg.dist.timeout_s, cfg.dist.pin_cores)
+    trainer = None
     try:
-        return Trainer(cfg, info).fit()
+        trainer = Trainer(cfg, info)
+        return trainer.fit()
     finally:
+        # however training ended (a non-finite loss, an error, a signal): the processes of a group end without
+        # the interpreter's finalisation (distributed.exit_process), so nothing may be left to a destructor
+        if getattr(trainer, "logger", None) is not None:  # made by build(), which may not have run
+            trainer.logger.close()
         shutdown_distributed()

@@ -1,7 +1,7 @@
 """`distributed.exit_process`: how `python -m trainer` ends, so that gloo's worker threads cannot abort a finished run.
 
 The abort itself is a race (a gloo thread frees a finished collective's tensors, which needs the GIL, while the
-interpreter is finalising; 4 of 10 two-process row_wise runs here before the fix), so these tests check what
+interpreter is finalising; 6 of 22 two-process row_wise runs here before the fix), so these tests check what
 removes it: after a process group, the atexit handlers run and the streams are flushed while the interpreter is
 whole, and finalisation, where the abort happened, never starts.
 """
@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,3 +60,85 @@ def test_python_dash_m_trainer_and_the_console_script_end_through_it():
     proc = subprocess.run([sys.executable, "-m", "trainer", "no-such-command"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "commands:" in proc.stderr
+
+
+RUN_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import trainer.cli as cli
+    import trainer.distributed as d
+
+    class Finalised:
+        def __del__(self, write=os.write):
+            write(2, b"finalised\\\\n")
+
+    keep = Finalised()
+    d._joined_process_group = True
+
+    def main():
+        {body}
+
+    cli.main = main
+    cli.run()
+    """
+)
+
+
+@pytest.mark.parametrize(("body", "code", "stderr"), [
+    ("return 0", 0, ""),
+    ("return None", 0, ""),
+    ("return 2", 2, ""),
+    ("raise RuntimeError('gloo: connection closed by peer')", 1, "RuntimeError: gloo: connection closed by peer"),
+    ("raise SystemExit(130)", 130, ""),
+    ("raise SystemExit('bad flag')", 1, "bad flag"),
+    ("raise KeyboardInterrupt", 130, "KeyboardInterrupt"),
+])
+def test_run_ends_through_exit_process_whatever_main_does(body, code, stderr):
+    """An error or a second signal after the group was joined is when gloo's threads are most likely busy: those
+    exits must skip finalisation too, with the status Python would have given."""
+    proc = subprocess.run([sys.executable, "-c", RUN_SCRIPT.format(body=body)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert stderr in proc.stderr
+    assert "finalised" not in proc.stderr
+
+
+def test_joining_a_group_marks_the_process(monkeypatch):
+    import torch.distributed as dist
+
+    from trainer import distributed
+
+    monkeypatch.setattr(distributed, "_joined_process_group", False)
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # as if joined: no rendezvous in a unit test
+    distributed.init_distributed("cpu")
+    assert distributed._joined_process_group
+
+
+def test_run_training_closes_the_logger_however_fit_ends(tiny_config, monkeypatch):
+    """exit_process skips finalisation, so TensorBoard's queued events must be written by an explicit close, also
+    when training fails."""
+    from trainer import metrics
+    from trainer import trainer as trainer_module
+    from trainer.config import load_config
+
+    closed = []
+    original_close = metrics.MetricsLogger.close
+
+    def recording_close(self):
+        closed.append(self.jsonl.closed)
+        original_close(self)
+
+    def failing_fit(self):
+        self.build()
+        self.logger.scalars({"loss/train": 1.0}, 1)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(metrics.MetricsLogger, "close", recording_close)
+    monkeypatch.setattr(trainer_module.Trainer, "fit", failing_fit)
+    cfg = load_config(tiny_config("run"), ["--train.threads", "1"])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer_module.run_training(cfg)
+    assert closed == [False]  # closed once, by run_training
