@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer import kernels
 from trainer.vocab import Tokenizer, Vocabulary, bigram_buckets, char_ngram_buckets, stable_hash64
 
 
@@ -281,9 +282,31 @@ def collate(docs: EncodedDocs, rows: np.ndarray, num_pretrained: int, token_leve
     )
 
 
+if kernels.numba is not None:
+
+    @kernels.numba.njit(cache=kernels._CACHE, nogil=True)
+    def _document_frequency_kernel(ids, offsets, rows):
+        """One pass over the documents: an id counts for a document the first time it is seen there (`last`
+        holds the last document each id was counted for)."""
+        df = np.zeros(rows, np.int64)
+        last = np.full(rows, -1, np.int64)
+        for d in range(offsets.shape[0] - 1):
+            for k in range(offsets[d], offsets[d + 1]):
+                i = ids[k]
+                if i >= 0 and last[i] != d:
+                    last[i] = d
+                    df[i] += 1
+        return df
+
+
 def _document_frequency(ids: np.ndarray, offsets: np.ndarray, rows: int) -> np.ndarray:
-    """For every row id, the number of documents (CSR `offsets`) it occurs in; negative ids (unknown words) skipped."""
+    """For every row id, the number of documents (CSR `offsets`) it occurs in; negative ids (unknown words) skipped.
+    The numba kernel takes 0.05 s for the demo's 20M char n-gram ids, where the numpy sort below took 1.5 s."""
     ids = np.asarray(ids, dtype=np.int64)
+    if kernels.numba is not None:
+        if len(ids) and int(ids.max()) >= rows:
+            raise ValueError(f"_document_frequency: id {int(ids.max())} outside a table of {rows} rows")
+        return _document_frequency_kernel(ids, np.asarray(offsets, dtype=np.int64), rows)
     doc = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(np.asarray(offsets)))
     known = ids >= 0
     # distinct (document, id) pairs by sort, not np.unique: numpy 2.4's hash-based unique took 34 s on the demo's

@@ -441,3 +441,25 @@ def test_auto_sharding_and_gradient_sync_consider_only_what_they_act_on():
     assert len(tables.replicated_weights()) == len(tables.bags) == 6  # oov, bigram, char and the 3 wide
     assert needs_sparse_grad_sync(tables, two)
     assert not needs_sparse_grad_sync(tables, DistInfo(0, 0, 1, torch.device("cpu"), "gloo"))
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_document_frequency_counts_each_document_once(use_kernel, monkeypatch):
+    """The numba pass and the numpy sort it replaced (kept for machines without numba) agree with a plain count:
+    repeats inside a document count once, negative ids (unknown words) and empty documents count nothing."""
+    from trainer import features
+
+    if use_kernel and features.kernels.numba is None:
+        pytest.skip("numba not installed")
+    if not use_kernel:
+        monkeypatch.setattr(features.kernels, "numba", None)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(-1, 40, 3000)
+    offsets = np.sort(np.concatenate(([0, 3000, 3000, 0], rng.integers(0, 3001, 60))))  # empty documents too
+    df = features._document_frequency(ids, offsets, 40)
+    expected = np.zeros(40, dtype=np.int64)
+    for d in range(len(offsets) - 1):
+        for i in set(ids[offsets[d]:offsets[d + 1]].tolist()) - {-1}:
+            expected[i] += 1
+    assert np.array_equal(df, expected)
+    assert np.array_equal(features._document_frequency(ids[:0], np.zeros(1, dtype=np.int64), 40), np.zeros(40))
