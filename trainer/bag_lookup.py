@@ -32,28 +32,18 @@ if kernels.numba is not None:
     from numba import njit
 
     @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
-    def _sum_rows(grad_out, offsets, inverse, out):
-        """out[inverse[k]] += grad_out[segment of id k], for ids in their original order, out zeroed first."""
+    def _sum_rows(grad_out, offsets, inverse, weights, out):
+        """out[inverse[k]] += weights[k] * grad_out[segment of id k], for ids in their original order, out zeroed
+        first; `weights` empty: unweighted (a weight of 1, exact in float32, so the same sums bit for bit)."""
         out[:] = np.float32(0.0)
         n, segments = inverse.shape[0], offsets.shape[0]
+        weighted = weights.shape[0] > 0
         for s in range(segments):
             end = offsets[s + 1] if s + 1 < segments else n
             src = grad_out[s]
             for k in range(offsets[s], end):
                 dst = out[inverse[k]]
-                for j in range(dst.shape[0]):
-                    dst[j] += src[j]
-
-    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
-    def _sum_weighted_rows(grad_out, offsets, inverse, weights, out):
-        """out[inverse[k]] += weights[k] * grad_out[segment of id k]: `_sum_rows` with per-sample weights."""
-        out[:] = np.float32(0.0)
-        n, segments = inverse.shape[0], offsets.shape[0]
-        for s in range(segments):
-            end = offsets[s + 1] if s + 1 < segments else n
-            src = grad_out[s]
-            for k in range(offsets[s], end):
-                dst, w = out[inverse[k]], weights[k]
+                w = weights[k] if weighted else np.float32(1.0)
                 for j in range(dst.shape[0]):
                     dst[j] += w * src[j]
 
@@ -142,11 +132,9 @@ class _GroupedBagSum(torch.autograd.Function):
         rows, dim = ctx.table_shape
         values = torch.empty(distinct.numel(), dim)
         if distinct.numel():
-            args = (grad_out.contiguous().float().numpy(), offsets.contiguous().numpy(), inverse.numpy())
-            if per_sample_weights is None:
-                _sum_rows(*args, values.numpy())
-            else:
-                _sum_weighted_rows(*args, per_sample_weights.contiguous().numpy(), values.numpy())
+            weights = torch.empty(0) if per_sample_weights is None else per_sample_weights.contiguous()
+            _sum_rows(grad_out.contiguous().float().numpy(), offsets.contiguous().numpy(), inverse.numpy(),
+                      weights.numpy(), values.numpy())
         grad = torch.sparse_coo_tensor(distinct.unsqueeze(0), values, (rows, dim), is_coalesced=True,
                                        check_invariants=False)
         return grad, None, None, None, None
