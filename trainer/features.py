@@ -301,7 +301,8 @@ if kernels.numba is not None:
 
 def _document_frequency(ids: np.ndarray, offsets: np.ndarray, rows: int) -> np.ndarray:
     """For every row id, the number of documents (CSR `offsets`) it occurs in; negative ids (unknown words) skipped.
-    The numba kernel takes 0.05 s for the demo's 20M char n-gram ids, where the numpy sort below took 1.5 s."""
+    The numba kernel: 0.15 s for 20M random ids of 1M rows in 47,668 documents (the size of the demo's char n-grams),
+    where the numpy sort below takes 1.7 s."""
     ids = np.asarray(ids, dtype=np.int64)
     if kernels.numba is not None:
         if len(ids) and int(ids.max()) >= rows:
