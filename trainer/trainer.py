@@ -462,8 +462,9 @@ class Trainer:
         self.logger.scalars(values, step)
         # the same curve against tokens seen (x = tokens), for comparing runs with different batch sizes
         self.logger.tb_scalars({"loss_vs_tokens/train": values["loss/train"]}, tokens_seen)
-        log.info("step %d/%d loss %.4f (max over ranks %.4f) %s", step, self.total_steps, values["loss/train"],
-                 values["loss/train_max_rank"],
+        # the max over ranks only where there is more than one rank (alone it repeats the loss)
+        spread = f" (max over ranks {values['loss/train_max_rank']:.4f})" if info.world_size > 1 else ""
+        log.info("step %d/%d loss %.4f%s %s", step, self.total_steps, values["loss/train"], spread,
                  f"{values['throughput/tokens_per_s']:,.0f} tokens/s" if "throughput/tokens_per_s" in values else "")
 
     def _evaluate(self, split: str, step: int) -> dict:
