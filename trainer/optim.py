@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from trainer import eager_optim
 from trainer.config import OptimConfig
 from trainer.sparse_optim import build_sparse_optimizer, init_optimizer_state, optimizer_state_tensors
 
@@ -92,9 +93,9 @@ class OptimizerContainer:
         if named["dense"]:
             params = [p for _, p in named["dense"]]
             if cfg.dense == "adamw":
-                self.optimizers["dense"] = torch.optim.AdamW(params, lr=cfg.dense_lr, weight_decay=cfg.weight_decay)
+                self.optimizers["dense"] = eager_optim.AdamW(params, lr=cfg.dense_lr, weight_decay=cfg.weight_decay)
             else:
-                self.optimizers["dense"] = torch.optim.SGD(
+                self.optimizers["dense"] = eager_optim.SGD(
                     params, lr=cfg.dense_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
                 )
         if named["sparse"]:

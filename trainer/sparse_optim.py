@@ -23,7 +23,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from trainer import kernels
+from trainer import eager_optim, kernels
+from trainer.eager_optim import EagerOptimizer
 
 SPARSE_OPTIMIZERS = ("sparse_adam", "sgd", "adagrad", "rowwise_adagrad")
 
@@ -110,7 +111,7 @@ def _run_closure(closure: Callable[[], float] | None) -> float | None:
         return closure()
 
 
-class RowWiseAdagrad(torch.optim.Optimizer):
+class RowWiseAdagrad(EagerOptimizer, torch.optim.Optimizer):
     """FBGEMM-style row-wise Adagrad: state is ONE float32 per row (`sum`, shape (rows,)), accumulated with the mean over the
     embedding dim of the squared (coalesced) row gradient; update row -= lr * g / (sqrt(sum_row) + eps). Accepts sparse and dense grads.
     weight_decay (L2 added to the touched rows' gradient) optional, default 0.
@@ -202,7 +203,7 @@ class RowWiseAdagrad(torch.optim.Optimizer):
         table.index_add_(0, rows, torch.div(g, std.unsqueeze(1), out=tmp), alpha=-lr)
 
 
-class FastSparseAdam(torch.optim.Optimizer):
+class FastSparseAdam(EagerOptimizer, torch.optim.Optimizer):
     """torch.optim.SparseAdam's math (masked Adam; one per-parameter step for the bias correction, counted even
     when the gradient is empty), with the workspace and row-indexed state access described in the module docstring.
 
@@ -309,7 +310,7 @@ class FastSparseAdam(torch.optim.Optimizer):
         table.index_add_(0, add_rows, numer.div_(denom).mul_(-step_size))
 
 
-class SparseSGD(torch.optim.SGD):
+class SparseSGD(eager_optim.SGD):
     """torch's SGD whose plain sparse steps (no momentum, no weight decay) run the fused row kernel.
 
     Same state and state_dict as torch.optim.SGD; anything the kernel does not cover goes to torch's step.
@@ -361,7 +362,7 @@ def build_sparse_optimizer(
             )
         return SparseSGD(params, lr=lr, **kw)
     if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, **kw)
+        return eager_optim.Adagrad(params, lr=lr, **kw)
     return RowWiseAdagrad(params, lr=lr, **kw)
 
 
