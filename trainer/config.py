@@ -54,9 +54,14 @@ class DataConfig:
     max_tokens_per_doc: int = 20000
     # Folder for cached token ids; empty means RUN_DIR/cache.
     cache_dir: str = ""
+    # Processes that tokenize and hash while the data cache is built (forked by rank 0, which builds it while the
+    # other ranks wait; any count gives the same cache): 0 means one per core this process may run on (a pinned
+    # rank has one), at most 16; 1 keeps the work in this process.
+    workers: int = 0
 
     def __post_init__(self) -> None:
         _check(self.max_tokens_per_doc > 0, "data.max_tokens_per_doc", f"must be > 0, got {self.max_tokens_per_doc}")
+        _check(self.workers >= 0, "data.workers", f"must be >= 0, got {self.workers}")
         _check(self.tokenizer_version in (1, 2), "data.tokenizer_version", f"must be 1 or 2, got {self.tokenizer_version}")
         try:  # here, not at tokenizing time: a config error before any file is read, on every rank
             re.compile(self.token_pattern)

@@ -21,6 +21,7 @@ from trainer.config import Config
 from trainer.distributed import DistInfo, barrier, broadcast_object
 from trainer.embeddings import pretrained_scale
 from trainer.features import EncodedDocs, Featurizer, tokenize
+from trainer.parallel import resolve_workers
 from trainer.tabular import DataError, TextTable, read_table
 from trainer.vectors import PretrainedVectors
 from trainer.vocab import Tokenizer, Vocabulary, build_vocabulary, coverage
@@ -53,6 +54,7 @@ def make_featurizer(cfg: Config, vocab: Vocabulary) -> Featurizer:
         char_minn=e.char_minn,
         char_maxn=e.char_maxn,
         max_tokens=cfg.data.max_tokens_per_doc,
+        workers=resolve_workers(cfg.data.workers),
     )
 
 
@@ -146,7 +148,8 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
     train = _read(cfg.data.train, cfg)
     log.info("read %s: %d documents (%d empty skipped)", train.source, len(train.texts), train.num_skipped_empty)
     tokenizer = Tokenizer(cfg.data.token_pattern, cfg.data.lowercase, cfg.data.tokenizer_version)
-    tokenized_train = tokenize(train.texts, tokenizer, cfg.data.max_tokens_per_doc)  # once: counts and encoding
+    # once: counts and encoding
+    tokenized_train = tokenize(train.texts, tokenizer, cfg.data.max_tokens_per_doc, resolve_workers(cfg.data.workers))
     counts = tokenized_train.word_counts()
     e = cfg.embeddings
     vocab = build_vocabulary(

@@ -1,0 +1,130 @@
+"""trainer.parallel and the forked tokenizing / hashing it drives: any worker count gives the one-process result,
+array for array, and the data cache built with workers is the cache built without."""
+
+import functools
+import random
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import trainer.features as features
+from trainer import parallel
+from trainer.config import ConfigError, DataConfig, load_config
+from trainer.data import _build_cache
+from trainer.features import Featurizer, tokenize
+from trainer.vocab import Tokenizer, Vocabulary
+
+WORDS = ["the", "cat", "zork", "blip", "dog", "naïve", "café", "it's", "x1", "über", "ox", "gnu", "yak"]
+
+
+def random_texts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    # new words keep appearing late, so chunks see types that earlier chunks never did
+    return [" ".join(rng.choice(WORDS) + (str(rng.randrange(n)) if rng.random() < 0.2 else "")
+                     for _ in range(rng.randrange(0, 12))) for _ in range(n)]
+
+
+@pytest.fixture
+def small_shares(monkeypatch):
+    """Let tiny inputs fork: a few documents or words per worker."""
+    monkeypatch.setattr(features, "TOKENIZE_MIN_DOCS_PER_WORKER", 5)
+    monkeypatch.setattr(features, "HASH_MIN_WORDS_PER_WORKER", 5)
+    monkeypatch.setattr(features, "CHARS_MIN_WORDS_PER_WORKER", 5)
+
+
+def _chunk_sum(chunk):
+    return sum(chunk)
+
+
+def _first_or_fail(chunk):
+    if 13 in chunk:
+        raise ValueError("bad chunk holding 13")
+    return chunk[0]
+
+
+def test_chunked_map_gives_contiguous_chunks_in_order():
+    items = list(range(100))
+    parts = parallel.chunked_map(list, items, workers=4, min_per_worker=10)
+    assert len(parts) == 4
+    assert [x for part in parts for x in part] == items
+    assert parallel.chunked_map(_chunk_sum, items, workers=3, min_per_worker=1) == [528, 1617, 2805]  # 0..32, 33..65, 66..99
+
+
+def test_chunked_map_stays_in_process_for_small_inputs_one_worker_or_no_fork(monkeypatch):
+    items = list(range(10))
+    assert parallel.chunked_map(list, items, workers=4, min_per_worker=6) == [items]
+    assert parallel.chunked_map(list, items, workers=1, min_per_worker=1) == [items]
+    monkeypatch.setattr(parallel, "can_fork", lambda: False)
+    assert parallel.chunked_map(list, items, workers=4, min_per_worker=1) == [items]
+
+
+def test_chunked_map_raises_a_workers_error_and_leaves_no_shared_input():
+    with pytest.raises(ValueError, match="bad chunk holding 13"):
+        parallel.chunked_map(_first_or_fail, list(range(40)), workers=4, min_per_worker=1)
+    assert parallel._SHARED is None
+
+
+def test_resolve_workers_follows_the_affinity_mask(monkeypatch):
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert parallel.resolve_workers(0) == 1  # a rank pinned to one core tokenizes alone
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert parallel.resolve_workers(0) == parallel.MAX_AUTO_WORKERS
+    assert parallel.resolve_workers(3) == 3
+
+
+@pytest.mark.parametrize("workers", [2, 3, 7])
+def test_tokenize_with_workers_is_the_one_process_result(small_shares, workers):
+    texts = random_texts(400)
+    tokenizer = Tokenizer(DataConfig().token_pattern, True)
+    one = tokenize(texts, tokenizer, 9)
+    many = tokenize(texts, tokenizer, 9, workers)
+    assert many.type_words == one.type_words
+    assert np.array_equal(many.types, one.types) and many.types.dtype == one.types.dtype
+    assert np.array_equal(many.doc_lengths, one.doc_lengths)
+
+
+def test_encode_with_workers_is_the_one_process_result(small_shares):
+    texts = random_texts(300, seed=1)
+    vocab = Vocabulary(words=WORDS[:6], num_pretrained=3, pretrained_rows=np.array([4, 0, 2]),
+                       counts=np.arange(6, 0, -1), labels=["a", "b"])
+    labels = ["a", "b", "c"] * 100
+
+    def encode(workers: int):
+        f = Featurizer(Tokenizer(DataConfig().token_pattern, True), vocab, 101, 53, 2, 4, 50, workers=workers)
+        return f.encode(texts, labels)
+
+    one, many = encode(1), encode(3)
+    for f in fields(one):
+        a, b = getattr(one, f.name), getattr(many, f.name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), f.name
+    assert len(one.char_ids) and len(one.bigram_ids)  # the hashing paths ran
+
+
+def test_data_cache_is_the_same_with_and_without_workers(small_shares, tmp_path: Path):
+    rng = random.Random(2)
+    for split, n in (("train", 200), ("valid", 40)):
+        rows = [f'"{t}",{rng.choice("ab")}' for t in random_texts(n, seed=n) if t]
+        (tmp_path / f"{split}.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    base = ["--data.train", str(tmp_path / "train.csv"), "--data.valid", str(tmp_path / "valid.csv"),
+            "--embeddings.ngram_buckets", "97", "--embeddings.char_ngrams", "89", "--embeddings.min_freq", "1"]
+    for workers in ("1", "3"):
+        _build_cache(load_config(None, [*base, "--data.workers", workers]), None, tmp_path / f"cache{workers}")
+    one, three = sorted((tmp_path / "cache1").rglob("*")), sorted((tmp_path / "cache3").rglob("*"))
+    assert [p.relative_to(tmp_path / "cache1") for p in one] == [p.relative_to(tmp_path / "cache3") for p in three]
+    for a, b in zip(one, three, strict=True):
+        if a.is_file():
+            assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_workers_must_not_be_negative():
+    with pytest.raises(ConfigError, match="data.workers"):
+        DataConfig(workers=-1)
+
+
+def test_partial_of_a_module_function_reaches_the_workers(small_shares):
+    # what tokenize sends: a functools.partial holding the tokenizer (a compiled pattern) must pickle
+    fn = functools.partial(features._tokenize_chunk, tokenizer=Tokenizer(r"\w+", False), max_tokens=3)
+    parts = parallel.chunked_map(fn, ["a b c d", "e f", "g", "h i"] * 5, workers=2, min_per_worker=1)
+    assert [p.doc_lengths.tolist() for p in parts] == [[3, 2, 1, 2] * 2 + [3, 2], [1, 2] + [3, 2, 1, 2] * 2]
