@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer import kernels
+from trainer import blake2b, kernels
 from trainer.parallel import chunked_map
 from trainer.vocab import Tokenizer, Vocabulary, bigram_buckets, char_ngram_buckets, stable_hash64
 
@@ -126,12 +126,29 @@ def _tokenize_chunk(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int)
     return TokenizedDocs(np.asarray(flat_types, dtype=np.int64), list(type_index), doc_lengths)
 
 
+def word_hashes(words: list[str], workers: int) -> np.ndarray:
+    """`stable_hash64` of every word (uint64): numba's BLAKE2b where numba is, else hashlib in forked chunks."""
+    if blake2b.available:
+        return blake2b.hash_strings(words)
+    return np.concatenate(chunked_map(_word_hashes, words, workers, HASH_MIN_WORDS_PER_WORKER))
+
+
+def char_bucket_runs(words: list[str], minn: int, maxn: int, num_buckets: int,
+                     workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every word's char n-gram buckets (`char_ngram_buckets`), concatenated, and how many each word has."""
+    if blake2b.available:
+        hashes, counts = blake2b.char_gram_hashes(words, minn, maxn)
+        return (hashes % np.uint64(num_buckets)).astype(np.int64), counts
+    runs = chunked_map(partial(_char_bucket_runs, minn=minn, maxn=maxn, num_buckets=num_buckets), words, workers,
+                       CHARS_MIN_WORDS_PER_WORKER)
+    return np.concatenate([ids for ids, _ in runs]), np.concatenate([counts for _, counts in runs])
+
+
 def _word_hashes(words: Sequence[str]) -> np.ndarray:
     return np.array([stable_hash64(w) for w in words], dtype=np.uint64)
 
 
 def _char_bucket_runs(words: Sequence[str], minn: int, maxn: int, num_buckets: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every word's char n-gram buckets, concatenated, and how many each word has."""
     per_word = [char_ngram_buckets(w, minn, maxn, num_buckets) for w in words]
     counts = np.array([len(a) for a in per_word], dtype=np.int64)
     return (np.concatenate(per_word).astype(np.int64, copy=False) if per_word else np.zeros(0, np.int64)), counts
@@ -170,8 +187,7 @@ class Featurizer:
         np.cumsum(doc_lengths, out=doc_offsets[1:])
 
         if self.ngram_buckets:
-            type_hash = np.concatenate(
-                chunked_map(_word_hashes, type_words, self.workers, HASH_MIN_WORDS_PER_WORKER))
+            type_hash = word_hashes(type_words, self.workers)
             pair_ids = bigram_buckets(type_hash[types], self.ngram_buckets)
             # pair i joins tokens i and i+1; drop pairs that straddle two documents
             pair_valid = np.ones(len(pair_ids), dtype=bool)
@@ -192,11 +208,8 @@ class Featurizer:
         token_ids = token_word[keep]
 
         if self.char_buckets:
-            runs = chunked_map(partial(_char_bucket_runs, minn=self.char_minn, maxn=self.char_maxn,
-                                       num_buckets=self.char_buckets),
-                               type_words, self.workers, CHARS_MIN_WORDS_PER_WORKER)
-            type_char_ids = np.concatenate([ids for ids, _ in runs])
-            type_char_counts = np.concatenate([counts for _, counts in runs])
+            type_char_ids, type_char_counts = char_bucket_runs(type_words, self.char_minn, self.char_maxn,
+                                                               self.char_buckets, self.workers)
             type_char_offsets = np.zeros(len(type_words) + 1, dtype=np.int64)
             np.cumsum(type_char_counts, out=type_char_offsets[1:])
             char_ids, char_token_counts = _gather_csr(type_char_offsets, type_char_ids, types[keep])
