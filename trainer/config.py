@@ -55,8 +55,9 @@ class DataConfig:
     # Folder for cached token ids; empty means RUN_DIR/cache.
     cache_dir: str = ""
     # Processes that tokenize and hash while the data cache is built (forked by rank 0, which builds it while the
-    # other ranks wait; any count gives the same cache): 0 means one per core this process may run on (a pinned
-    # rank has one), at most 16; 1 keeps the work in this process.
+    # other ranks wait; Linux only; any count gives the same cache): 0 means one per core this process may use (its
+    # affinity mask, e.g. a pinned rank's block, capped by its cgroup's CPU quota), at most 16; 1 keeps the work in
+    # this process.
     workers: int = 0
 
     def __post_init__(self) -> None:

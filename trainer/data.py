@@ -44,7 +44,9 @@ class DataBundle:
     init_std: float
 
 
-def make_featurizer(cfg: Config, vocab: Vocabulary) -> Featurizer:
+def make_featurizer(cfg: Config, vocab: Vocabulary, workers: int = 1) -> Featurizer:
+    """`workers` > 1 forks tokenizing processes (trainer.parallel): the data cache build only, not inference,
+    which may run inside any host process."""
     e = cfg.embeddings
     return Featurizer(
         Tokenizer(cfg.data.token_pattern, cfg.data.lowercase, cfg.data.tokenizer_version),
@@ -54,7 +56,7 @@ def make_featurizer(cfg: Config, vocab: Vocabulary) -> Featurizer:
         char_minn=e.char_minn,
         char_maxn=e.char_maxn,
         max_tokens=cfg.data.max_tokens_per_doc,
-        workers=resolve_workers(cfg.data.workers),
+        workers=workers,
     )
 
 
@@ -172,7 +174,7 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
         init_std = pretrained_scale(pretrained.take(np.sort(vocab.pretrained_rows[frequent])))
         if not e.full_pretrained:
             np.save(tmp / "frozen.npy", pretrained.take(vocab.pretrained_rows))
-    featurizer = make_featurizer(cfg, vocab)
+    featurizer = make_featurizer(cfg, vocab, resolve_workers(cfg.data.workers))
     stats = {"train_docs": len(train.texts), "train_skipped_empty": train.num_skipped_empty,
              "train_tokens": int(sum(counts.values()))}
     featurizer.encode_tokenized(tokenized_train, train.labels).save(tmp / "train")

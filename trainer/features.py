@@ -91,6 +91,9 @@ class TokenizedDocs:
 TOKENIZE_MIN_DOCS_PER_WORKER = 10_000
 HASH_MIN_WORDS_PER_WORKER = 200_000
 CHARS_MIN_WORDS_PER_WORKER = 20_000
+# Fewer strings than this are hashed by hashlib (~0.7 us each): numba's first kernel call in a process costs
+# ~0.4 s (a training run pays it anyway; `trainer predict` on a few lines need not).
+BLAKE2B_MIN_STRINGS = 100_000
 
 
 def tokenize(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int, workers: int = 1) -> TokenizedDocs:
@@ -127,8 +130,9 @@ def _tokenize_chunk(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int)
 
 
 def word_hashes(words: list[str], workers: int) -> np.ndarray:
-    """`stable_hash64` of every word (uint64): numba's BLAKE2b where numba is, else hashlib in forked chunks."""
-    if blake2b.available:
+    """`stable_hash64` of every word (uint64): numba's BLAKE2b for many words, else hashlib (in forked chunks
+    when there are very many)."""
+    if blake2b.available and len(words) >= BLAKE2B_MIN_STRINGS:
         return blake2b.hash_strings(words)
     return np.concatenate(chunked_map(_word_hashes, words, workers, HASH_MIN_WORDS_PER_WORKER))
 
@@ -136,7 +140,7 @@ def word_hashes(words: list[str], workers: int) -> np.ndarray:
 def char_bucket_runs(words: list[str], minn: int, maxn: int, num_buckets: int,
                      workers: int) -> tuple[np.ndarray, np.ndarray]:
     """Every word's char n-gram buckets (`char_ngram_buckets`), concatenated, and how many each word has."""
-    if blake2b.available:
+    if blake2b.available and len(words) * max(1, maxn - minn + 1) * 4 >= BLAKE2B_MIN_STRINGS:  # ~grams
         hashes, counts = blake2b.char_gram_hashes(words, minn, maxn)
         return (hashes % np.uint64(num_buckets)).astype(np.int64), counts
     runs = chunked_map(partial(_char_bucket_runs, minn=minn, maxn=maxn, num_buckets=num_buckets), words, workers,
