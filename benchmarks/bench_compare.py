@@ -98,9 +98,13 @@ def run_measured(cmd: list[str], log_stem: Path, timeout_s: float) -> dict:
     """Run one child to completion; wall time and the child's own peak RSS from wait4; its last stdout JSON line.
 
     stdout/stderr go to files (no pipes to drain), so the child is reaped with os.wait4, whose rusage belongs to
-    that child alone (getrusage(RUSAGE_CHILDREN) would be the maximum over every child so far).
+    that child alone (getrusage(RUSAGE_CHILDREN) would be the maximum over every child so far). Linux starts a
+    child's ru_maxrss at the resident size of the process it was spawned from (exec keeps the old image's peak),
+    so this process must stay small: `rss_floor_gb` records its peak at the spawn, and the report flags rows
+    whose figure does not rise above it.
     """
     out_path, err_path = log_stem.with_suffix(".out"), log_stem.with_suffix(".err")
+    floor_gb = own_peak_rss_gb()
     with open(out_path, "w") as out, open(err_path, "w") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, env=child_env())
@@ -121,7 +125,17 @@ def run_measured(cmd: list[str], log_stem: Path, timeout_s: float) -> dict:
     result = json.loads(lines[-1])
     result["wall_s"] = wall_s
     result["peak_rss_gb"] = usage.ru_maxrss / 2**20  # KiB on Linux
+    result["rss_floor_gb"] = floor_gb
     return result
+
+
+def own_peak_rss_gb() -> float:
+    """This process's peak resident size (VmHWM), the floor of every child's ru_maxrss; 0 off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 2**20
+    except (OSError, StopIteration):
+        return 0.0
 
 
 def ours_metrics(run_dir: Path) -> dict:
@@ -183,10 +197,12 @@ def write_fasttext_vec(ctx: Context) -> Path:
         return vec
     text = VECTORS_WORK / "glove.6B.50d.txt"
     if not text.exists():
-        from bench_vectors import write_glove_text
-
+        # in a child process: converting the table took this process's resident memory to 0.8 GiB, and every
+        # later child's ru_maxrss starts at this process's resident size (see run_measured)
         VECTORS_WORK.mkdir(parents=True, exist_ok=True)
-        write_glove_text(text)
+        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from bench_vectors import "
+                        "write_glove_text; write_glove_text(Path(sys.argv[1]))", str(text)],
+                       cwd=BENCH, env=child_env(), check=True)
     with open(text, "rb") as f:
         dim = len(f.readline().split()) - 1
         f.seek(0)

@@ -226,6 +226,10 @@ def render_markdown(report: dict) -> str:
             f"| {fmt(figure(runs, 'train_seconds'), '.1f')} | {fmt(figure(runs, 'tokens_per_s'), ',.0f')} "
             f"| {fmt(figure(runs, 'peak_rss_gb'), '.2f')} |"
         )
+    floor = max((r.get("rss_floor_gb", 0.0) for system in report["systems"] for r in system["runs"]), default=0.0)
+    if floor > 0.1:  # a child's ru_maxrss starts at the benchmark process's own size (run_measured)
+        out += ["", f"Peak RSS figures at or below {floor:.2f} GiB are this benchmark process's own size, not the "
+                    "system's: it grew before spawning them."]
     out += [
         "",
         "Whole process: process start to exit. Ours: fresh data cache each run (tokenizing included), GloVe from the "
