@@ -72,8 +72,10 @@ def resolve_workers(workers: int) -> int:
 
 def can_fork() -> bool:
     """Linux only: macOS has fork, but forking a process that has used its system frameworks is unsafe (why
-    Python's default there is spawn)."""
-    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+    Python's default there is spawn). Not from a daemonic multiprocessing process (a launcher's or a Pool's
+    worker): multiprocessing refuses to give it children."""
+    return (sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+            and not multiprocessing.current_process().daemon)
 
 
 def _share(items: Sequence) -> None:

@@ -3,6 +3,7 @@ array for array, and the data cache built with workers is the cache built withou
 
 import functools
 import logging
+import multiprocessing
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -131,6 +132,22 @@ def test_cgroup_quota_is_read_from_v2_and_v1_files(tmp_path):
     assert parallel._cgroup_cpu_limit(tmp_path) is None
     (tmp_path / "cpu.max").write_text("400000 100000\n")
     assert parallel._cgroup_cpu_limit(tmp_path) == 4.0
+
+
+def _map_in_a_daemon(queue):
+    queue.put(parallel.chunked_map(_pid, list(range(30)), workers=3, min_per_worker=1) == [os.getpid()])
+
+
+def test_a_daemonic_process_maps_in_process():
+    # multiprocessing refuses children to a daemonic process ("daemonic processes are not allowed to have
+    # children"): the trainer run inside one (a launcher's worker) must not fail on its data cache
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_map_in_a_daemon, args=(queue,), daemon=True)
+    proc.start()
+    assert queue.get(timeout=60) is True
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
 
 
 def test_no_fork_off_linux(monkeypatch):
