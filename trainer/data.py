@@ -150,8 +150,8 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
     train = _read(cfg.data.train, cfg)
     log.info("read %s: %d documents (%d empty skipped)", train.source, len(train.texts), train.num_skipped_empty)
     tokenizer = Tokenizer(cfg.data.token_pattern, cfg.data.lowercase, cfg.data.tokenizer_version)
-    # once: counts and encoding
-    tokenized_train = tokenize(train.texts, tokenizer, cfg.data.max_tokens_per_doc, resolve_workers(cfg.data.workers))
+    workers = resolve_workers(cfg.data.workers)
+    tokenized_train = tokenize(train.texts, tokenizer, cfg.data.max_tokens_per_doc, workers)  # once: counts, encoding
     counts = tokenized_train.word_counts()
     e = cfg.embeddings
     vocab = build_vocabulary(
@@ -174,7 +174,7 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
         init_std = pretrained_scale(pretrained.take(np.sort(vocab.pretrained_rows[frequent])))
         if not e.full_pretrained:
             np.save(tmp / "frozen.npy", pretrained.take(vocab.pretrained_rows))
-    featurizer = make_featurizer(cfg, vocab, resolve_workers(cfg.data.workers))
+    featurizer = make_featurizer(cfg, vocab, workers)
     stats = {"train_docs": len(train.texts), "train_skipped_empty": train.num_skipped_empty,
              "train_tokens": int(sum(counts.values()))}
     featurizer.encode_tokenized(tokenized_train, train.labels).save(tmp / "train")

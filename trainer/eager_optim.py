@@ -5,12 +5,12 @@ Why: torch 2.x wraps `Optimizer.add_param_group` and `zero_grad` in `torch._disa
 Adam(W), SGD and Adagrad in `_use_grad_for_differentiable`; the first call of either imports `torch._dynamo`
 (and with it sympy, the FX tracer and FSDP's modules): 0.9-1.3 s on these machines, measured with
 `python -X importtime`, about a tenth of the demo's whole process (`trainer train --config configs/demo.toml`).
-The wrappers only matter when an optimizer step is traced by
-torch.compile, which this trainer never does. The classes here call the same functions unwrapped (their
-`__wrapped__`, set by `functools.wraps`), with autograd off as the wrappers set it, so their arithmetic is
-torch's, op for op (tests/unit/test_eager_optim.py compares them with torch's classes step by step). Where a
-torch version has no `__wrapped__` the wrapped function is called: slower to start, same results. Under torchrun
-DDP's constructor imports torch._dynamo anyway.
+The wrappers only matter when an optimizer step is traced by torch.compile, which this trainer never does. The
+classes here call the same functions under every `functools.wraps` layer (`inspect.unwrap`), with the autograd
+mode the wrappers set (off unless the optimizer is `differentiable`), so their arithmetic is torch's, op for op
+(tests/unit/test_eager_optim.py compares them with torch's classes step by step). Where a torch version wraps
+without `functools.wraps`, the wrapped function is called: slower to start, same results. Under torchrun DDP's
+constructor imports torch._dynamo anyway.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 
 from trainer import eager_optim, kernels
-from trainer.eager_optim import EagerOptimizer
 
 SPARSE_OPTIMIZERS = ("sparse_adam", "sgd", "adagrad", "rowwise_adagrad")
 
@@ -111,7 +110,7 @@ def _run_closure(closure: Callable[[], float] | None) -> float | None:
         return closure()
 
 
-class RowWiseAdagrad(EagerOptimizer, torch.optim.Optimizer):
+class RowWiseAdagrad(eager_optim.EagerOptimizer, torch.optim.Optimizer):
     """FBGEMM-style row-wise Adagrad: state is ONE float32 per row (`sum`, shape (rows,)), accumulated with the mean over the
     embedding dim of the squared (coalesced) row gradient; update row -= lr * g / (sqrt(sum_row) + eps). Accepts sparse and dense grads.
     weight_decay (L2 added to the touched rows' gradient) optional, default 0.
@@ -203,7 +202,7 @@ class RowWiseAdagrad(EagerOptimizer, torch.optim.Optimizer):
         table.index_add_(0, rows, torch.div(g, std.unsqueeze(1), out=tmp), alpha=-lr)
 
 
-class FastSparseAdam(EagerOptimizer, torch.optim.Optimizer):
+class FastSparseAdam(eager_optim.EagerOptimizer, torch.optim.Optimizer):
     """torch.optim.SparseAdam's math (masked Adam; one per-parameter step for the bias correction, counted even
     when the gradient is empty), with the workspace and row-indexed state access described in the module docstring.
 
