@@ -106,7 +106,10 @@ def init_rows_(weight: torch.Tensor, spec: TableSpec, generator: torch.Generator
     """Initialise rows [row_start, row_start + len(weight)) of a table deterministically.
 
     Rows are drawn in fixed-size blocks from a generator seeded per (table, block), so a row's initial value does
-    not depend on how the table is sharded across ranks: replicated and row-wise runs start identical."""
+    not depend on how the table is sharded across ranks: replicated and row-wise runs start identical. Blocks are
+    drawn straight into the table (`normal_(0, std)` gives the same numbers as `randn() * std`) by up to
+    `torch.get_num_threads()` threads, which torch lets run without the GIL: a 1M x 50 table took 0.55 s through a
+    temporary per block, 0.13 s this way on 2 cores."""
     with torch.no_grad():
         if spec.init == "zeros":
             weight.zero_()
@@ -118,11 +121,26 @@ def init_rows_(weight: torch.Tensor, spec: TableSpec, generator: torch.Generator
             name_salt = sum(ord(c) * 131**i for i, c in enumerate(spec.name)) % (1 << 31)
             end = row_start + weight.shape[0]
             first_block, last_block = row_start // block, (end - 1) // block if end > row_start else -1
-            for b in range(first_block, last_block + 1):
+
+            def fill(b: int) -> None:
                 g = torch.Generator().manual_seed((seed * 1_000_003 + name_salt * 7919 + b) % (1 << 63))
-                values = torch.randn(block, spec.dim, generator=g) * spec.init_std
                 lo, hi = max(b * block, row_start), min((b + 1) * block, end)
-                weight[lo - row_start : hi - row_start] = values[lo - b * block : hi - b * block]
+                if (lo, hi) == (b * block, (b + 1) * block) and weight.device.type == "cpu":
+                    weight[lo - row_start : hi - row_start].normal_(0.0, spec.init_std, generator=g)
+                else:  # a partial block (the table's or the shard's edge): draw it whole, keep the rows inside
+                    values = torch.empty(block, spec.dim).normal_(0.0, spec.init_std, generator=g).to(weight.device)
+                    weight[lo - row_start : hi - row_start] = values[lo - b * block : hi - b * block]
+
+            blocks = range(first_block, last_block + 1)
+            threads = min(torch.get_num_threads(), len(blocks))
+            if threads > 1 and weight.device.type == "cpu":
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(threads, thread_name_prefix="init-rows") as pool:
+                    list(pool.map(fill, blocks))  # list(): re-raises a block's error here
+            else:
+                for b in blocks:
+                    fill(b)
         else:
             raise ValueError(f"table {spec.name}: init {spec.init!r} needs rows supplied")
 

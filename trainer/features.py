@@ -229,13 +229,13 @@ class Featurizer:
         if labels is not None:
             label_ids = np.array([self.vocab.label_index.get(str(y), -1) for y in labels], dtype=np.int64)
         return EncodedDocs(
-            token_ids=token_ids.astype(np.int64),
+            token_ids=token_ids.astype(np.int64, copy=False),
             token_offsets=token_offsets,
             raw_tokens=doc_lengths,
-            bigram_ids=bigram_ids.astype(np.int64),
+            bigram_ids=bigram_ids.astype(np.int64, copy=False),
             bigram_offsets=bigram_offsets,
-            char_ids=char_ids.astype(np.int64),
-            char_token_counts=char_token_counts.astype(np.int64),
+            char_ids=char_ids.astype(np.int64, copy=False),
+            char_token_counts=char_token_counts.astype(np.int64, copy=False),
             char_offsets=char_offsets,
             labels=label_ids,
         )

@@ -207,10 +207,9 @@ def build_vocabulary(
     so its first block still holds 75% of the tokens. Full pretrained tables keep the source file's order, whose
     rows are looked up in place.)"""
     pretrained_index = pretrained_index or {}
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    eligible = [(w, c) for w, c in ranked if w in pretrained_index or c >= min_freq]
-    if max_vocab:
-        eligible = eligible[:max_vocab]
+    eligible = [(w, c) for w, c in counts.items() if w in pretrained_index or c >= min_freq]
+    if max_vocab:  # rank only to cut: ids are ordered by hash below, whatever the order here
+        eligible = sorted(eligible, key=lambda kv: (-kv[1], kv[0]))[:max_vocab]
     if full_pretrained_rows:
         inv = [""] * full_pretrained_rows
         for w, r in pretrained_index.items():

@@ -278,6 +278,30 @@ def test_output_layer_starts_at_zero():
     assert torch.equal(model(batch), torch.zeros(1, 3))
 
 
+def test_init_rows_matches_per_block_randn_at_any_thread_count():
+    """The in-place, threaded draw gives the rows the per-block `randn() * std` recipe gives (the recipe checkpoints
+    and row-wise shards were made with), whole blocks and partial edge blocks alike, at 1 and 2 threads."""
+    spec = build_table_specs(num_pretrained=0, num_oov=200_000, dim=3, ngram_buckets=0, char_buckets=0,
+                             masked=False, pretrained_trainable=False, init_std=0.3)[1]
+    seed, block, start, rows = 7, 65536, 60_000, 140_000  # a partial first block, two whole ones, a partial last
+    salt = sum(ord(c) * 131**i for i, c in enumerate(spec.name)) % (1 << 31)
+    expected = torch.empty(rows, 3)
+    for b in range(start // block, (start + rows - 1) // block + 1):
+        g = torch.Generator().manual_seed((seed * 1_000_003 + salt * 7919 + b) % (1 << 63))
+        values = torch.randn(block, 3, generator=g) * 0.3
+        lo, hi = max(b * block, start), min((b + 1) * block, start + rows)
+        expected[lo - start : hi - start] = values[lo - b * block : hi - b * block]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = torch.full((rows, 3), float("nan"))
+            init_rows_(got, spec, torch.Generator().manual_seed(seed), row_start=start)
+            assert torch.equal(got, expected), threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_init_rows_independent_of_sharding():
     """A row's initial value does not depend on which slice of the table is initialised."""
     spec = build_table_specs(
