@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer import blake2b, kernels
+from trainer import blake2b, fast_tokenize, kernels
 from trainer.parallel import chunked_map
 from trainer.vocab import Tokenizer, Vocabulary, bigram_buckets, char_ngram_buckets, stable_hash64
 
@@ -99,7 +99,11 @@ BLAKE2B_MIN_STRINGS = 100_000
 def tokenize(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int, workers: int = 1) -> TokenizedDocs:
     """`texts` as runs of word-type indices, types numbered in order of first appearance. `workers` > 1 tokenizes
     contiguous chunks in forked processes (trainer.parallel) and renumbers their types in chunk order, which is
-    the order of first appearance over all texts: the result is the one-process result, array for array."""
+    the order of first appearance over all texts: the result is the one-process result, array for array. The
+    default pattern over much text (or once numba is loaded) runs in numba instead, in this process, with the same
+    result (trainer.fast_tokenize)."""
+    if fast_tokenize.applies(tokenizer, max_tokens, sum(map(len, texts))):
+        return fast_tokenize.tokenize_default_pattern(texts, tokenizer, max_tokens)
     parts = chunked_map(partial(_tokenize_chunk, tokenizer=tokenizer, max_tokens=max_tokens), texts, workers,
                         TOKENIZE_MIN_DOCS_PER_WORKER)
     if len(parts) == 1:
