@@ -9,6 +9,7 @@ import datetime
 import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -141,21 +142,29 @@ def shutdown_distributed() -> None:
 
 
 def exit_process(code: int | None) -> None:
-    """End the process with `code`; after a process group, without the interpreter's finalisation.
+    """End the process with `code`, without the interpreter's finalisation: non-daemon threads are joined, the
+    atexit handlers run and the standard streams and logs are flushed while the interpreter is whole, then the
+    process ends. Every file of a run is closed explicitly before this point (loggers, checkpoints, eval files).
 
-    Why: gloo's worker threads destroy each finished collective's work, and with it the tensors it held, a moment
-    after the caller's `wait()` returned; that needs the GIL. A rank whose last collective was its last work (for
-    example the export's all_gather) reached interpreter finalisation first in 6 of 22 row_wise runs here, and a
-    worker thread asking for the GIL then aborted the process ("terminate called without an active exception",
-    SIGABRT, core dump: `ProcessGroupGloo::runLoop` -> `~AsyncAllgatherWork` -> `THPVariable_dealloc` ->
-    `take_gil` -> `pthread_exit`), so a finished run exited -6 and torchrun reported a failure (and would restart
-    it). `destroy_process_group` does not stop those threads: DDP keeps a reference to the group (torch 2.13), so
-    the group is never freed and its threads never joined. Here the atexit handlers run and the standard streams
-    and logs are flushed while the interpreter is whole, then the process ends without finalising it. Every file
-    of a run is closed explicitly before this point (loggers, checkpoints, eval files)."""
+    Why, after a process group: gloo's worker threads destroy each finished collective's work, and with it the
+    tensors it held, a moment after the caller's `wait()` returned; that needs the GIL. A rank whose last
+    collective was its last work (for example the export's all_gather) reached interpreter finalisation first in 6
+    of 22 row_wise runs here, and a worker thread asking for the GIL then aborted the process ("terminate called
+    without an active exception", SIGABRT, core dump: `ProcessGroupGloo::runLoop` -> `~AsyncAllgatherWork` ->
+    `THPVariable_dealloc` -> `take_gil` -> `pthread_exit`), so a finished run exited -6 and torchrun reported a
+    failure (and would restart it). `destroy_process_group` does not stop those threads: DDP keeps a reference to
+    the group (torch 2.13), so the group is never freed and its threads never joined.
+
+    Why, in one process: finalising tears down torch's and numba's modules, 0.37 s after `import torch` alone
+    and 0.7 s after a demo run here, with nothing left to save; `TRAINER_FINALIZE=1` keeps it (for tools that
+    report at finalisation) where no process group was joined."""
     code = 0 if code is None else code
-    if not _joined_process_group:
+    if not _joined_process_group and os.environ.get("TRAINER_FINALIZE") == "1":
         sys.exit(code)
+    main = threading.main_thread()
+    for thread in threading.enumerate():  # what finalisation would wait for first
+        if thread is not main and not thread.daemon and thread is not threading.current_thread():
+            thread.join()
     atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

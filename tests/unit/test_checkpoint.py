@@ -434,6 +434,34 @@ def test_a_model_exported_before_tokenizer_versions_keeps_tokenizer_1(quick_conf
     assert LoadedModel(model).cfg.data.tokenizer_version == 1
 
 
+def test_a_truncated_or_missing_model_file_is_refused_with_its_size(quick_config):
+    """weights.pt is written without zip CRCs (torch.load never checks them); the sizes model.json records catch a
+    truncated copy instead. A model exported before the sizes existed still loads."""
+    import json
+    import shutil
+
+    from trainer.export import LoadedModel
+
+    path = quick_config("sizes")
+    make_trainer(path).fit()
+    model = Path(tomllib.loads(path.read_text())["run"]["dir"]) / "model"
+    good = model.with_name("good")
+    shutil.copytree(model, good)
+    LoadedModel(model)
+    weights = (model / "weights.pt").read_bytes()
+    (model / "weights.pt").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match=rf"weights.pt: {len(weights) // 2:,} bytes, the export wrote {len(weights):,}"):
+        LoadedModel(model)
+    (model / "frozen.npy").unlink()
+    (model / "weights.pt").write_bytes(weights)
+    with pytest.raises(ValueError, match="frozen.npy: missing"):
+        LoadedModel(model)
+    meta = json.loads((good / "model.json").read_text())
+    del meta["file_bytes"]
+    (good / "model.json").write_text(json.dumps(meta))
+    assert LoadedModel(good).meta["labels"]
+
+
 def test_run_files_are_utf8_whatever_the_locale(tmp_path):
     """Labels and the token pattern are not ASCII; under a non-UTF-8 locale the vocabulary and exported config
     were written in the locale's encoding (or failed to be)."""
