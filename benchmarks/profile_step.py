@@ -12,6 +12,7 @@ routes), run inline here; in training it overlaps the previous step.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -41,6 +42,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--no-profiler", action="store_true", help="phase wall times only (the profiler adds ~30%%)")
     args, rest = p.parse_known_args()
     cfg = load_config(args.config, rest + ["--run.dir", str(Path("/tmp") / "profile-step-run"),
                                            "--metrics.tensorboard", "false", "--metrics.progress", "false"])
@@ -71,16 +73,18 @@ def main() -> int:
     for i in range(args.warmup):
         one_step(i)
     phases = dict.fromkeys(phases, 0.0)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+    with (contextlib.nullcontext() if args.no_profiler else
+          profile(activities=[ProfilerActivity.CPU], record_shapes=False)) as prof:
         for i in range(args.steps):
             one_step(args.warmup + i)
     tokens = np.mean([trainer.data.train.raw_tokens[b].sum() for b in batches[: args.steps]])
     total = sum(phases.values())
     print(f"threads {torch.get_num_threads()}, {args.steps} steps, {total / args.steps * 1000:.1f} ms/step "
-          f"(profiler on), ~{tokens * args.steps / total:,.0f} tokens/s")
+          f"(profiler {'off' if args.no_profiler else 'on'}), ~{tokens * args.steps / total:,.0f} tokens/s")
     for k, v in phases.items():
         print(f"  {k:<10} {v / args.steps * 1000:8.1f} ms  {100 * v / total:5.1f}%")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    if prof is not None:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     return 0
 
 
