@@ -161,10 +161,11 @@ def exit_process(code: int | None) -> None:
     code = 0 if code is None else code
     if not _joined_process_group and os.environ.get("TRAINER_FINALIZE") == "1":
         sys.exit(code)
-    main = threading.main_thread()
-    for thread in threading.enumerate():  # what finalisation would wait for first
-        if thread is not main and not thread.daemon and thread is not threading.current_thread():
-            thread.join()
+    if not _joined_process_group and threading.current_thread() is threading.main_thread():
+        # what finalisation does first: the threading atexit hooks (they stop idle concurrent.futures workers),
+        # then a join of every non-daemon thread. Not after a process group: a rank with a stuck thread must end
+        # (and let torchrun restart the group), as it did before this path existed.
+        threading._shutdown()
     atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

@@ -122,18 +122,22 @@ def init_rows_(weight: torch.Tensor, spec: TableSpec, generator: torch.Generator
             end = row_start + weight.shape[0]
             first_block, last_block = row_start // block, (end - 1) // block if end > row_start else -1
 
+            # detached: the pool's threads do not inherit this thread's no_grad (grad mode is thread-local), and
+            # in-place writes into a Parameter's rows (row_wise.py passes one) are refused with grad mode on
+            rows = weight.detach()
+
             def fill(b: int) -> None:
                 g = torch.Generator().manual_seed((seed * 1_000_003 + name_salt * 7919 + b) % (1 << 63))
                 lo, hi = max(b * block, row_start), min((b + 1) * block, end)
-                if (lo, hi) == (b * block, (b + 1) * block) and weight.device.type == "cpu":
-                    weight[lo - row_start : hi - row_start].normal_(0.0, spec.init_std, generator=g)
+                if (lo, hi) == (b * block, (b + 1) * block) and rows.device.type == "cpu":
+                    rows[lo - row_start : hi - row_start].normal_(0.0, spec.init_std, generator=g)
                 else:  # a partial block (the table's or the shard's edge): draw it whole, keep the rows inside
-                    values = torch.empty(block, spec.dim).normal_(0.0, spec.init_std, generator=g).to(weight.device)
-                    weight[lo - row_start : hi - row_start] = values[lo - b * block : hi - b * block]
+                    values = torch.empty(block, spec.dim).normal_(0.0, spec.init_std, generator=g).to(rows.device)
+                    rows[lo - row_start : hi - row_start] = values[lo - b * block : hi - b * block]
 
             blocks = range(first_block, last_block + 1)
             threads = min(torch.get_num_threads(), len(blocks))
-            if threads > 1 and weight.device.type == "cpu":
+            if threads > 1 and rows.device.type == "cpu":
                 from concurrent.futures import ThreadPoolExecutor
 
                 with ThreadPoolExecutor(threads, thread_name_prefix="init-rows") as pool:

@@ -33,15 +33,19 @@ def _dense_module(model: TextClassifier) -> nn.Module:
 def _save_without_crc(obj: dict, path: Path) -> None:
     """torch.save without the zip entries' CRC32s. Why: they cost 0.15-0.25 s of the demo's 210 MB export, and
     torch.load never checks them (a flipped byte loads silently, tried on torch 2.13); model.json's file sizes
-    catch the usual damage, a truncated file."""
-    from torch.utils.serialization import config
+    catch the usual damage, a truncated file. Zip tools (`unzip -t`, Python's zipfile) report the zero CRCs as
+    errors. A torch without the switch (it is recent) saves with CRCs as before."""
+    from torch import serialization
 
-    before = config.save.compute_crc32
-    config.save.compute_crc32 = False
+    if not hasattr(serialization, "set_crc32_options"):
+        torch.save(obj, path)
+        return
+    before = serialization.get_crc32_options()
+    serialization.set_crc32_options(False)
     try:
         torch.save(obj, path)
     finally:
-        config.save.compute_crc32 = before
+        serialization.set_crc32_options(before)
 
 
 def export_model(folder: Path, model: TextClassifier, vocab: Vocabulary, frozen: torch.Tensor, cfg: Config,

@@ -11,16 +11,22 @@ the Python tokenizer (NFC normalisation, Unicode word characters) and join the s
 
 `tokenize_default_pattern` returns exactly what `features._tokenize_chunk` returns for the same input, array
 for array (tests/unit/test_fast_tokenize.py compares them on random and real text); `features.tokenize` uses it
-for large inputs, or once numba is loaded anyway.
+for large inputs, and for any input once it has run in the process (numba is loaded then). The non-ASCII
+documents go through Python's `re` in forked workers (`data.workers`) when there are many. Memory: the text is
+held about 3 times over while it runs (the lowercased copies, the joined buffer, 24 bytes per token of spans and
+hashes), about what the Python path's per-token integers take.
 """
 
 from __future__ import annotations
 
+import itertools
+from functools import partial
 from typing import Sequence
 
 import numpy as np
 
 from trainer import kernels
+from trainer.parallel import chunked_map
 from trainer.vocab import DEFAULT_TOKEN_PATTERN, Tokenizer
 
 available = kernels.numba is not None
@@ -171,26 +177,36 @@ if available:
         return types, store[: offsets[num_types]].copy(), offsets[: num_types + 1].copy()
 
 
-def tokenize_default_pattern(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int):
+def _newline_joined_tokens(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int) -> list[str]:
+    # the Python tokenizer (NFC, Unicode word characters); its tokens hold no newline
+    return ["\n".join(tokenizer(text)[:max_tokens]) for text in texts]
+
+
+def tokenize_default_pattern(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int, workers: int = 1):
     """`features._tokenize_chunk(texts, tokenizer, max_tokens)`, computed by the kernels above (see the module
-    docstring); needs `applies(...)`."""
-    from trainer.features import TokenizedDocs
+    docstring); needs `applies(...)`. `workers`: processes for the non-ASCII documents (`parallel.chunked_map`)."""
+    from trainer.features import TOKENIZE_MIN_DOCS_PER_WORKER, TokenizedDocs
 
     global _warm
     num_docs = len(texts)
     parts = list(texts)
     separated = np.zeros(num_docs, dtype=np.bool_)
     num_bytes = np.empty(num_docs, dtype=np.int64)
+    others = []
     for d, text in enumerate(parts):
         if text.isascii():
             if tokenizer.lowercase:
                 parts[d] = text.lower()  # ASCII in, ASCII out, the same length
             num_bytes[d] = len(text)
         else:
-            # the Python tokenizer (NFC, Unicode word characters); its tokens hold no newline
-            parts[d] = "\n".join(tokenizer(text)[:max_tokens])
+            others.append(d)
+    if others:
+        chunks = chunked_map(partial(_newline_joined_tokens, tokenizer=tokenizer, max_tokens=max_tokens),
+                             [texts[d] for d in others], workers, TOKENIZE_MIN_DOCS_PER_WORKER)
+        for d, joined in zip(others, itertools.chain.from_iterable(chunks), strict=True):
+            parts[d] = joined
             separated[d] = True
-            num_bytes[d] = len(parts[d].encode("utf-8", "surrogatepass"))
+            num_bytes[d] = len(joined.encode("utf-8", "surrogatepass"))
     # "\n" is no word character: no token spans two documents
     buf = np.frombuffer("\n".join(parts).encode("utf-8", "surrogatepass"), dtype=np.uint8)
     doc_starts = np.zeros(num_docs, dtype=np.int64)

@@ -100,10 +100,10 @@ def tokenize(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int, worker
     """`texts` as runs of word-type indices, types numbered in order of first appearance. `workers` > 1 tokenizes
     contiguous chunks in forked processes (trainer.parallel) and renumbers their types in chunk order, which is
     the order of first appearance over all texts: the result is the one-process result, array for array. The
-    default pattern over much text (or once numba is loaded) runs in numba instead, in this process, with the same
-    result (trainer.fast_tokenize)."""
+    default pattern over much text (or any text once that has run in the process) runs in numba instead, with the
+    same result (trainer.fast_tokenize); its non-ASCII documents still use `workers`."""
     if fast_tokenize.applies(tokenizer, max_tokens, sum(map(len, texts))):
-        return fast_tokenize.tokenize_default_pattern(texts, tokenizer, max_tokens)
+        return fast_tokenize.tokenize_default_pattern(texts, tokenizer, max_tokens, workers)
     parts = chunked_map(partial(_tokenize_chunk, tokenizer=tokenizer, max_tokens=max_tokens), texts, workers,
                         TOKENIZE_MIN_DOCS_PER_WORKER)
     if len(parts) == 1:

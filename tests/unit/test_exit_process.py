@@ -19,6 +19,7 @@ SCRIPT = textwrap.dedent(
     """
     import atexit, os, sys
     import trainer.distributed as d
+    {prelude}
 
     class Finalised:
         def __del__(self, write=os.write):  # bound now: module globals are gone when finalisation frees it
@@ -36,7 +37,7 @@ SCRIPT = textwrap.dedent(
 def run(joined: bool, env: dict | None = None, prelude: str = "") -> subprocess.CompletedProcess:
     import os
 
-    script = prelude + SCRIPT.format(joined=joined)
+    script = SCRIPT.format(joined=joined, prelude=prelude)
     return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "TRAINER_FINALIZE": "", **(env or {})})
 
@@ -65,22 +66,39 @@ def test_one_process_skips_finalisation_too_unless_asked_to_finalise():
     assert proc.returncode == 3 and "finalised" not in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("joined", [False, True])
-def test_non_daemon_threads_finish_first(joined):
+SLOW_WRITER = textwrap.dedent(
+    """
+    import threading, time
+    from concurrent.futures import ThreadPoolExecutor
+    def slow_writer():
+        time.sleep(0.5)
+        os.write(2, b"writer done\\n")
+    threading.Thread(target=slow_writer).start()
+    leaked = ThreadPoolExecutor(1)  # never shut down: its idle worker must not make the exit hang
+    leaked.submit(int).result()
+    """
+)
+STUCK = textwrap.dedent(
+    """
+    import threading
+    threading.Thread(target=threading.Event().wait).start()  # non-daemon, never ends
+    """
+)
+
+
+def test_non_daemon_threads_finish_first():
     """As finalisation would: a thread still writing (a checkpoint, say) is waited for, not cut off."""
-    prelude = textwrap.dedent(
-        """
-        import threading, time, os as _os
-        def slow_writer():
-            time.sleep(0.5)
-            _os.write(2, b"writer done\\n")
-        threading.Thread(target=slow_writer).start()
-        """
-    )
-    proc = run(joined=joined, prelude=prelude)
+    proc = run(joined=False, prelude=SLOW_WRITER)
     assert proc.returncode == 3, proc.stderr
     assert "writer done" in proc.stderr
     assert proc.stderr.index("writer done") < proc.stderr.index("atexit ran")
+
+
+def test_after_a_process_group_a_stuck_thread_does_not_hold_the_rank():
+    """A rank must end (and let torchrun restart the group) even if one of its threads never would."""
+    proc = run(joined=True, prelude=STUCK)
+    assert proc.returncode == 3, proc.stderr
+    assert "atexit ran" in proc.stderr
 
 
 def test_python_dash_m_trainer_and_the_console_script_end_through_it():

@@ -79,3 +79,18 @@ def test_tokenize_takes_the_kernel_for_large_input_and_keeps_its_result(monkeypa
     assert not fast_tokenize.applies(custom, 20000, 10**9)  # another pattern: Python's re
     tokenize(texts, custom, 20000)
     assert calls == [1, 1]
+
+
+def test_non_ascii_documents_go_through_forked_workers_with_the_same_result(monkeypatch):
+    rng = random.Random(1)
+    texts = [" ".join(rng.choices(["naïve", "Ünïcode", "plain", "it's", "été", "x"], k=30)) for _ in range(400)]
+    tokenizer = Tokenizer(DEFAULT_TOKEN_PATTERN, True)
+    monkeypatch.setattr(features, "TOKENIZE_MIN_DOCS_PER_WORKER", 50)
+    expected = _tokenize_chunk(texts, tokenizer, 20000)
+    calls = []
+    real = fast_tokenize.chunked_map
+    monkeypatch.setattr(fast_tokenize, "chunked_map", lambda *a: calls.append(a[2:]) or real(*a))
+    got = fast_tokenize.tokenize_default_pattern(texts, tokenizer, 20000, workers=2)
+    assert calls == [(2, 50)]
+    assert got.type_words == expected.type_words and np.array_equal(got.types, expected.types)
+    assert np.array_equal(got.doc_lengths, expected.doc_lengths)

@@ -298,6 +298,10 @@ def test_init_rows_matches_per_block_randn_at_any_thread_count():
             got = torch.full((rows, 3), float("nan"))
             init_rows_(got, spec, torch.Generator().manual_seed(seed), row_start=start)
             assert torch.equal(got, expected), threads
+            # a Parameter, as row_wise.py passes: the pool's threads write its rows without grad mode errors
+            param = torch.nn.Parameter(torch.full((rows, 3), float("nan")))
+            init_rows_(param, spec, torch.Generator().manual_seed(seed), row_start=start)
+            assert torch.equal(param.detach(), expected) and param.requires_grad, threads
     finally:
         torch.set_num_threads(before)
 
