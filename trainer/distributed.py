@@ -165,13 +165,7 @@ def exit_process(code: int | None) -> None:
         # what finalisation does first: the threading atexit hooks (they stop idle concurrent.futures workers),
         # then a join of every non-daemon thread. Not after a process group: a rank with a stuck thread must end
         # (and let torchrun restart the group), as it did before this path existed.
-        shutdown = getattr(threading, "_shutdown", None)  # CPython's own (3.11-3.13); a plain join elsewhere
-        if shutdown is not None:
-            shutdown()
-        else:
-            for thread in threading.enumerate():
-                if thread is not threading.main_thread() and not thread.daemon:
-                    thread.join()
+        threading._shutdown()
     atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
