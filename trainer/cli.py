@@ -32,7 +32,8 @@ def _setup_logging() -> None:
 
 
 _USER_ERRORS = {"trainer.checkpoint": "ResumeError", "trainer.config": "ConfigError",
-                "trainer.debian": "DebianListsMissing", "trainer.tabular": "DataError",
+                "trainer.debian": "DebianListsMissing", "trainer.export": "ModelFolderError",
+                "trainer.tabular": "DataError",
                 "trainer.trainer": "TrainingStopped", "trainer.vectors_text": "VectorFileError"}
 
 

@@ -25,6 +25,11 @@ from trainer.vocab import Vocabulary
 log = logging.getLogger(__name__)
 
 
+class ModelFolderError(ValueError):
+    """An exported model folder that cannot be loaded as it is (incomplete, or missing a table's weights): the CLI
+    prints the message on one line."""
+
+
 def _dense_module(model: TextClassifier) -> nn.Module:
     dense = model.dense
     return dense.module if hasattr(dense, "module") else dense
@@ -103,7 +108,7 @@ class LoadedModel:
         for name, size in self.meta.get("file_bytes", {}).items():  # absent in models exported before it existed
             found = (folder / name).stat().st_size if (folder / name).exists() else None
             if found != size:
-                raise ValueError(f"{folder / name}: {'missing' if found is None else f'{found:,} bytes'}, the "
+                raise ModelFolderError(f"{folder / name}: {'missing' if found is None else f'{found:,} bytes'}, the "
                                  f"export wrote {size:,}; the model folder is incomplete (copy it again)")
         self.vocab = Vocabulary.load(folder / "vocab")
         weights = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
@@ -117,7 +122,7 @@ class LoadedModel:
         self.specs = specs
         missing = sorted({s.name for s in specs if s.trainable} - set(tables_w))
         if missing:
-            raise ValueError(f"{folder / 'weights.pt'}: no weights for table(s) {', '.join(missing)}")
+            raise ModelFolderError(f"{folder / 'weights.pt'}: no weights for table(s) {', '.join(missing)}")
         tables = LocalTables(specs, frozen, seed=0, rows=tables_w)
         self.model = TextClassifier(tables, self.cfg.model, self.vocab.num_pretrained, len(self.vocab.labels))
         self.model.dense.load_state_dict({k.removeprefix("dense."): v for k, v in weights.items()

@@ -339,6 +339,17 @@ ERROR_CASES |= {
         Scenario(lambda w: ["eval", "--run", RUN, "--data", w.file("e.jsonl", '{"text": 1}\n')]),
         ["e.jsonl", "no label column 'label'"],
     ),
+    # a model folder copied incompletely: model.json's recorded sizes name the file (_truncate is defined below)
+    "predict-truncated-weights": (
+        Scenario(lambda w: ["predict", "--run", RUN], stdin="goal team\n",
+                 damage=lambda run: _truncate(run / "model" / "weights.pt")),
+        ["weights.pt", "bytes, the export wrote", "the model folder is incomplete"],
+    ),
+    "eval-missing-frozen-rows": (
+        Scenario(lambda w: ["eval", "--run", RUN, "--data", w.data["test"]],
+                 damage=lambda run: (run / "model" / "frozen.npy").unlink()),
+        ["frozen.npy: missing", "the model folder is incomplete"],
+    ),
     "neighbors-unknown-word": (
         Scenario(lambda w: ["neighbors", "--run", RUN, "qqqzzz"]),
         ["'qqqzzz' is not in the vocabulary"],
