@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer import kernels
-from trainer.bag_lookup import bag_sum
+from trainer.bag_lookup import bag_sum, masked_words
 from trainer.kernels import advise_hugepages
 
 TRAINABLE_TABLES = ("oov", "pretrained_delta", "mask", "bigram", "char", "wide_word", "wide_bigram", "wide_char")
@@ -212,6 +212,15 @@ class LocalTables(nn.Module):
         name, as `Batch.groups`. `routes` (`Batch.routes`) are row-wise tables' and do not apply here."""
         groups = groups or {}
         return [self.pooled(name, ids, offsets, groups.get(name)) for name, ids, offsets in requests]
+
+    def masked_words(self, pre_ids: torch.Tensor, oov_ids: torch.Tensor, inverse: torch.Tensor,
+                     segment: torch.Tensor, num_docs: int) -> torch.Tensor | None:
+        """masked_bag's per-document sums of E(w) * M(w) in one fused Function (`bag_lookup.masked_words`, which
+        documents the arguments); None where it does not apply: the model then pools the lookups op by op."""
+        if "mask" not in self.bags:
+            return None
+        return masked_words(self.bags["oov"].weight, self.bags["mask"].weight, self.frozen, pre_ids, oov_ids, inverse,
+                            segment, num_docs)
 
     def replicated_weights(self) -> list[torch.Tensor]:
         """The weights whose sparse gradients ranks average (`sync_sparse_grads`): here every table's."""

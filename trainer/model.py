@@ -89,12 +89,15 @@ class TextClassifier(nn.Module):
         # bf16 autocast for the dense part on CUDA (train.bf16); lookups and pooling stay float32
         self.dense_autocast = False
 
-    def _lookups(self, batch: Batch, word_groups: tuple | None) -> dict[str, torch.Tensor]:
-        """Every table lookup of the step in one `pooled_many` call (row-wise tables fuse its collectives).
+    def _lookups(self, batch: Batch, word_groups: tuple | None, words_fused: bool = False) -> dict[str, torch.Tensor]:
+        """Every table lookup of the step in one `pooled_many` call (row-wise tables fuse its collectives);
+        `words_fused`: without the word and mask lookups, which `tables.masked_words` made.
 
         The list of lookups depends only on the configuration and on `delta_active`, which all ranks agree on, so
         row-wise collectives stay in lock-step."""
         requests, groups = self._planned_requests(batch, word_groups)
+        if words_fused:
+            requests = [r for r in requests if r[0] not in ("pretrained", "oov", "mask")]
         routes = dict(batch.routes)
         if self.tables.has("pretrained_delta"):
             pre_ids, pre_off = requests[0][1:]
@@ -173,17 +176,20 @@ class TextClassifier(nn.Module):
     def embed(self, batch: Batch) -> torch.Tensor:
         """Document vectors (B, D) for bag encoders; token vectors (N, D) for the LSTM."""
         word_groups = self._word_groups(batch) if self.encoder == "masked_bag" else None
-        rows = self._lookups(batch, word_groups)
+        x = None
         if word_groups is not None:
+            (pre_ids, pre_off), (oov_ids, oov_off) = batch.tables["pretrained"], batch.tables["oov"]
+            seg = torch.cat([segment_index(pre_off, pre_ids.shape[0]), segment_index(oov_off, oov_ids.shape[0])])
+            if not self.tables.has("pretrained_delta"):  # the fused sums know no pretrained correction
+                x = self.tables.masked_words(*word_groups, seg, batch.num_docs)
+        rows = self._lookups(batch, word_groups, words_fused=x is not None)
+        if word_groups is None:
+            x = rows["pretrained"] + rows["oov"]
+        elif x is None:
             # E(w) * M(w) once per distinct word, then summed per document through each token's index: the
             # (tokens x dim) block of per-token rows is never made, forward or backward
-            (pre_ids, pre_off), (oov_ids, oov_off) = batch.tables["pretrained"], batch.tables["oov"]
-            *_, inverse = word_groups
-            seg = torch.cat([segment_index(pre_off, pre_ids.shape[0]), segment_index(oov_off, oov_ids.shape[0])])
             words = torch.cat([rows["pretrained"], rows["oov"]]) * rows["mask"]
-            x = gather_pool(words, inverse, seg, batch.num_docs)
-        else:
-            x = rows["pretrained"] + rows["oov"]
+            x = gather_pool(words, word_groups[2], seg, batch.num_docs)
         if self.concat_tables is not None:
             return self._concat(batch, x, rows)
         for name in ("bigram", "char"):

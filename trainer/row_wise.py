@@ -303,6 +303,11 @@ class RowWiseTables(nn.Module):
             raise ValueError(f"table {name} is whole on every rank: it is looked up locally, not routed")
         return plan_route(ids, offsets, self.specs[name].num_rows, self.world_size)
 
+    def masked_words(self, *args) -> None:
+        """No fused word sums here (LocalTables.masked_words): the word, OOV and mask rows come from their owners
+        through `pooled_many`'s collectives, one request per table."""
+        return None
+
     def pooled(self, name: str, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Sum of the rows of each segment, (num_segments, dim). Collective: every rank calls it, same order.
 

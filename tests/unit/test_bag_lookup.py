@@ -144,3 +144,79 @@ def test_gather_pool_equals_index_add_of_gathered_rows(distinct, num_ids, segmen
     (out * upstream).sum().backward()
     (want * upstream).sum().backward()
     torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-6, atol=1e-6)
+
+
+def op_by_op_words(oov, mask, frozen, pre_ids, oov_ids, inverse, segment, num_docs):
+    """The model's word sums before `masked_words`: three lookups, a concatenation, a product and `gather_pool`."""
+    mask_rows = torch.cat([pre_ids, oov_ids + frozen.shape[0]])
+    per_id = [torch.arange(t.numel()) for t in (pre_ids, oov_ids, mask_rows)]
+    with torch.no_grad():
+        pre = F.embedding_bag(pre_ids, frozen, per_id[0], mode="sum") if frozen.shape[0] else torch.zeros(0, 5)
+    rows = torch.cat([pre, bag_sum(oov, oov_ids, per_id[1], (oov_ids, per_id[1]))])
+    return gather_pool(rows * bag_sum(mask, mask_rows, per_id[2], (mask_rows, per_id[2])), inverse, segment, num_docs)
+
+
+@pytest.mark.parametrize(("num_pre", "num_oov", "tokens", "docs"), [
+    (40, 25, 300, 12), (40, 25, 0, 3), (0, 25, 50, 4), (40, 0, 50, 4), (1, 1, 1, 1), (30, 30, 0, 0),
+])
+def test_masked_words_equal_the_op_by_op_sums_and_gradients(num_pre, num_oov, tokens, docs) -> None:
+    from trainer.bag_lookup import masked_words
+
+    gen = torch.Generator().manual_seed(num_pre + tokens)
+    frozen = torch.randn(num_pre, 5, generator=gen)
+    oov0, mask0 = torch.randn(num_oov, 5, generator=gen), torch.rand(num_pre + num_oov, 5, generator=gen) + 0.5
+    pre_tokens = torch.randint(0, max(num_pre, 1), (tokens // 2 if num_pre else 0,), generator=gen)
+    oov_tokens = torch.randint(0, max(num_oov, 1), (tokens - pre_tokens.numel() if num_oov else 0,), generator=gen)
+    (pre_ids, pre_inv), (oov_ids, oov_inv) = group_ids(pre_tokens), group_ids(oov_tokens)
+    inverse = torch.cat([pre_inv, oov_inv + pre_ids.numel()])
+    segment = torch.randint(0, max(docs, 1), (inverse.numel(),), generator=gen) if docs else inverse[:0]
+    ours = [oov0.clone().requires_grad_(True), mask0.clone().requires_grad_(True)]
+    ref = [oov0.clone().requires_grad_(True), mask0.clone().requires_grad_(True)]
+    out = masked_words(*ours, frozen, pre_ids, oov_ids, inverse, segment, docs)
+    want = op_by_op_words(*ref, frozen, pre_ids, oov_ids, inverse, segment, docs)
+    assert out is not None and torch.equal(out, want)
+    upstream = torch.randn(docs, 5, generator=gen)
+    (out * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    for a, b in zip(ours, ref, strict=True):
+        assert a.grad.is_sparse and kernels.rows_are_distinct_sorted(a.grad)
+        assert torch.equal(a.grad.to_dense(), b.grad.to_dense())  # same sums in the same order: bit for bit
+
+
+def test_masked_words_refuse_a_backward_after_the_tables_changed() -> None:
+    from trainer.bag_lookup import masked_words
+
+    oov, mask = torch.randn(4, 3).requires_grad_(True), torch.ones(6, 3).requires_grad_(True)
+    ids = torch.tensor([0, 1])
+    out = masked_words(oov, mask, torch.randn(2, 3), ids, ids, torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1]), 2)
+    with torch.no_grad():
+        mask.add_(1.0)  # an optimizer step between forward and backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    with pytest.raises(ValueError, match="inconsistent lookup"):  # an OOV id past the table: refused, not a crash
+        masked_words(oov, mask, torch.randn(2, 3), ids, torch.tensor([0, 4]), torch.tensor([0, 1, 2, 3]),
+                     torch.tensor([0, 0, 1, 1]), 2)
+
+
+def test_the_fused_word_sums_train_the_same_model_as_the_op_by_op_path(tiny_config, monkeypatch) -> None:
+    """Three training steps of a masked_bag model with and without `LocalTables.masked_words`: same tables."""
+    from trainer.embeddings import LocalTables
+
+    finals = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(LocalTables, "masked_words", lambda self, *args: None)
+        cfg = load_config(tiny_config(f"run{fused}", model={"encoder": "masked_bag"},
+                                      embeddings={"ngram_buckets": 64}, optim={"sparse": "sgd", "sparse_lr": 5.0}),
+                          ["--train.threads", "1", "--train.max_steps", "3", "--checkpoint.enabled", "false"])
+        trainer = Trainer(cfg, DistInfo(0, 0, 1, torch.device("cpu"), "none"))
+        trainer.build()
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.fit()
+        after = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        assert not torch.equal(before["tables.bags.mask.weight"], after["tables.bags.mask.weight"])
+        assert not torch.equal(before["tables.bags.oov.weight"], after["tables.bags.oov.weight"])
+        finals.append(after)
+    assert finals[0].keys() == finals[1].keys()
+    for name in finals[0]:
+        assert torch.equal(finals[0][name], finals[1][name]), name
