@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer import kernels
+from trainer import jit
 
 IV = np.array([0x6A09E667F3BCC908, 0xBB67AE8584CAA73B, 0x3C6EF372FE94F82B, 0xA54FF53A5F1D36F1,
                0x510E527FADE682D1, 0x9B05688C2B3E6C1F, 0x1F83D9ABFB41BD6B, 0x5BE0CD19137E2179], dtype=np.uint64)
@@ -33,16 +33,16 @@ SIGMA = np.array([
 # parameter block word 0 for an 8-byte digest, no key, fanout 1, depth 1
 PARAM0 = np.uint64(0x01010000 ^ 8)
 
-available = kernels.numba is not None
+available = jit.numba is not None
 
 if available:
     from numba import njit
 
-    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False, inline="always")
+    @njit(cache=jit._CACHE, nogil=True, boundscheck=False, inline="always")
     def _rotr(x, n):
         return (x >> np.uint64(n)) | (x << np.uint64(64 - n))
 
-    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False, inline="always")
+    @njit(cache=jit._CACHE, nogil=True, boundscheck=False, inline="always")
     def _g(a, b, c, d, x, y):
         a = a + b + x
         d = _rotr(d ^ a, 32)
@@ -54,7 +54,7 @@ if available:
         b = _rotr(b ^ c, 63)
         return a, b, c, d
 
-    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
+    @njit(cache=jit._CACHE, nogil=True, boundscheck=False)
     def _digest(data, start, stop, iv, sigma, m):
         """BLAKE2b-64 of data[start:stop] (uint8), as the little-endian uint64 of its 8-byte digest. The state
         is held in scalars (registers), not an array: 3x faster."""
@@ -98,7 +98,7 @@ if available:
             if last:
                 return h0
 
-    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
+    @njit(cache=jit._CACHE, nogil=True, boundscheck=False)
     def _hash_strings(data, offsets, iv, sigma):
         n = offsets.shape[0] - 1
         out = np.empty(n, dtype=np.uint64)
@@ -107,7 +107,7 @@ if available:
             out[k] = _digest(data, offsets[k], offsets[k + 1], iv, sigma, m)
         return out
 
-    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
+    @njit(cache=jit._CACHE, nogil=True, boundscheck=False)
     def _char_gram_hashes(data, offsets, minn, maxn, iv, sigma):
         """For each word (UTF-8 bytes data[offsets[k]:offsets[k+1]]), the hashes of its char n-grams as
         `vocab.char_ngrams` lists them: of `<word>`, lengths minn..maxn in characters, by length then position,

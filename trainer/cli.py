@@ -73,9 +73,18 @@ def cmd_train(argv: list[str]) -> int:
         from trainer.config import ConfigError
 
         raise ConfigError("data.train: no training data given (set it in the config or pass --data.train PATH)")
-    from trainer.trainer import run_training  # torch: imported once the configuration is known to be valid
+    from trainer.data_cache import start_background_build
 
-    result = run_training(cfg)
+    # a missing data cache is built by a child process while this one imports torch (data.build_in_background)
+    background_build = start_background_build(cfg)
+    try:
+        # torch: imported once the configuration is known to be valid
+        from trainer.trainer import run_training
+
+        result = run_training(cfg, background_build)
+    finally:
+        if background_build is not None:  # training failed before waiting for it
+            background_build.cancel()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
     return 0
@@ -179,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """`python -m trainer` and the `trainer` console script: main(), then `distributed.exit_process` (a process
+    """`python -m trainer` and the `trainer` console script: main(), then `process_exit.end_process` (a process
     that joined a gloo group must not finalise the interpreter; see there), also when main() raised: the exit
     status Python would have given (SystemExit's code; 1 with the traceback printed for anything else)."""
-    from trainer.distributed import exit_process
+    from trainer.process_exit import end_process
 
     try:
         code = main()
@@ -198,4 +207,5 @@ def run() -> None:
     except BaseException:  # noqa: BLE001 - reported as Python would, then the same exit path
         traceback.print_exc()
         code = 1
-    exit_process(code)
+    # joined a process group: known to trainer.distributed, if this command imported it (torch) at all
+    end_process(code, getattr(sys.modules.get("trainer.distributed"), "_joined_process_group", False))

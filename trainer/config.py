@@ -59,6 +59,10 @@ class DataConfig:
     # affinity mask, e.g. a pinned rank's block, capped by its cgroup's CPU quota), at most 16; 1 keeps the work in
     # this process.
     workers: int = 0
+    # `python -m trainer train` builds a missing data cache in a forked child while the training process imports
+    # torch (Linux; global rank 0, which builds it anyway): the two overlap instead of running one after the other.
+    # false builds it in the training process.
+    build_in_background: bool = True
 
     def __post_init__(self) -> None:
         _check(self.max_tokens_per_doc > 0, "data.max_tokens_per_doc", f"must be > 0, got {self.max_tokens_per_doc}")

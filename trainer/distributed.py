@@ -4,16 +4,14 @@ Single-process mode when torchrun's variables are absent; otherwise NCCL on CUDA
 on CPU, with a finite timeout so a rank that died makes the others fail instead of hanging forever.
 """
 
-import atexit
 import datetime
-import logging
 import os
-import sys
-import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from trainer.process_exit import end_process
 
 
 @dataclass(frozen=True)
@@ -142,38 +140,8 @@ def shutdown_distributed() -> None:
 
 
 def exit_process(code: int | None) -> None:
-    """End the process with `code`, without the interpreter's finalisation: non-daemon threads are joined, the
-    atexit handlers run and the standard streams and logs are flushed while the interpreter is whole, then the
-    process ends. Every file of a run is closed explicitly before this point (loggers, checkpoints, eval files).
-
-    Why, after a process group: gloo's worker threads destroy each finished collective's work, and with it the
-    tensors it held, a moment after the caller's `wait()` returned; that needs the GIL. A rank whose last
-    collective was its last work (for example the export's all_gather) reached interpreter finalisation first in 6
-    of 22 row_wise runs here, and a worker thread asking for the GIL then aborted the process ("terminate called
-    without an active exception", SIGABRT, core dump: `ProcessGroupGloo::runLoop` -> `~AsyncAllgatherWork` ->
-    `THPVariable_dealloc` -> `take_gil` -> `pthread_exit`), so a finished run exited -6 and torchrun reported a
-    failure (and would restart it). `destroy_process_group` does not stop those threads: DDP keeps a reference to
-    the group (torch 2.13), so the group is never freed and its threads never joined.
-
-    Why, in one process: finalising tears down torch's and numba's modules, 0.37 s after `import torch` alone
-    and 0.7 s after a demo run here, with nothing left to save; `TRAINER_FINALIZE=1` keeps it (for tools that
-    report at finalisation) where no process group was joined."""
-    code = 0 if code is None else code
-    if not _joined_process_group and os.environ.get("TRAINER_FINALIZE") == "1":
-        sys.exit(code)
-    if not _joined_process_group and threading.current_thread() is threading.main_thread():
-        # what finalisation does first: the threading atexit hooks (they stop idle concurrent.futures workers),
-        # then a join of every non-daemon thread. Not after a process group: a rank with a stuck thread must end
-        # (and let torchrun restart the group), as it did before this path existed.
-        threading._shutdown()
-    atexit._run_exitfuncs()
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # closed or broken pipe: nothing left to save
-            pass
-    os._exit(code)
+    """`process_exit.end_process` for this process: whether it joined a process group is known here."""
+    end_process(code, _joined_process_group)
 
 
 def barrier(info: DistInfo) -> None:

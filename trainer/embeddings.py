@@ -23,7 +23,6 @@ never broadcasts it, optimizers never see it and checkpoints never contain it.
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,15 +49,6 @@ class TableSpec:
     @property
     def num_bytes(self) -> int:
         return self.num_rows * self.dim * 4
-
-
-def pretrained_scale(rows: np.ndarray) -> float:
-    """Per-element standard deviation of the pretrained rows: trainable rows start at the same scale so the
-    classifier sees OOV, n-gram and pretrained contributions of comparable size from step 0."""
-    if rows.size == 0:
-        return 0.1
-    sample = rows[:: max(1, len(rows) // 50_000)]
-    return float(np.asarray(sample, dtype=np.float64).std())
 
 
 def build_table_specs(

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.batch import collate
 from trainer.data import BatchPlan, rank_share
 from trainer.distributed import DistInfo, all_reduce_
-from trainer.features import EncodedDocs, collate
+from trainer.features import EncodedDocs
 
 
 @torch.no_grad()

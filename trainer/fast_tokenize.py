@@ -20,16 +20,16 @@ hashes), about what the Python path's per-token integers take.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence
 
 import numpy as np
 
-from trainer import kernels
+from trainer import jit
 from trainer.parallel import chunked_map
 from trainer.vocab import DEFAULT_TOKEN_PATTERN, Tokenizer
 
-available = kernels.numba is not None
+available = jit.numba is not None
 
 # Below this many characters (and until the kernels have run once in the process) Python's regex is used: numba's
 # first kernel call in a process costs about 0.4 s, the time `re` takes for ~10M characters.
@@ -52,18 +52,18 @@ if available:
     _APOSTROPHE = ord("'")
     _NEWLINE = ord("\n")
 
-    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False, inline="always")
+    @njit(cache=jit._CACHE, nogil=True, boundscheck=False, inline="always")
     def _mix(h):
         """SplitMix64's finish, so that FNV-1a's low bits (the slot) depend on every byte."""
         h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return h ^ (h >> np.uint64(31))
 
-    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False, inline="always")
+    @njit(cache=jit._CACHE, nogil=True, boundscheck=False, inline="always")
     def _fnv(h, byte):
         return (h ^ np.uint64(byte)) * np.uint64(0x100000001B3)
 
-    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
+    @njit(cache=jit._CACHE, nogil=True, boundscheck=False)
     def _scan(buf, doc_starts, doc_ends, word, separated, max_tokens, counts, starts, ends, hashes, d, k):
         """Token spans (start, end) of documents buf[doc_starts[d]:doc_ends[d]] from document d on, at most
         max_tokens each, written from starts[k] on, documents one after another; each token's hash (FNV-1a of
@@ -111,7 +111,7 @@ if available:
             d += 1
         return d, k
 
-    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
+    @njit(cache=jit._CACHE, nogil=True, boundscheck=False)
     def _number(buf, starts, ends, hashes):
         """Type index of every span, types numbered in order of first appearance, and the types' bytes (type i is
         store[offsets[i]:offsets[i + 1]]). Spans are the same type when their bytes are equal: the hash picks the
@@ -229,5 +229,5 @@ def tokenize_default_pattern(texts: Sequence[str], tokenizer: Tokenizer, max_tok
     _warm = True
     raw = store.tobytes()
     bounds = offsets.tolist()
-    type_words = [raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(bounds[:-1], bounds[1:])]
+    type_words = [raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     return TokenizedDocs(types, type_words, doc_lengths)

@@ -1,27 +1,27 @@
-"""Documents -> cached token ids (CSR arrays) -> per-table EmbeddingBag inputs for a batch.
+"""Documents -> cached token ids (CSR arrays); `trainer.batch` turns them into a step's EmbeddingBag inputs.
 
 Tokenizing is the slow, Python-bound part, so it happens once: every distinct word type is hashed and looked up
 once, each document becomes a run of type ids, and everything after that (word ids, bigram buckets, character
 n-gram buckets, batch assembly) is vectorised numpy over flat arrays. The encoded arrays are saved as one `.npz`
-so later epochs, resumes and other ranks never re-tokenize.
+so later epochs, resumes and other ranks never re-tokenize. No torch here (nor in what this imports): the data
+cache is built in a process that does not import it (trainer/data_cache.py).
 """
 
 import itertools
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from trainer import blake2b, fast_tokenize, kernels
+from trainer import blake2b, fast_tokenize, jit
 from trainer.parallel import chunked_map
 from trainer.vocab import Tokenizer, Vocabulary, bigram_buckets, char_ngram_buckets, stable_hash64
 
 
-def _gather_csr(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def gather_csr(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate values[offsets[r]:offsets[r+1]] for r in rows; also return each row's length."""
     starts = offsets[rows]
     lengths = offsets[rows + 1] - starts
@@ -34,7 +34,7 @@ def _gather_csr(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tu
     return values[idx], lengths
 
 
-def _exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
+def exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
     out = np.zeros(len(counts), dtype=np.int64)
     if len(counts) > 1:
         np.cumsum(counts[:-1], out=out[1:])
@@ -220,7 +220,7 @@ class Featurizer:
                                                                self.char_buckets, self.workers)
             type_char_offsets = np.zeros(len(type_words) + 1, dtype=np.int64)
             np.cumsum(type_char_counts, out=type_char_offsets[1:])
-            char_ids, char_token_counts = _gather_csr(type_char_offsets, type_char_ids, types[keep])
+            char_ids, char_token_counts = gather_csr(type_char_offsets, type_char_ids, types[keep])
             char_offsets = np.zeros(num_docs + 1, dtype=np.int64)
             np.cumsum(np.bincount(kept_doc, weights=char_token_counts, minlength=num_docs).astype(np.int64),
                       out=char_offsets[1:])
@@ -245,111 +245,9 @@ class Featurizer:
         )
 
 
-@dataclass
-class Batch:
-    """One rank's share of a step: per-table (ids, offsets) for EmbeddingBag, plus what the loss needs.
+if jit.numba is not None:
 
-    Segments are documents for bag encoders and token positions for the LSTM (`seq_lengths` then says how many
-    tokens each document has). `lengths` is each document's number of looked-up ids (for mean pooling). `groups`
-    optionally holds, by table name, the ids of `tables[name]` grouped ahead on the data thread
-    (bag_lookup.group_ids), and for a wide table (`wide_*`) the ids of `weighted[name]`; masked_bag builds its
-    per-word lookups from the "pretrained" and "oov" groups.
-    `routes` holds, for row-wise sharded tables, where each lookup's ids go (row_wise.plan_route), also planned
-    ahead."""
-
-    tables: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    labels: torch.Tensor
-    lengths: torch.Tensor
-    seq_lengths: torch.Tensor
-    num_docs: int
-    num_tokens: int
-    groups: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    routes: dict = field(default_factory=dict)
-    # by wide table (model.wide), its TF-IDF weighted lookups (ids, offsets, weights), made on the data thread
-    weighted: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-    def pinned(self) -> "Batch":
-        """A copy in page-locked host memory (for asynchronous copies to a GPU)."""
-        return Batch(
-            tables={k: (i.pin_memory(), o.pin_memory()) for k, (i, o) in self.tables.items()},
-            labels=self.labels.pin_memory(),
-            lengths=self.lengths.pin_memory(),
-            seq_lengths=self.seq_lengths,
-            num_docs=self.num_docs,
-            num_tokens=self.num_tokens,
-            groups={k: (d.pin_memory(), i.pin_memory()) for k, (d, i) in self.groups.items()},
-            routes={k: r.pinned() for k, r in self.routes.items()},
-            weighted={k: tuple(t.pin_memory() for t in v) for k, v in self.weighted.items()},
-        )
-
-    def to(self, device: torch.device) -> "Batch":
-        if device.type == "cpu":
-            return self
-        nb = dict(non_blocking=True)
-        return Batch(
-            tables={k: (i.pin_memory().to(device, **nb), o.pin_memory().to(device, **nb)) for k, (i, o) in self.tables.items()},
-            labels=self.labels.pin_memory().to(device, **nb),
-            lengths=self.lengths.pin_memory().to(device, **nb),
-            seq_lengths=self.seq_lengths,  # the LSTM encoder buckets documents by length on the host
-            num_docs=self.num_docs,
-            num_tokens=self.num_tokens,
-            groups={k: (d.pin_memory().to(device, **nb), i.pin_memory().to(device, **nb))
-                    for k, (d, i) in self.groups.items()},
-            routes={k: r.pinned().to(device, **nb) for k, r in self.routes.items()},
-            weighted={k: tuple(t.pin_memory().to(device, **nb) for t in v) for k, v in self.weighted.items()},
-        )
-
-
-def collate(docs: EncodedDocs, rows: np.ndarray, num_pretrained: int, token_level: bool) -> Batch:
-    """Assemble the EmbeddingBag inputs of documents `rows` (this rank's share of a global batch)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    num_docs = len(rows)
-    tokens, token_counts = _gather_csr(docs.token_offsets, docs.token_ids, rows)
-    bigrams, bigram_counts = _gather_csr(docs.bigram_offsets, docs.bigram_ids, rows)
-    chars, char_counts = _gather_csr(docs.char_offsets, docs.char_ids, rows)
-    is_pre = (tokens >= 0) & (tokens < num_pretrained)
-    is_oov = tokens >= num_pretrained
-
-    def as_tensors(ids: np.ndarray, counts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)), torch.from_numpy(_exclusive_cumsum(counts))
-
-    if token_level:
-        # one segment per kept token: 0 or 1 word id, and that token's char n-grams
-        tok_char_counts, _ = _gather_csr(docs.token_offsets, docs.char_token_counts, rows)
-        tables = {
-            "pretrained": as_tensors(tokens[is_pre], is_pre.astype(np.int64)),
-            "oov": as_tensors(tokens[is_oov] - num_pretrained, is_oov.astype(np.int64)),
-            "char": as_tensors(chars, tok_char_counts),
-            "bigram": as_tensors(bigrams[:0], np.zeros(len(tokens), dtype=np.int64)),
-        }
-        seq_lengths = torch.from_numpy(token_counts)
-    else:
-        doc_of_token = np.repeat(np.arange(num_docs), token_counts)
-        pre_counts = np.bincount(doc_of_token[is_pre], minlength=num_docs)
-        oov_counts = np.bincount(doc_of_token[is_oov], minlength=num_docs)
-        tables = {
-            "pretrained": as_tensors(tokens[is_pre], pre_counts),
-            "oov": as_tensors(tokens[is_oov] - num_pretrained, oov_counts),
-            "bigram": as_tensors(bigrams, bigram_counts),
-            "char": as_tensors(chars, char_counts),
-        }
-        seq_lengths = torch.from_numpy(token_counts)
-    lengths = (is_pre | is_oov).astype(np.int64)
-    per_doc_words = np.bincount(np.repeat(np.arange(num_docs), token_counts), weights=lengths, minlength=num_docs)
-    total = per_doc_words + bigram_counts + char_counts
-    return Batch(
-        tables=tables,
-        labels=torch.from_numpy(docs.labels[rows].copy()),
-        lengths=torch.from_numpy(total.astype(np.float32)),
-        seq_lengths=seq_lengths,
-        num_docs=num_docs,
-        num_tokens=int(docs.raw_tokens[rows].sum()),
-    )
-
-
-if kernels.numba is not None:
-
-    @kernels.numba.njit(cache=kernels._CACHE, nogil=True)
+    @jit.numba.njit(cache=jit._CACHE, nogil=True)
     def _document_frequency_kernel(ids, offsets, rows):
         """One pass over the documents: an id counts for a document the first time it is seen there (`last`
         holds the last document each id was counted for)."""
@@ -364,14 +262,14 @@ if kernels.numba is not None:
         return df
 
 
-def _document_frequency(ids: np.ndarray, offsets: np.ndarray, rows: int) -> np.ndarray:
+def document_frequency(ids: np.ndarray, offsets: np.ndarray, rows: int) -> np.ndarray:
     """For every row id, the number of documents (CSR `offsets`) it occurs in; negative ids (unknown words) skipped.
     The numba kernel: 0.15 s for 20M random ids of 1M rows in 47,668 documents (the size of the demo's char n-grams),
     where the numpy sort below takes 1.7 s."""
     ids = np.asarray(ids, dtype=np.int64)
-    if kernels.numba is not None:
+    if jit.numba is not None:
         if len(ids) and int(ids.max()) >= rows:
-            raise ValueError(f"_document_frequency: id {int(ids.max())} outside a table of {rows} rows")
+            raise ValueError(f"document_frequency: id {int(ids.max())} outside a table of {rows} rows")
         return _document_frequency_kernel(ids, np.asarray(offsets, dtype=np.int64), rows)
     doc = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(np.asarray(offsets)))
     known = ids >= 0
@@ -380,19 +278,3 @@ def _document_frequency(ids: np.ndarray, offsets: np.ndarray, rows: int) -> np.n
     pairs = np.sort(doc[known] * rows + ids[known])
     pairs = pairs[np.concatenate(([True], pairs[1:] != pairs[:-1]))] if len(pairs) else pairs
     return np.bincount(pairs % rows, minlength=rows)
-
-
-def wide_idf(docs: EncodedDocs, rows: dict[str, int]) -> dict[str, torch.Tensor]:
-    """For the wide tables among `rows` (table name -> rows), sklearn's smoothed idf ln((1 + n) / (1 + df)) + 1 of
-    every row over the (training) documents; 0 where df < 2 (min_df = 2: a feature of one document only memorises
-    it)."""
-    sources = {"wide_word": (docs.token_ids, docs.token_offsets), "wide_bigram": (docs.bigram_ids, docs.bigram_offsets),
-               "wide_char": (docs.char_ids, docs.char_offsets)}
-    out = {}
-    for name, (ids, offsets) in sources.items():
-        if name in rows:
-            df = _document_frequency(ids, offsets, rows[name])
-            idf = np.log((1 + len(docs)) / (1 + df)) + 1
-            idf[df < 2] = 0
-            out[name] = torch.from_numpy(idf.astype(np.float32))
-    return out

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.data import make_featurizer
+from trainer.batch import collate
+from trainer.data_cache import make_featurizer
 from trainer.distributed import DistInfo
 from trainer.evaluation import evaluate, per_class_table
 from trainer.export import LoadedModel, word_vectors
-from trainer.features import collate
 from trainer.tabular import read_table
 from trainer.vocab import char_ngram_buckets
 

@@ -10,9 +10,9 @@ from torch import nn
 
 from trainer import kernels
 from trainer.bag_lookup import bag_sum, gather_pool, group_ids
+from trainer.batch import Batch
 from trainer.config import ModelConfig
 from trainer.embeddings import per_token_offsets, segment_counts, segment_index
-from trainer.features import Batch
 from trainer.lstm_encoder import bidirectional_states
 
 

@@ -18,14 +18,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer.batch import Batch, collate, wide_idf
 from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, valid_steps
 from trainer.config import Config, dump_toml
 from trainer.data import BatchPlan, BatchPrefetcher, DataBundle, class_weights, prepare_data, rank_share
+from trainer.data_cache import BackgroundBuild, cache_root, load_pretrained
 from trainer.distributed import DistInfo, agree_any, all_reduce_, init_distributed, shutdown_distributed
 from trainer.embeddings import build_table_specs
 from trainer.evaluation import confusion_image, evaluate, per_class_table
 from trainer.export import export_model
-from trainer.features import Batch, collate, wide_idf
 from trainer.metrics import (
     MetricsLogger,
     NullLogger,
@@ -46,7 +47,6 @@ from trainer.sharding import (
     sync_sparse_grads,
     wrap_for_training,
 )
-from trainer.vectors import load_vectors
 
 log = logging.getLogger("trainer")
 
@@ -129,9 +129,12 @@ def _seed_step(seed: int, device: torch.device) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, info: DistInfo) -> None:
+    def __init__(self, cfg: Config, info: DistInfo, background_build: BackgroundBuild | None = None) -> None:
+        """`background_build`: the data cache being built by a child process (`data_cache.start_background_build`),
+        waited for before the data is read."""
         self.cfg = cfg
         self.info = info
+        self.background_build = background_build
         self.run_dir = Path(cfg.run.dir)
         self.stop = StopFlag()
 
@@ -151,16 +154,15 @@ class Trainer:
                               "use another run.dir or train.resume = auto")
         self.logger = MetricsLogger(self.run_dir, cfg.metrics.tensorboard) if info.is_main else NullLogger()
         e = cfg.embeddings
-        self.pretrained = None
-        if e.pretrained:
-            cache = Path(e.vectors_cache_dir) if e.vectors_cache_dir else None
-            t0 = time.perf_counter()
-            self.pretrained = load_vectors(e.pretrained, cache_dir=cache, progress=info.is_main and cfg.metrics.progress)
+        if self.background_build is not None:  # the CLI's child building the data cache (data_cache.py)
+            self.background_build.wait()
+        t0 = time.perf_counter()
+        self.pretrained = load_pretrained(cfg, progress=info.is_main and cfg.metrics.progress)
+        if self.pretrained is not None:
             log.info("pretrained %s: %d x %d in %.2fs (%d duplicates skipped, %d words with invalid UTF-8 bytes "
                      "replaced)", e.pretrained, self.pretrained.num_rows, self.pretrained.dim,
                      time.perf_counter() - t0, self.pretrained.num_duplicates, self.pretrained.num_bad_utf8)
-        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.run_dir / "cache"
-        self.data: DataBundle = prepare_data(cfg, self.pretrained, info, cache_dir)
+        self.data: DataBundle = prepare_data(cfg, self.pretrained, info, cache_root(cfg))
         vocab = self.data.vocab
         cov = self.data.coverage
         log.info("vocabulary: %d words (%d pretrained, %d OOV), %d labels; pretrained coverage %.1f%% of types, "
@@ -503,11 +505,11 @@ class Trainer:
         self.logger.close()
 
 
-def run_training(cfg: Config) -> dict:
+def run_training(cfg: Config, background_build: BackgroundBuild | None = None) -> dict:
     info = init_distributed(cfg.train.device, cfg.dist.timeout_s, cfg.dist.pin_cores)
     trainer = None
     try:
-        trainer = Trainer(cfg, info)
+        trainer = Trainer(cfg, info, background_build)
         return trainer.fit()
     finally:
         # however training ended (a non-finite loss, an error, a signal): the processes of a group end without

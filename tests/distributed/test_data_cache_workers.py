@@ -9,7 +9,8 @@ import pytest
 from harness import run_distributed
 
 from trainer.config import load_config
-from trainer.data import _build_cache, prepare_data
+from trainer.data import prepare_data
+from trainer.data_cache import build_cache
 from trainer.distributed import DistInfo
 
 WORDS = ["kernel", "python", "library", "font", "game", "daemon", "perl", "module", "naïve", "it's", "x11"]
@@ -59,7 +60,7 @@ def test_rank_zero_builds_the_cache_with_workers_inside_a_process_group(tmp_path
         assert np.array_equal(results[0][key], results[1][key]), key
 
     (built,) = (tmp_path / "cache").iterdir()
-    _build_cache(load_config(None, _overrides(tmp_path, 1)), None, tmp_path / "serial")
+    build_cache(load_config(None, _overrides(tmp_path, 1)), None, tmp_path / "serial")
     files = sorted(p.relative_to(built) for p in built.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial").rglob("*")
                            if p.is_file())

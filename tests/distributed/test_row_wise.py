@@ -24,11 +24,12 @@ import pytest
 import torch
 from harness import DistributedRunError, run_distributed
 
+from trainer.batch import collate, wide_idf
 from trainer.config import ModelConfig, OptimConfig
 from trainer.data import class_weights, rank_share
 from trainer.distributed import DistInfo, all_reduce_
 from trainer.embeddings import LocalTables, TableSpec, build_table_specs, init_rows_
-from trainer.features import EncodedDocs, collate, wide_idf
+from trainer.features import EncodedDocs
 from trainer.model import DenseNet, TextClassifier
 from trainer.optim import OptimizerContainer
 from trainer.row_wise import RowWiseTables, shard_rows

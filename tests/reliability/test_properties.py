@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trainer.config import Config
-from trainer.data import make_featurizer
+from trainer.data_cache import make_featurizer
 from trainer.vectors import VectorFileError, load_vectors
 from trainer.vectors_text import parse_file
 from trainer.vocab import (

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from trainer.batch import collate
 from trainer.config import DataConfig
-from trainer.features import EncodedDocs, Featurizer, collate, tokenize
+from trainer.features import EncodedDocs, Featurizer, tokenize
 from trainer.vocab import Tokenizer, Vocabulary, bigram_buckets, char_ngram_buckets, stable_hash64
 
 # ids: the=0 cat=1 (pretrained) | zork=2 blip=3 (OOV); "dog" is unknown

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from trainer.batch import collate
 from trainer.config import DataConfig, ModelConfig
 from trainer.embeddings import LocalTables, build_table_specs, init_rows_, segment_index
-from trainer.features import Featurizer, collate
+from trainer.features import Featurizer
 from trainer.model import TextClassifier
 from trainer.vocab import Tokenizer, Vocabulary, char_ngram_buckets
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import trainer.optim as optim_mod
+from trainer.batch import collate
 from trainer.config import ConfigError, DataConfig, ModelConfig, OptimConfig
 from trainer.embeddings import LocalTables, build_table_specs
-from trainer.features import Featurizer, collate
+from trainer.features import Featurizer
 from trainer.model import TextClassifier
 from trainer.optim import OptimizerContainer, clean_name, group_of, lr_multiplier
 from trainer.vocab import Tokenizer, Vocabulary
@@ -409,7 +410,7 @@ def test_deep_part_without_chars_pools_over_words_and_bigrams_only():
 
 
 def test_wide_idf_is_sklearns_smoothed_idf_with_min_df_2():
-    from trainer.features import wide_idf
+    from trainer.batch import wide_idf
 
     texts = ["the cat the", "the dog", "cat zork", "blip"]
     docs = Featurizer(Tokenizer(DataConfig().token_pattern, True), VOCAB, 7, 5, 3, 3, 100).encode(texts, ["a"] * 4)
@@ -449,17 +450,17 @@ def test_document_frequency_counts_each_document_once(use_kernel, monkeypatch):
     repeats inside a document count once, negative ids (unknown words) and empty documents count nothing."""
     from trainer import features
 
-    if use_kernel and features.kernels.numba is None:
+    if use_kernel and features.jit.numba is None:
         pytest.skip("numba not installed")
     if not use_kernel:
-        monkeypatch.setattr(features.kernels, "numba", None)
+        monkeypatch.setattr(features.jit, "numba", None)
     rng = np.random.default_rng(3)
     ids = rng.integers(-1, 40, 3000)
     offsets = np.sort(np.concatenate(([0, 3000, 3000, 0], rng.integers(0, 3001, 60))))  # empty documents too
-    df = features._document_frequency(ids, offsets, 40)
+    df = features.document_frequency(ids, offsets, 40)
     expected = np.zeros(40, dtype=np.int64)
     for d in range(len(offsets) - 1):
         for i in set(ids[offsets[d]:offsets[d + 1]].tolist()) - {-1}:
             expected[i] += 1
     assert np.array_equal(df, expected)
-    assert np.array_equal(features._document_frequency(ids[:0], np.zeros(1, dtype=np.int64), 40), np.zeros(40))
+    assert np.array_equal(features.document_frequency(ids[:0], np.zeros(1, dtype=np.int64), 40), np.zeros(40))

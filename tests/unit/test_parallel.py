@@ -16,7 +16,7 @@ import pytest
 import trainer.features as features
 from trainer import parallel
 from trainer.config import ConfigError, DataConfig, load_config
-from trainer.data import _build_cache
+from trainer.data_cache import build_cache
 from trainer.features import Featurizer, tokenize
 from trainer.vocab import Tokenizer, Vocabulary
 
@@ -201,7 +201,7 @@ def test_data_cache_is_the_same_with_and_without_workers(small_shares, tmp_path:
     base = ["--data.train", str(tmp_path / "train.csv"), "--data.valid", str(tmp_path / "valid.csv"),
             "--embeddings.ngram_buckets", "97", "--embeddings.char_ngrams", "89", "--embeddings.min_freq", "1"]
     for workers in ("1", "3"):
-        _build_cache(load_config(None, [*base, "--data.workers", workers]), None, tmp_path / f"cache{workers}")
+        build_cache(load_config(None, [*base, "--data.workers", workers]), None, tmp_path / f"cache{workers}")
     one, three = sorted((tmp_path / "cache1").rglob("*")), sorted((tmp_path / "cache3").rglob("*"))
     assert [p.relative_to(tmp_path / "cache1") for p in one] == [p.relative_to(tmp_path / "cache3") for p in three]
     for a, b in zip(one, three, strict=True):

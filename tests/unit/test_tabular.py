@@ -440,7 +440,7 @@ def test_hub_errors(fake_hub: list[tuple[str, str]]) -> None:
 def test_each_data_role_reads_its_own_split_of_a_bare_hub_name(fake_hub: list[tuple[str, str]]) -> None:
     """data.valid = "name" must not validate on the train split (read_table's default)."""
     from trainer.config import Config
-    from trainer.data import _read
+    from trainer.data_cache import _read
 
     for role in ("train", "valid", "test"):
         _read("user/ds", Config(), role)
@@ -451,7 +451,7 @@ def test_each_data_role_reads_its_own_split_of_a_bare_hub_name(fake_hub: list[tu
 def test_an_unset_split_does_not_key_the_data_cache_on_the_working_directory(tmp_path, monkeypatch) -> None:
     """Path("") is the current directory: its mtime changes with every file created there, and with it the cache
     key, so every run would tokenize the data again (and ranks in different directories disagree)."""
-    from trainer.data import _source_key
+    from trainer.data_cache import _source_key
 
     monkeypatch.chdir(tmp_path)
     before = _source_key("")
@@ -465,7 +465,7 @@ def test_the_data_cache_key_changes_when_a_copy_restores_the_old_mtime(tmp_path)
     import os
     import shutil
 
-    from trainer.data import _source_key
+    from trainer.data_cache import _source_key
 
     path = write_csv(tmp_path / "d.csv", [["text", "label"], ["one", "libs"], ["two", "libs"]])
     before, old = _source_key(str(path)), path.stat()

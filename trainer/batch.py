@@ -1,0 +1,130 @@
+"""A step's batch: the EmbeddingBag inputs (ids and offsets per table) of some encoded documents, as tensors.
+
+`collate` gathers documents from the cached CSR arrays (`features.EncodedDocs`); the data thread then groups and
+routes the ids (`TextClassifier.prepare`) before the step takes the batch.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from trainer.features import EncodedDocs, document_frequency, exclusive_cumsum, gather_csr
+
+
+@dataclass
+class Batch:
+    """One rank's share of a step: per-table (ids, offsets) for EmbeddingBag, plus what the loss needs.
+
+    Segments are documents for bag encoders and token positions for the LSTM (`seq_lengths` then says how many
+    tokens each document has). `lengths` is each document's number of looked-up ids (for mean pooling). `groups`
+    optionally holds, by table name, the ids of `tables[name]` grouped ahead on the data thread
+    (bag_lookup.group_ids), and for a wide table (`wide_*`) the ids of `weighted[name]`; masked_bag builds its
+    per-word lookups from the "pretrained" and "oov" groups.
+    `routes` holds, for row-wise sharded tables, where each lookup's ids go (row_wise.plan_route), also planned
+    ahead."""
+
+    tables: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    labels: torch.Tensor
+    lengths: torch.Tensor
+    seq_lengths: torch.Tensor
+    num_docs: int
+    num_tokens: int
+    groups: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    routes: dict = field(default_factory=dict)
+    # by wide table (model.wide), its TF-IDF weighted lookups (ids, offsets, weights), made on the data thread
+    weighted: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def pinned(self) -> "Batch":
+        """A copy in page-locked host memory (for asynchronous copies to a GPU)."""
+        return Batch(
+            tables={k: (i.pin_memory(), o.pin_memory()) for k, (i, o) in self.tables.items()},
+            labels=self.labels.pin_memory(),
+            lengths=self.lengths.pin_memory(),
+            seq_lengths=self.seq_lengths,
+            num_docs=self.num_docs,
+            num_tokens=self.num_tokens,
+            groups={k: (d.pin_memory(), i.pin_memory()) for k, (d, i) in self.groups.items()},
+            routes={k: r.pinned() for k, r in self.routes.items()},
+            weighted={k: tuple(t.pin_memory() for t in v) for k, v in self.weighted.items()},
+        )
+
+    def to(self, device: torch.device) -> "Batch":
+        if device.type == "cpu":
+            return self
+        nb = dict(non_blocking=True)
+        return Batch(
+            tables={k: (i.pin_memory().to(device, **nb), o.pin_memory().to(device, **nb)) for k, (i, o) in self.tables.items()},
+            labels=self.labels.pin_memory().to(device, **nb),
+            lengths=self.lengths.pin_memory().to(device, **nb),
+            seq_lengths=self.seq_lengths,  # the LSTM encoder buckets documents by length on the host
+            num_docs=self.num_docs,
+            num_tokens=self.num_tokens,
+            groups={k: (d.pin_memory().to(device, **nb), i.pin_memory().to(device, **nb))
+                    for k, (d, i) in self.groups.items()},
+            routes={k: r.pinned().to(device, **nb) for k, r in self.routes.items()},
+            weighted={k: tuple(t.pin_memory().to(device, **nb) for t in v) for k, v in self.weighted.items()},
+        )
+
+
+def collate(docs: EncodedDocs, rows: np.ndarray, num_pretrained: int, token_level: bool) -> Batch:
+    """Assemble the EmbeddingBag inputs of documents `rows` (this rank's share of a global batch)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    num_docs = len(rows)
+    tokens, token_counts = gather_csr(docs.token_offsets, docs.token_ids, rows)
+    bigrams, bigram_counts = gather_csr(docs.bigram_offsets, docs.bigram_ids, rows)
+    chars, char_counts = gather_csr(docs.char_offsets, docs.char_ids, rows)
+    is_pre = (tokens >= 0) & (tokens < num_pretrained)
+    is_oov = tokens >= num_pretrained
+
+    def as_tensors(ids: np.ndarray, counts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)), torch.from_numpy(exclusive_cumsum(counts))
+
+    if token_level:
+        # one segment per kept token: 0 or 1 word id, and that token's char n-grams
+        tok_char_counts, _ = gather_csr(docs.token_offsets, docs.char_token_counts, rows)
+        tables = {
+            "pretrained": as_tensors(tokens[is_pre], is_pre.astype(np.int64)),
+            "oov": as_tensors(tokens[is_oov] - num_pretrained, is_oov.astype(np.int64)),
+            "char": as_tensors(chars, tok_char_counts),
+            "bigram": as_tensors(bigrams[:0], np.zeros(len(tokens), dtype=np.int64)),
+        }
+        seq_lengths = torch.from_numpy(token_counts)
+    else:
+        doc_of_token = np.repeat(np.arange(num_docs), token_counts)
+        pre_counts = np.bincount(doc_of_token[is_pre], minlength=num_docs)
+        oov_counts = np.bincount(doc_of_token[is_oov], minlength=num_docs)
+        tables = {
+            "pretrained": as_tensors(tokens[is_pre], pre_counts),
+            "oov": as_tensors(tokens[is_oov] - num_pretrained, oov_counts),
+            "bigram": as_tensors(bigrams, bigram_counts),
+            "char": as_tensors(chars, char_counts),
+        }
+        seq_lengths = torch.from_numpy(token_counts)
+    lengths = (is_pre | is_oov).astype(np.int64)
+    per_doc_words = np.bincount(np.repeat(np.arange(num_docs), token_counts), weights=lengths, minlength=num_docs)
+    total = per_doc_words + bigram_counts + char_counts
+    return Batch(
+        tables=tables,
+        labels=torch.from_numpy(docs.labels[rows].copy()),
+        lengths=torch.from_numpy(total.astype(np.float32)),
+        seq_lengths=seq_lengths,
+        num_docs=num_docs,
+        num_tokens=int(docs.raw_tokens[rows].sum()),
+    )
+
+
+def wide_idf(docs: EncodedDocs, rows: dict[str, int]) -> dict[str, torch.Tensor]:
+    """For the wide tables among `rows` (table name -> rows), sklearn's smoothed idf ln((1 + n) / (1 + df)) + 1 of
+    every row over the (training) documents; 0 where df < 2 (min_df = 2: a feature of one document only memorises
+    it)."""
+    sources = {"wide_word": (docs.token_ids, docs.token_offsets), "wide_bigram": (docs.bigram_ids, docs.bigram_offsets),
+               "wide_char": (docs.char_ids, docs.char_offsets)}
+    out = {}
+    for name, (ids, offsets) in sources.items():
+        if name in rows:
+            df = document_frequency(ids, offsets, rows[name])
+            idf = np.log((1 + len(docs)) / (1 + df)) + 1
+            idf[df < 2] = 0
+            out[name] = torch.from_numpy(idf.astype(np.float32))
+    return out

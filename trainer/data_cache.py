@@ -1,0 +1,261 @@
+"""The data cache: read the splits, build the vocabulary, featurize every split once, save it all in a folder.
+
+`build_cache` writes `<cache_root>/data-<cache_key>/` (the key covers the data files, the settings that change the
+arrays and the pretrained vectors' fingerprint), made valid by `done.json`, written last.
+`data.prepare_data` reads it back, memory-mapped, on every rank.
+
+Nothing here, nor in what it imports, imports torch. Why: `python -m trainer train` forks a child that builds
+the cache (`start_background_build`) before the parent imports torch, so the two overlap on two cores instead of
+running one after the other (about a second of the demo's whole process: torch's import is 1 s, building the
+demo's cache 1.5 s). tests/unit/test_data_cache.py checks that importing this module leaves torch unimported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from trainer.config import Config
+from trainer.features import Featurizer, tokenize
+from trainer.parallel import resolve_workers
+from trainer.tabular import DataError, TextTable, read_table
+from trainer.vectors import PretrainedVectors, load_vectors
+from trainer.vocab import Tokenizer, Vocabulary, build_vocabulary, coverage
+
+log = logging.getLogger(__name__)
+
+
+def pretrained_scale(rows: np.ndarray) -> float:
+    """Per-element standard deviation of the pretrained rows: trainable rows start at the same scale so the
+    classifier sees OOV, n-gram and pretrained contributions of comparable size from step 0."""
+    if rows.size == 0:
+        return 0.1
+    sample = rows[:: max(1, len(rows) // 50_000)]
+    return float(np.asarray(sample, dtype=np.float64).std())
+
+
+def make_featurizer(cfg: Config, vocab: Vocabulary, workers: int = 1) -> Featurizer:
+    """`workers` > 1 forks tokenizing processes (trainer.parallel): the data cache build only, not inference,
+    which may run inside any host process."""
+    e = cfg.embeddings
+    return Featurizer(
+        Tokenizer(cfg.data.token_pattern, cfg.data.lowercase, cfg.data.tokenizer_version),
+        vocab,
+        ngram_buckets=e.ngram_buckets,
+        char_buckets=e.char_ngrams,
+        char_minn=e.char_minn,
+        char_maxn=e.char_maxn,
+        max_tokens=cfg.data.max_tokens_per_doc,
+        workers=workers,
+    )
+
+
+def _source_key(spec: str) -> str:
+    """Identity of a data source for the cache: a local file's path, size, inode and change times; a hub name as
+    given. The inode change time (ctime) is in the key because a tool can put the old modification time back on
+    new contents (`cp -p`, `rsync -t`, `tar x` do): ctime cannot be set, and every write, rename or copy moves it."""
+    if not spec:  # an unset split; Path("") is the current directory, whose mtime would change the key
+        return ""
+    path = Path(spec)
+    if path.exists():
+        st = path.stat()
+        return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+    return spec
+
+
+# Bump when the cache's layout or contents change, so old caches are never misread.
+CACHE_FORMAT = "5"  # 3: vocabulary ids in hashed order within each block; 4: vocabulary fingerprint v2;
+# 5: label text normalised like typed labels (tabular: "1.0" -> "1", "True" -> "true")
+
+
+def _cache_key(cfg: Config, *parts: str) -> str:
+    d, e = cfg.data, cfg.embeddings
+    settings = [CACHE_FORMAT, d.text_column, d.label_column, str(d.lowercase), d.token_pattern, str(d.max_tokens_per_doc),
+                str(d.tokenizer_version),
+                str(e.ngram_buckets), str(e.char_ngrams), str(e.char_minn), str(e.char_maxn), *parts]
+    return hashlib.blake2b("\x00".join(settings).encode(), digest_size=10).hexdigest()
+
+
+# the hub split a dataset name without `:split` means in each role (a bare name for data.valid used to read the
+# train split, validating on the training data)
+HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
+
+
+def _read(spec: str, cfg: Config, role: str = "train") -> TextTable:
+    return read_table(spec, cfg.data.text_column, cfg.data.label_column, split=HUB_SPLITS[role])
+
+
+def cache_key(cfg: Config, pretrained: PretrainedVectors | None) -> str:
+    """The cache folder's key for this configuration, data files and vectors, as this process sees them."""
+    return _cache_key(cfg, _source_key(cfg.data.train), _source_key(cfg.data.valid), _source_key(cfg.data.test),
+                      pretrained.fingerprint if pretrained is not None else "none",
+                      str(cfg.embeddings.min_freq), str(cfg.embeddings.max_vocab), str(cfg.embeddings.full_pretrained))
+
+
+def build_cache(cfg: Config, pretrained: PretrainedVectors | None, folder: Path) -> None:
+    """Written into a temporary folder renamed into place at the end; a failure (bad data) removes it, so the
+    run folder keeps no debris."""
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        _fill_cache(cfg, pretrained, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():  # another process won the race; keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    tmp.rename(folder)
+
+
+def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) -> None:
+    train = _read(cfg.data.train, cfg)
+    log.info("read %s: %d documents (%d empty skipped)", train.source, len(train.texts), train.num_skipped_empty)
+    tokenizer = Tokenizer(cfg.data.token_pattern, cfg.data.lowercase, cfg.data.tokenizer_version)
+    workers = resolve_workers(cfg.data.workers)
+    tokenized_train = tokenize(train.texts, tokenizer, cfg.data.max_tokens_per_doc, workers)  # once: counts, encoding
+    counts = tokenized_train.word_counts()
+    e = cfg.embeddings
+    vocab = build_vocabulary(
+        counts,
+        train.labels,
+        pretrained.index() if pretrained is not None else None,
+        min_freq=e.min_freq,
+        max_vocab=e.max_vocab,
+        full_pretrained_rows=pretrained.num_rows if (pretrained is not None and e.full_pretrained) else 0,
+    )
+    if len(vocab.labels) < 2:
+        raise DataError(f"{train.source}: training data has a single class ({vocab.labels}) in column "
+                        f"{cfg.data.label_column!r}; need at least 2")
+    vocab.save(tmp / "vocab")
+    init_std = 0.1
+    if pretrained is not None:
+        # the 20,000 most frequent pretrained words (ids follow a hash, see build_vocabulary): enough to estimate
+        # the scale, read in source order
+        frequent = np.argsort(-vocab.counts[: vocab.num_pretrained], kind="stable")[:20000]
+        init_std = pretrained_scale(pretrained.take(np.sort(vocab.pretrained_rows[frequent])))
+        if not e.full_pretrained:
+            np.save(tmp / "frozen.npy", pretrained.take(vocab.pretrained_rows))
+    featurizer = make_featurizer(cfg, vocab, workers)
+    stats = {"train_docs": len(train.texts), "train_skipped_empty": train.num_skipped_empty,
+             "train_tokens": int(sum(counts.values()))}
+    featurizer.encode_tokenized(tokenized_train, train.labels).save(tmp / "train")
+    for split in ("valid", "test"):
+        spec = getattr(cfg.data, split)
+        if not spec:
+            continue
+        table = _read(spec, cfg, split)
+        encoded = featurizer.encode(table.texts, table.labels)
+        unseen = sorted({y for y in table.labels if y not in vocab.label_index})
+        stats[f"{split}_docs"] = len(table.texts)
+        stats[f"{split}_skipped_empty"] = table.num_skipped_empty
+        stats[f"{split}_unseen_label_docs"] = int((encoded.labels < 0).sum())
+        if unseen:
+            log.warning("%s: %d documents have labels never seen in training (%s); they count as errors",
+                        table.source, stats[f"{split}_unseen_label_docs"], ", ".join(unseen[:10]))
+        encoded.save(tmp / split)
+    meta = {"coverage": coverage(vocab, counts), "stats": stats, "init_std": init_std}
+    (tmp / "done.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
+
+
+def cache_root(cfg: Config) -> Path:
+    """The folder that holds the data caches: data.cache_dir, else RUN_DIR/cache."""
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.run.dir) / "cache"
+
+
+def load_pretrained(cfg: Config, progress: bool) -> PretrainedVectors | None:
+    """The configured pretrained vectors (through the vector cache), or None."""
+    e = cfg.embeddings
+    if not e.pretrained:
+        return None
+    return load_vectors(e.pretrained, cache_dir=Path(e.vectors_cache_dir) if e.vectors_cache_dir else None,
+                        progress=progress)
+
+
+class BackgroundBuild:
+    """A forked child building the data cache (`start_background_build`). `wait()` returns once it has ended, and
+    raises the child's exception, if any, in this process; `cancel()` ends a child nobody will wait for."""
+
+    def __init__(self, pid: int, report_fd: int) -> None:
+        self.pid = pid
+        self._report_fd = report_fd
+        self._done = False
+
+    def wait(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        with os.fdopen(self._report_fd, "rb") as report:  # EOF when the child ends: read before reaping it
+            data = report.read()
+        _, status = os.waitpid(self.pid, 0)
+        if data:
+            raise pickle.loads(data)
+        if status:  # ended without a report (killed): this process builds the cache itself
+            log.warning("the background data-cache build ended with status %d; building it here", status)
+
+    def cancel(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        os.waitpid(self.pid, 0)
+        os.close(self._report_fd)
+
+
+def start_background_build(cfg: Config) -> BackgroundBuild | None:
+    """Fork a child that loads the pretrained vectors and builds the data cache, so that this process can import
+    torch meanwhile; None where no child is started: `data.build_in_background` false, a rank other than global
+    rank 0 (rank 0 builds the cache, the others wait for it), no `os.fork`, or torch already imported (a process
+    with torch's threads running is not forked).
+
+    The child reports an exception by pickling it back (`BackgroundBuild.wait` raises it here, so a data error is
+    printed once, by the training process, as if raised there) and leaves through `os._exit`."""
+    if (not cfg.data.build_in_background or os.environ.get("RANK", "0") != "0" or not hasattr(os, "fork")
+            or "torch" in sys.modules):
+        return None
+    read_fd, write_fd = os.pipe()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        return BackgroundBuild(pid, read_fd)
+    os.close(read_fd)
+    code = 0
+    try:
+        pretrained = load_pretrained(cfg, progress=cfg.metrics.progress)
+        folder = cache_root(cfg) / f"data-{cache_key(cfg, pretrained)}"
+        if not (folder / "done.json").exists():
+            build_cache(cfg, pretrained, folder)
+    except BaseException as e:  # noqa: BLE001 - every failure goes back to the training process
+        code = 1
+        e.add_note(f"(raised while building the data cache in a child process)\n{traceback.format_exc()}")
+        try:
+            data = pickle.dumps(e)
+        except Exception:  # noqa: BLE001 - an exception that does not pickle: the parent builds and reports itself
+            data = b""
+        with os.fdopen(write_fd, "wb") as report:
+            report.write(data)
+        write_fd = -1
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        if write_fd >= 0:
+            os.close(write_fd)
+        os._exit(code)
