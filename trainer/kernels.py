@@ -113,6 +113,15 @@ def rows_are_distinct_sorted(grad: Tensor) -> bool:
     return idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all())
 
 
+def load_numba() -> None:
+    """Pay numba's first-kernel cost now: loading its compiler registries, which the first call of any kernel in a
+    process does (0.4 s here, 0.3 s of it importing scipy's BLAS where scipy is installed), through one small
+    cached kernel. The trainer calls it while it waits for the data cache's child process, so the cost runs beside
+    that child's work instead of in the first training step."""
+    if numba is not None:
+        hash_groups(np.zeros(1, dtype=np.int64))
+
+
 def grouped_rows(idx: Tensor, distinct_sorted: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`RowGroups`' (rows, starts, order) for a CPU gradient's row ids: ids already distinct and sorted
     (`rows_are_distinct_sorted`) are each their own group; any others go through the hash grouping."""

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer import kernels
 from trainer.batch import Batch, collate, wide_idf
 from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, valid_steps
 from trainer.config import Config, dump_toml
@@ -155,6 +156,7 @@ class Trainer:
         self.logger = MetricsLogger(self.run_dir, cfg.metrics.tensorboard) if info.is_main else NullLogger()
         e = cfg.embeddings
         if self.background_build is not None:  # the CLI's child building the data cache (data_cache.py)
+            kernels.load_numba()  # the first step's numba start-up cost, while the child works
             self.background_build.wait()
         t0 = time.perf_counter()
         self.pretrained = load_pretrained(cfg, progress=info.is_main and cfg.metrics.progress)

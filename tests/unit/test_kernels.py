@@ -189,3 +189,9 @@ def test_compiled_kernels_are_cached_under_trainer_cache_dir(tmp_path) -> None:
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=300)
     cached = list((tmp_path / "numba").rglob("*.nbi"))
     assert cached, "no compiled kernel index written under TRAINER_CACHE_DIR/numba"
+
+
+def test_load_numba_loads_a_cached_kernel_and_can_be_called_again():
+    kernels.load_numba()
+    kernels.load_numba()
+    assert kernels.hash_groups.signatures  # the kernel it calls is compiled (or loaded from the cache) now
