@@ -34,6 +34,9 @@ class Batch:
     routes: dict = field(default_factory=dict)
     # by wide table (model.wide), its TF-IDF weighted lookups (ids, offsets, weights), made on the data thread
     weighted: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # masked_bag's word index, made on the data thread (TextClassifier.prepare): the distinct pretrained and OOV
+    # word ids, each token's row among them, each token's document
+    words: tuple[torch.Tensor, ...] = ()
 
     def pinned(self) -> "Batch":
         """A copy in page-locked host memory (for asynchronous copies to a GPU)."""
@@ -47,6 +50,7 @@ class Batch:
             groups={k: (d.pin_memory(), i.pin_memory()) for k, (d, i) in self.groups.items()},
             routes={k: r.pinned() for k, r in self.routes.items()},
             weighted={k: tuple(t.pin_memory() for t in v) for k, v in self.weighted.items()},
+            words=tuple(t.pin_memory() for t in self.words),
         )
 
     def to(self, device: torch.device) -> "Batch":
@@ -64,6 +68,7 @@ class Batch:
                     for k, (d, i) in self.groups.items()},
             routes={k: r.pinned().to(device, **nb) for k, r in self.routes.items()},
             weighted={k: tuple(t.pin_memory().to(device, **nb) for t in v) for k, v in self.weighted.items()},
+            words=tuple(t.pin_memory().to(device, **nb) for t in self.words),
         )
 
 

@@ -23,6 +23,7 @@ never broadcasts it, optimizers never see it and checkpoints never contain it.
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -240,6 +241,9 @@ def segment_counts(offsets: torch.Tensor, num_ids: int) -> torch.Tensor:
 
 def segment_index(offsets: torch.Tensor, num_ids: int) -> torch.Tensor:
     """For EmbeddingBag-style start offsets, the segment each id belongs to."""
+    if offsets.device.type == "cpu":  # numpy's repeat: a third of repeat_interleave's time, and no OpenMP wake-ups
+        counts = np.diff(offsets.numpy(), append=num_ids)
+        return torch.from_numpy(np.repeat(np.arange(offsets.shape[0], dtype=np.int64), counts))
     counts = segment_counts(offsets, num_ids)
     # output_size: without it repeat_interleave reads the total back from the device (a host sync on CUDA)
     return torch.repeat_interleave(torch.arange(offsets.shape[0], device=offsets.device), counts, output_size=num_ids)

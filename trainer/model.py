@@ -124,7 +124,7 @@ class TextClassifier(nn.Module):
         groups = dict(batch.groups)
         masked = word_groups is not None
         if masked:
-            pre_ids, oov_ids, _ = word_groups
+            pre_ids, oov_ids, *_ = word_groups
             distinct = torch.cat([pre_ids, oov_ids + self.num_pretrained])  # the step's mask rows, sorted
             pre_off = per_token_offsets(pre_ids.shape[0], pre_ids.device)
             oov_off = per_token_offsets(oov_ids.shape[0], oov_ids.device)
@@ -147,22 +147,29 @@ class TextClassifier(nn.Module):
             batch.weighted = self.wide_lookups(batch)
             batch.groups.update({name: group_ids(ids) for name, (ids, _, _) in batch.weighted.items()
                                  if kernels.can_fuse(self.tables.bags[name].weight)})
+        if self.encoder == "masked_bag":
+            batch.words = self._word_groups(batch)
         if hasattr(self.tables, "route"):
-            word_groups = self._word_groups(batch) if self.encoder == "masked_bag" else None
+            word_groups = batch.words or None
             batch.routes = {name: self.tables.route(name, ids, offsets)
                             for name, ids, offsets in self._planned_requests(batch, word_groups)[0]}
         return batch
 
-    def _word_groups(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _word_groups(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The step's distinct pretrained and OOV word ids (each sorted), and for every word token (pretrained
-        tokens, then OOV tokens) its row among [distinct pretrained | distinct OOV]: grouped on the data thread
-        (`Batch.groups`), else here. Sizes come from shapes, so a CUDA step needs no host sync for them."""
+        tokens, then OOV tokens) its row among [distinct pretrained | distinct OOV] and its document (segment):
+        `Batch.words` if the data thread made them, else from its groups (`Batch.groups`) or here. Sizes come from
+        shapes, so a CUDA step needs no host sync for them."""
+        if batch.words:
+            return batch.words
         parts = []
         for name in ("pretrained", "oov"):
             ids = batch.tables[name][0]
             parts.append(batch.groups[name] if name in batch.groups else group_ids(ids))
         (pre, pre_inverse), (oov, oov_inverse) = parts
-        return pre, oov, torch.cat([pre_inverse, oov_inverse + pre.shape[0]])
+        (pre_ids, pre_off), (oov_ids, oov_off) = batch.tables["pretrained"], batch.tables["oov"]
+        segment = torch.cat([segment_index(pre_off, pre_ids.shape[0]), segment_index(oov_off, oov_ids.shape[0])])
+        return pre, oov, torch.cat([pre_inverse, oov_inverse + pre.shape[0]]), segment
 
     def groupable_ids(self, batch: Batch) -> dict[str, torch.Tensor]:
         """By table, the ids the data thread can group ahead (`Batch.groups`, bag_lookup.group_ids): the words of
@@ -177,11 +184,9 @@ class TextClassifier(nn.Module):
         """Document vectors (B, D) for bag encoders; token vectors (N, D) for the LSTM."""
         word_groups = self._word_groups(batch) if self.encoder == "masked_bag" else None
         x = None
-        if word_groups is not None:
-            (pre_ids, pre_off), (oov_ids, oov_off) = batch.tables["pretrained"], batch.tables["oov"]
-            seg = torch.cat([segment_index(pre_off, pre_ids.shape[0]), segment_index(oov_off, oov_ids.shape[0])])
-            if not self.tables.has("pretrained_delta"):  # the fused sums know no pretrained correction
-                x = self.tables.masked_words(*word_groups, seg, batch.num_docs)
+        if word_groups is not None and not self.tables.has("pretrained_delta"):
+            # (the fused sums know no pretrained correction)
+            x = self.tables.masked_words(*word_groups, batch.num_docs)
         rows = self._lookups(batch, word_groups, words_fused=x is not None)
         if word_groups is None:
             x = rows["pretrained"] + rows["oov"]
@@ -189,7 +194,7 @@ class TextClassifier(nn.Module):
             # E(w) * M(w) once per distinct word, then summed per document through each token's index: the
             # (tokens x dim) block of per-token rows is never made, forward or backward
             words = torch.cat([rows["pretrained"], rows["oov"]]) * rows["mask"]
-            x = gather_pool(words, word_groups[2], seg, batch.num_docs)
+            x = gather_pool(words, *word_groups[2:], batch.num_docs)
         if self.concat_tables is not None:
             return self._concat(batch, x, rows)
         for name in ("bigram", "char"):

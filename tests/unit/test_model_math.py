@@ -7,7 +7,7 @@ import torch
 
 from trainer.batch import collate
 from trainer.config import DataConfig, ModelConfig
-from trainer.embeddings import LocalTables, build_table_specs, init_rows_, segment_index
+from trainer.embeddings import LocalTables, build_table_specs, init_rows_, segment_counts, segment_index
 from trainer.features import Featurizer
 from trainer.model import TextClassifier
 from trainer.vocab import Tokenizer, Vocabulary, char_ngram_buckets
@@ -331,3 +331,15 @@ def test_init_rows_independent_of_sharding():
 def test_segment_index():
     offsets = torch.tensor([0, 2, 2, 5])
     assert segment_index(offsets, 6).tolist() == [0, 0, 2, 2, 2, 3]
+
+
+@pytest.mark.parametrize(("segments", "num_ids"), [(0, 0), (1, 0), (3, 0), (1, 7), (256, 16000)])
+def test_segment_index_on_the_cpu_equals_repeat_interleave(segments, num_ids):
+    """The CPU path (numpy's repeat) against torch's repeat_interleave, which the other devices use; empty
+    segments, empty batches and trailing empty segments included."""
+    gen = torch.Generator().manual_seed(segments + num_ids)
+    cuts = torch.sort(torch.randint(0, num_ids + 1, (max(segments - 1, 0),), generator=gen)).values
+    offsets = torch.cat([torch.zeros(min(segments, 1), dtype=torch.long), cuts])
+    want = torch.repeat_interleave(torch.arange(segments), segment_counts(offsets, num_ids), output_size=num_ids)
+    got = segment_index(offsets, num_ids)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
