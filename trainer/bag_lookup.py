@@ -263,7 +263,8 @@ def masked_words(oov: Tensor, mask: Tensor, frozen: Tensor, pre_ids: Tensor, oov
             and frozen.is_contiguous() and all(t.dtype == torch.int64 and t.device.type == "cpu" for t in index)):
         return None
     # the kernels do not check bounds: the checks that cost O(1) (the id lists are sorted)
-    if inverse.shape != segment.shape or mask.shape[0] != frozen.shape[0] + oov.shape[0] or any(
+    if (inverse.shape != segment.shape or mask.shape[0] != frozen.shape[0] + oov.shape[0]
+            or not frozen.shape[1] == oov.shape[1] == mask.shape[1]) or any(
             ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= rows)
             for ids, rows in ((pre_ids, frozen.shape[0]), (oov_ids, oov.shape[0]))):
         raise ValueError(f"masked_words: inconsistent lookup ({pre_ids.numel()} pretrained and {oov_ids.numel()} OOV "

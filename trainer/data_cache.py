@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import pickle
+import select
 import shutil
 import signal
 import sys
@@ -27,7 +28,7 @@ import numpy as np
 
 from trainer.config import Config
 from trainer.features import Featurizer, tokenize
-from trainer.parallel import resolve_workers
+from trainer.parallel import can_fork, resolve_workers
 from trainer.tabular import DataError, TextTable, read_table
 from trainer.vectors import PretrainedVectors, load_vectors
 from trainer.vocab import Tokenizer, Vocabulary, build_vocabulary, coverage
@@ -115,7 +116,12 @@ def build_cache(cfg: Config, pretrained: PretrainedVectors | None, folder: Path)
     if folder.exists():  # another process won the race; keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
         return
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "done.json").exists():  # not a race lost between the check and the rename
+            raise
 
 
 def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) -> None:
@@ -196,66 +202,124 @@ class BackgroundBuild:
     def wait(self) -> None:
         if self._done:
             return
+        try:
+            report, status = self._collect()
+        except BaseException:  # interrupted (Ctrl-C): the child must not go on alone
+            self.cancel()
+            raise
         self._done = True
-        with os.fdopen(self._report_fd, "rb") as report:  # EOF when the child ends: read before reaping it
-            data = report.read()
-        _, status = os.waitpid(self.pid, 0)
-        if data:
-            raise pickle.loads(data)
-        if status:  # ended without a report (killed): this process builds the cache itself
-            log.warning("the background data-cache build ended with status %d; building it here", status)
+        if report:
+            exc_bytes, child_traceback = pickle.loads(report)
+            try:
+                exc = pickle.loads(exc_bytes)
+            except Exception:  # noqa: BLE001 - an exception class that does not unpickle: keep its text
+                exc = RuntimeError(f"building the data cache failed in a child process:\n{child_traceback}")
+            raise exc
+        if status:  # ended without a report (killed): the caller builds the cache itself
+            log.warning("the background data-cache build ended with status %d; building it here",
+                        os.waitstatus_to_exitcode(status))
+
+    def _collect(self) -> tuple[bytes, int]:
+        """The child's report and exit status. Reads until the child has exited, not until end of file: a
+        grandchild (a tokenizing worker) of a child that was killed could hold the pipe open forever."""
+        chunks, status = [], None
+        while status is None:
+            ready, _, _ = select.select([self._report_fd], [], [], 0.2)
+            if ready:
+                chunk = os.read(self._report_fd, 1 << 16)
+                if chunk:
+                    chunks.append(chunk)
+                    continue
+            pid, code = os.waitpid(self.pid, 0 if ready else os.WNOHANG)  # EOF: the child is ending
+            if pid:
+                status = code
+        os.set_blocking(self._report_fd, False)
+        try:  # what the child wrote just before it exited
+            while chunk := os.read(self._report_fd, 1 << 16):
+                chunks.append(chunk)
+        except BlockingIOError:
+            pass
+        os.close(self._report_fd)
+        return b"".join(chunks), status
 
     def cancel(self) -> None:
+        """SIGTERM to the child, which then removes its temporary folder and stops its workers; reaped here."""
         if self._done:
             return
         self._done = True
+        os.close(self._report_fd)
         try:
             os.kill(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):  # already gone (and reaped)
             pass
-        os.waitpid(self.pid, 0)
-        os.close(self._report_fd)
+
+
+def _end_with_parent() -> None:
+    """Linux: SIGTERM to this process when its parent dies (a training process killed with SIGKILL must not leave
+    a build running that a restarted one would race)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the child finishes on its own
+        pass
+
+
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def start_background_build(cfg: Config) -> BackgroundBuild | None:
     """Fork a child that loads the pretrained vectors and builds the data cache, so that this process can import
     torch meanwhile; None where no child is started: `data.build_in_background` false, a rank other than global
-    rank 0 (rank 0 builds the cache, the others wait for it), no `os.fork`, or torch already imported (a process
-    with torch's threads running is not forked).
+    rank 0 (rank 0 builds the cache, the others wait for it), not Linux (`parallel.can_fork`), or torch already
+    imported (a process with torch's threads running is not forked).
 
     The child reports an exception by pickling it back (`BackgroundBuild.wait` raises it here, so a data error is
-    printed once, by the training process, as if raised there) and leaves through `os._exit`."""
-    if (not cfg.data.build_in_background or os.environ.get("RANK", "0") != "0" or not hasattr(os, "fork")
+    printed once, by the training process, as if raised there) and leaves through `os._exit`. SIGTERM (`cancel`,
+    or the parent's death) ends it through SystemExit, so its temporary folder is removed and its worker pool shut
+    down; its workers close the report pipe, so only the child itself holds it."""
+    if (not cfg.data.build_in_background or os.environ.get("RANK", "0") != "0" or not can_fork()
             or "torch" in sys.modules):
         return None
     read_fd, write_fd = os.pipe()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    parent = os.getpid()
     pid = os.fork()
     if pid:
         os.close(write_fd)
         return BackgroundBuild(pid, read_fd)
     os.close(read_fd)
+    signal.signal(signal.SIGTERM, _terminate)
+    _end_with_parent()
+    os.register_at_fork(after_in_child=lambda: os.close(write_fd))
     code = 0
     try:
+        if os.getppid() != parent:  # the parent died before the death signal was armed
+            raise SystemExit(1)
         pretrained = load_pretrained(cfg, progress=cfg.metrics.progress)
         folder = cache_root(cfg) / f"data-{cache_key(cfg, pretrained)}"
         if not (folder / "done.json").exists():
             build_cache(cfg, pretrained, folder)
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the training process
         code = 1
-        e.add_note(f"(raised while building the data cache in a child process)\n{traceback.format_exc()}")
+        child_traceback = traceback.format_exc()
+        e.add_note(f"(raised while building the data cache in a child process)\n{child_traceback}")
         try:
-            data = pickle.dumps(e)
-        except Exception:  # noqa: BLE001 - an exception that does not pickle: the parent builds and reports itself
-            data = b""
-        with os.fdopen(write_fd, "wb") as report:
-            report.write(data)
-        write_fd = -1
+            exc_bytes = pickle.dumps(e)
+        except Exception:  # noqa: BLE001 - an exception that does not pickle: its text still goes back
+            exc_bytes = pickle.dumps(RuntimeError(f"building the data cache failed in a child process:\n"
+                                                  f"{child_traceback}"))
+        report = memoryview(pickle.dumps((exc_bytes, child_traceback)))
+        try:
+            while report:
+                report = report[os.write(write_fd, report):]
+        except OSError:  # the parent closed its end (cancel): nobody to tell
+            pass
     finally:
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        if write_fd >= 0:
-            os.close(write_fd)
         os._exit(code)

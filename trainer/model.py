@@ -143,6 +143,7 @@ class TextClassifier(nn.Module):
         `Batch.weighted` with theirs), then, for row-wise tables, plan where every lookup's ids go (`Batch.routes`,
         `RowWiseTables.route`; masked_bag's are built from the groups)."""
         batch.groups = {name: group_ids(ids) for name, ids in self.groupable_ids(batch).items()}
+        batch.words = ()  # made again below from these groups, never kept from an earlier call
         if self.wide_tables:
             batch.weighted = self.wide_lookups(batch)
             batch.groups.update({name: group_ids(ids) for name, (ids, _, _) in batch.weighted.items()

@@ -9,6 +9,7 @@ import filecmp
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,83 @@ def test_training_through_the_cli_with_and_without_the_child_gives_the_same_mode
         assert proc.stderr.count("INFO read ") == 1  # the train split read once, by one process
         results.append(run_dir)
     assert filecmp.cmp(results[0] / "model" / "weights.pt", results[1] / "model" / "weights.pt", shallow=False)
+
+
+def test_a_killed_child_whose_worker_lives_on_does_not_hang_the_wait(tiny_config, tmp_path):
+    """A tokenizing worker (a grandchild) outliving a killed child must not hold the report pipe open: the wait
+    ends when the child does."""
+    proc = run_script("""
+        import signal
+        def killed_with_a_worker(*args):
+            worker = os.fork()
+            if worker == 0:  # a worker that outlives the child (off this test's output pipes)
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 1)
+                os.dup2(null, 2)
+                time.sleep(60)
+                os._exit(0)
+            open(sys.argv[2], "w").write(str(worker))
+            os.kill(os.getpid(), signal.SIGKILL)
+        data_cache.build_cache = killed_with_a_worker
+        t0 = time.perf_counter()
+        data_cache.start_background_build(load_config(sys.argv[1])).wait()
+        print("waited %.1f s" % (time.perf_counter() - t0))
+        os.kill(int(open(sys.argv[2]).read()), signal.SIGKILL)
+    """, str(tiny_config("run")), str(tmp_path / "worker.pid"))
+    assert proc.returncode == 0 and "waited" in proc.stdout, proc.stderr
+    assert float(proc.stdout.split()[1]) < 10
+
+
+def slow_fill_script(then: str) -> str:
+    """A child whose cache build writes into its temporary folder and then takes long, followed by `then`."""
+    return """
+        def slow_fill(cfg, pretrained, tmp):
+            (tmp / "partial").write_text("x")
+            print("child", os.getpid(), flush=True)
+            time.sleep(120)
+        data_cache._fill_cache = slow_fill
+        cfg = load_config(sys.argv[1])
+        build = data_cache.start_background_build(cfg)
+        for _ in range(200):  # until the child is inside the slow build
+            if list(data_cache.cache_root(cfg).glob("*.tmp*")):
+                break
+            time.sleep(0.05)
+    """ + then
+
+
+def test_cancel_removes_the_childs_temporary_folder(tiny_config, tmp_path):
+    proc = run_script(slow_fill_script("""
+        build.cancel()
+        print("left", [p.name for p in data_cache.cache_root(cfg).iterdir()])
+    """), str(tiny_config("run")))
+    assert proc.returncode == 0 and "left []" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_child_ends_and_cleans_up_when_the_training_process_dies(tiny_config, tmp_path):
+    config = tiny_config("run")
+    proc = run_script(slow_fill_script("""
+        os.kill(os.getpid(), 9)  # the training process killed outright
+    """), str(config))
+    assert proc.returncode == -9
+    cache = Path(load_config(config).run.dir) / "cache"
+    deadline = time.time() + 20
+    while time.time() < deadline and list(cache.glob("*.tmp*")):
+        time.sleep(0.1)
+    assert not list(cache.glob("*.tmp*"))
+
+
+def test_an_exception_that_does_not_unpickle_comes_back_as_its_traceback(tiny_config):
+    proc = run_script("""
+        class Picky(Exception):
+            def __init__(self, a, b):  # pickle re-creates it with args=(message,): a TypeError on loading
+                super().__init__(f"{a}/{b}")
+        def broken(*args):
+            raise Picky("one", "two")
+        data_cache.build_cache = broken
+        try:
+            data_cache.start_background_build(load_config(sys.argv[1])).wait()
+        except RuntimeError as e:
+            assert "Picky: one/two" in str(e) and "in broken" in str(e), str(e)
+            print("text kept")
+    """, str(tiny_config("run")))
+    assert proc.returncode == 0 and "text kept" in proc.stdout, proc.stderr
