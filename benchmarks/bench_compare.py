@@ -306,8 +306,12 @@ def build_systems(ctx: Context) -> list[System]:
     return systems
 
 
-def time_to_accuracy(ctx: Context, target_acc: float, default_runs: list[dict]) -> dict:
-    """Fewest epochs whose test accuracy reaches `target_acc`, each candidate a cold-cache whole-process run."""
+def time_to_accuracy(ctx: Context, target_acc: float, default_runs: list[dict], fasttext: System | None) -> dict:
+    """Fewest epochs whose test accuracy reaches `target_acc`, each candidate a cold-cache whole-process run; then
+    `--repeat` pairs of runs, fastText bigram and ours at that epoch count one right after the other, so the ratio
+    is taken between runs made under the same machine load (this VM's speed drifts by up to 2x within minutes:
+    fastText's rows at the start of a benchmark and ours tens of minutes later made ratios of 1.87x and 2.12x
+    of the same code)."""
     last = 2 if ctx.args.quick else ctx.epochs
     if last < ctx.epochs:
         ctx.note(f"--quick: time to accuracy searched up to {last} of {ctx.epochs} epochs only")
@@ -324,15 +328,25 @@ def time_to_accuracy(ctx: Context, target_acc: float, default_runs: list[dict]) 
         acc = statistics.median(r["test"]["accuracy"] for r in runs)
         tried.append({"epochs": epochs, "test_accuracy": acc})
         if acc >= target_acc:
-            for r in range(len(runs), ctx.args.repeat):  # more runs of the winner, for the time's spread
-                again = run_system(ctx, system, f"tta{r}")
-                runs += [again] if again else []
+            paired_fasttext = []
+            if fasttext is not None:  # fresh pairs: fastText bigram, then ours, each pair back to back
+                runs = []
+                for r in range(ctx.args.repeat):
+                    ft, ours = run_system(ctx, fasttext, f"pair{r}"), run_system(ctx, system, f"pair{r}")
+                    if ft and ours:
+                        paired_fasttext.append(ft)
+                        runs.append(ours)
+            else:
+                for r in range(len(runs), ctx.args.repeat):  # more runs of the winner, for the time's spread
+                    again = run_system(ctx, system, f"tta{r}")
+                    runs += [again] if again else []
             return {
                 "target_accuracy": target_acc,
                 "tried": tried,
                 "reached": True,
                 "epochs": epochs,
                 "runs": runs,
+                "paired_fasttext": paired_fasttext,
             }
     return {"target_accuracy": target_acc, "tried": tried, "reached": False, "searched_up_to": last}
 
@@ -470,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     if runs.get("fasttext_bigram") and runs.get("ours_default") is not None:
         target_acc = statistics.median(r["test"]["accuracy"] for r in runs["fasttext_bigram"])
         print(f"\ntime to fastText-bigram accuracy ({target_acc:.4f}):", flush=True)
-        tta = time_to_accuracy(ctx, target_acc, runs["ours_default"])
+        fasttext = next(s for s in systems if s.key == "fasttext_bigram")
+        tta = time_to_accuracy(ctx, target_acc, runs["ours_default"], fasttext)
     optim = None if args.skip_optim else optimizer_bench(ctx)
     vectors = None if args.skip_vectors else vector_bench(ctx)
 
