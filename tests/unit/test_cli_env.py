@@ -23,3 +23,18 @@ def test_cli_module_does_not_import_torch():
     code = "import sys, trainer.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_the_spin_setting_is_in_place_before_any_command_imports_torch():
+    """`python -m trainer` (cli.run) reaches main(), which sets GOMP_SPINCOUNT, without importing torch. The exit
+    path once imported it first (through trainer.distributed), so libgomp loaded with its own spin count and the
+    bounded spinning silently did not apply: 2-3x slower training beside busy processes."""
+    code = ("import os, sys; from trainer import cli\n"
+            "def main():\n"
+            "    print('torch' in sys.modules, flush=True)\n"
+            "    return 0\n"
+            "cli.main = main\n"
+            "cli.run()")
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
