@@ -174,8 +174,6 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
     (tmp / "done.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
 
-
-
 def cache_root(cfg: Config) -> Path:
     """The folder that holds the data caches: data.cache_dir, else RUN_DIR/cache."""
     return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.run.dir) / "cache"
@@ -291,35 +289,44 @@ def start_background_build(cfg: Config) -> BackgroundBuild | None:
     if pid:
         os.close(write_fd)
         return BackgroundBuild(pid, read_fd)
-    os.close(read_fd)
-    signal.signal(signal.SIGTERM, _terminate)
-    _end_with_parent()
-    os.register_at_fork(after_in_child=lambda: os.close(write_fd))
-    code = 0
+    # the child: everything up to its os._exit in one try, so that no exception (SIGTERM's SystemExit, Ctrl-C's
+    # KeyboardInterrupt) can carry it back into the caller, where it would go on as a second training process
+    code = 1
     try:
+        signal.signal(signal.SIGTERM, _terminate)
+        os.close(read_fd)
+        _end_with_parent()
+        os.register_at_fork(after_in_child=lambda: os.close(write_fd))
         if os.getppid() != parent:  # the parent died before the death signal was armed
             raise SystemExit(1)
         pretrained = load_pretrained(cfg, progress=cfg.metrics.progress)
         folder = cache_root(cfg) / f"data-{cache_key(cfg, pretrained)}"
         if not (folder / "done.json").exists():
             build_cache(cfg, pretrained, folder)
+        code = 0
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the training process
-        code = 1
-        child_traceback = traceback.format_exc()
-        e.add_note(f"(raised while building the data cache in a child process)\n{child_traceback}")
-        try:
-            exc_bytes = pickle.dumps(e)
-        except Exception:  # noqa: BLE001 - an exception that does not pickle: its text still goes back
-            exc_bytes = pickle.dumps(RuntimeError(f"building the data cache failed in a child process:\n"
-                                                  f"{child_traceback}"))
-        report = memoryview(pickle.dumps((exc_bytes, child_traceback)))
-        try:
-            while report:
-                report = report[os.write(write_fd, report):]
-        except OSError:  # the parent closed its end (cancel): nobody to tell
-            pass
+        _report(e, write_fd)
     finally:
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os._exit(code)
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            logging.shutdown()
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+        finally:
+            os._exit(code)
+
+
+def _report(e: BaseException, write_fd: int) -> None:
+    """The child's exception, pickled with its traceback's text, to the training process (BackgroundBuild.wait)."""
+    child_traceback = traceback.format_exc()
+    e.add_note(f"(raised while building the data cache in a child process)\n{child_traceback}")
+    try:
+        exc_bytes = pickle.dumps(e)
+    except Exception:  # noqa: BLE001 - an exception that does not pickle: its text still goes back
+        exc_bytes = pickle.dumps(RuntimeError(f"building the data cache failed in a child process:\n{child_traceback}"))
+    report = memoryview(pickle.dumps((exc_bytes, child_traceback)))
+    try:
+        while report:
+            report = report[os.write(write_fd, report):]
+    except OSError:  # the parent closed its end (cancel): nobody to tell
+        pass
