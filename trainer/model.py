@@ -95,9 +95,7 @@ class TextClassifier(nn.Module):
 
         The list of lookups depends only on the configuration and on `delta_active`, which all ranks agree on, so
         row-wise collectives stay in lock-step."""
-        requests, groups = self._planned_requests(batch, word_groups)
-        if words_fused:
-            requests = [r for r in requests if r[0] not in ("pretrained", "oov", "mask")]
+        requests, groups = self._planned_requests(batch, word_groups, with_words=not words_fused)
         routes = dict(batch.routes)
         if self.tables.has("pretrained_delta"):
             pre_ids, pre_off = requests[0][1:]
@@ -114,14 +112,19 @@ class TextClassifier(nn.Module):
             rows["pretrained"] = rows["pretrained"] + rows.pop("pretrained_delta")
         return rows
 
-    def _planned_requests(self, batch: Batch, word_groups: tuple | None) -> tuple[list, dict]:
+    def _planned_requests(self, batch: Batch, word_groups: tuple | None,
+                          with_words: bool = True) -> tuple[list, dict]:
         """The step's lookups that do not depend on the step (all but the pretrained correction's), as
-        (table, ids, offsets), pretrained first, and the groups they use.
+        (table, ids, offsets), pretrained first, and the groups they use; `with_words` false: the n-gram tables'
+        only (`tables.masked_words` made the word sums).
 
         Word tables are pooled per segment, or, for masked_bag, looked up once per distinct word of the step
         (`word_groups`, from `_word_groups`) so their rows can be multiplied by the mask rows before pooling."""
-        (pre_ids, pre_off), (oov_ids, oov_off) = batch.tables["pretrained"], batch.tables["oov"]
         groups = dict(batch.groups)
+        ngrams = [(name, *batch.tables[name]) for name in ("bigram", "char") if self.tables.has(name)]
+        if not with_words:
+            return ngrams, groups
+        (pre_ids, pre_off), (oov_ids, oov_off) = batch.tables["pretrained"], batch.tables["oov"]
         masked = word_groups is not None
         if masked:
             pre_ids, oov_ids, *_ = word_groups
@@ -134,8 +137,7 @@ class TextClassifier(nn.Module):
         requests = [("pretrained", pre_ids, pre_off), ("oov", oov_ids, oov_off)]
         if masked:
             requests.append(("mask", distinct, groups["mask"][1]))
-        requests += [(name, *batch.tables[name]) for name in ("bigram", "char") if self.tables.has(name)]
-        return requests, groups
+        return requests + ngrams, groups
 
     def prepare(self, batch: Batch) -> Batch:
         """The data thread's work on a collated batch, ahead of its step (same results as leaving it to forward):
