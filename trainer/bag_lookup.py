@@ -140,6 +140,73 @@ class _GroupedBagSum(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+if kernels.numba is not None:
+
+    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
+    def _radix_groups_many(flat, bounds):
+        """`_radix_groups` of every slice flat[bounds[i]:bounds[i + 1]], in one call without the GIL: the distinct
+        ids of all slices concatenated with their bounds, and the inverses in `flat`'s layout."""
+        parts = bounds.shape[0] - 1
+        inverse = np.empty(flat.shape[0], np.int64)
+        distinct_bounds = np.zeros(parts + 1, np.int64)
+        pieces = []
+        for i in range(parts):
+            d, inv = _radix_groups(flat[bounds[i]:bounds[i + 1]])
+            inverse[bounds[i]:bounds[i + 1]] = inv
+            distinct_bounds[i + 1] = distinct_bounds[i] + d.shape[0]
+            pieces.append(d)
+        distinct = np.empty(distinct_bounds[parts], np.int64)
+        for i in range(parts):
+            distinct[distinct_bounds[i]:distinct_bounds[i + 1]] = pieces[i]
+        return distinct, distinct_bounds, inverse
+
+    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
+    def _word_index(pre_offsets, pre_inverse, oov_offsets, oov_inverse, num_pre_distinct):
+        """masked_bag's word index from the pretrained and OOV lookups' groups: each word token's row among
+        [distinct pretrained | distinct OOV], and its document (pretrained tokens first, then OOV tokens)."""
+        n_pre, n_oov = pre_inverse.shape[0], oov_inverse.shape[0]
+        inverse, segment = np.empty(n_pre + n_oov, np.int64), np.empty(n_pre + n_oov, np.int64)
+        for k in range(n_pre):
+            inverse[k] = pre_inverse[k]
+        for k in range(n_oov):
+            inverse[n_pre + k] = oov_inverse[k] + num_pre_distinct
+        for part in range(2):
+            offsets, n, base = (pre_offsets, n_pre, 0) if part == 0 else (oov_offsets, n_oov, n_pre)
+            docs = offsets.shape[0]
+            for d in range(docs):
+                end = offsets[d + 1] if d + 1 < docs else n
+                for k in range(offsets[d], end):
+                    segment[base + k] = d
+        return inverse, segment
+
+
+def group_ids_many(ids: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """`group_ids` of every tensor in `ids`, the same results; for CPU int64 ids through one numba call without
+    the GIL. Why: the data thread groups a step's lookups beside the step, whose Python needs the GIL between its
+    torch ops; one call per batch instead of one per table leaves fewer hand-overs of the GIL."""
+    if not ids or kernels.numba is None or any(t.device.type != "cpu" or t.dtype != torch.int64 for t in ids):
+        return [group_ids(t) for t in ids]
+    sizes = [t.shape[0] for t in ids]
+    flat = np.concatenate([t.numpy() for t in ids]) if len(ids) > 1 else ids[0].contiguous().numpy()
+    distinct, distinct_bounds, inverse = _radix_groups_many(flat, np.cumsum([0, *sizes]))
+    distinct, inverse = torch.from_numpy(distinct), torch.from_numpy(inverse)
+    out, start = [], 0
+    for i, n in enumerate(sizes):
+        out.append((distinct[int(distinct_bounds[i]):int(distinct_bounds[i + 1])], inverse[start:start + n]))
+        start += n
+    return out
+
+
+def word_index(pre_offsets: Tensor, pre_inverse: Tensor, oov_offsets: Tensor, oov_inverse: Tensor,
+               num_pre_distinct: int) -> tuple[Tensor, Tensor] | None:
+    """`_word_index` for CPU int64 tensors; None elsewhere (the caller concatenates with torch ops)."""
+    parts = (pre_offsets, pre_inverse, oov_offsets, oov_inverse)
+    if kernels.numba is None or any(t.device.type != "cpu" or t.dtype != torch.int64 for t in parts):
+        return None
+    inverse, segment = _word_index(*(t.contiguous().numpy() for t in parts), num_pre_distinct)
+    return torch.from_numpy(inverse), torch.from_numpy(segment)
+
+
 def group_ids(ids: Tensor) -> tuple[Tensor, Tensor]:
     """Distinct ids (sorted) and each id's index among them, as tensors (what `bag_sum`'s `groups` takes):
     `sorted_groups` for CPU int64 ids when numba is there, else `torch.unique`."""

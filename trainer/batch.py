@@ -10,6 +10,64 @@ import numpy as np
 import torch
 
 from trainer.features import EncodedDocs, document_frequency, exclusive_cumsum, gather_csr
+from trainer.jit import _CACHE, fused_kernels_enabled, numba
+
+if numba is not None:
+    from numba import njit
+
+    @njit(cache=_CACHE, nogil=True, boundscheck=False)
+    def _collate_docs(token_offsets, token_ids, bigram_offsets, bigram_ids, char_offsets, char_ids, labels,
+                      raw_tokens, rows, num_pretrained):
+        """`collate`'s document-level lookups in one pass without the GIL: per table (pretrained, OOV, bigram,
+        char) the ids of documents `rows` in order and their start offsets; each document's kept tokens, looked-up
+        ids and label; the batch's tokenizer tokens."""
+        n = rows.shape[0]
+        counts = np.zeros((5, n), np.int64)  # pretrained, oov, bigram, char, kept tokens
+        for d in range(n):
+            r = rows[d]
+            if r < 0 or r >= labels.shape[0]:
+                raise IndexError("collate: document row out of range")
+            for k in range(token_offsets[r], token_offsets[r + 1]):
+                t = token_ids[k]
+                if t >= num_pretrained:
+                    counts[1, d] += 1
+                elif t >= 0:
+                    counts[0, d] += 1
+            counts[2, d] = bigram_offsets[r + 1] - bigram_offsets[r]
+            counts[3, d] = char_offsets[r + 1] - char_offsets[r]
+            counts[4, d] = token_offsets[r + 1] - token_offsets[r]
+        offsets = np.zeros((4, n), np.int64)
+        totals = np.zeros(4, np.int64)
+        for t in range(4):
+            for d in range(n):
+                offsets[t, d] = totals[t]
+                totals[t] += counts[t, d]
+        pre, oov = np.empty(totals[0], np.int64), np.empty(totals[1], np.int64)
+        bigrams, chars = np.empty(totals[2], np.int64), np.empty(totals[3], np.int64)
+        lengths = np.empty(n, np.float32)
+        doc_labels = np.empty(n, np.int64)
+        num_tokens = 0
+        a = b = c = e = 0
+        for d in range(n):
+            r = rows[d]
+            for k in range(token_offsets[r], token_offsets[r + 1]):
+                t = token_ids[k]
+                if t >= num_pretrained:
+                    oov[b] = t - num_pretrained
+                    b += 1
+                elif t >= 0:
+                    pre[a] = t
+                    a += 1
+            for k in range(bigram_offsets[r], bigram_offsets[r + 1]):
+                bigrams[c] = bigram_ids[k]
+                c += 1
+            for k in range(char_offsets[r], char_offsets[r + 1]):
+                chars[e] = char_ids[k]
+                e += 1
+            lengths[d] = counts[0, d] + counts[1, d] + counts[2, d] + counts[3, d]
+            doc_labels[d] = labels[r]
+            num_tokens += raw_tokens[r]
+        return pre, oov, bigrams, chars, offsets, counts[4].copy(), lengths, doc_labels, num_tokens
 
 
 @dataclass
@@ -76,6 +134,8 @@ def collate(docs: EncodedDocs, rows: np.ndarray, num_pretrained: int, token_leve
     """Assemble the EmbeddingBag inputs of documents `rows` (this rank's share of a global batch)."""
     rows = np.asarray(rows, dtype=np.int64)
     num_docs = len(rows)
+    if not token_level and fused_kernels_enabled():
+        return _collate_fused(docs, rows, num_pretrained)
     tokens, token_counts = gather_csr(docs.token_offsets, docs.token_ids, rows)
     bigrams, bigram_counts = gather_csr(docs.bigram_offsets, docs.bigram_ids, rows)
     chars, char_counts = gather_csr(docs.char_offsets, docs.char_ids, rows)
@@ -116,6 +176,26 @@ def collate(docs: EncodedDocs, rows: np.ndarray, num_pretrained: int, token_leve
         seq_lengths=seq_lengths,
         num_docs=num_docs,
         num_tokens=int(docs.raw_tokens[rows].sum()),
+    )
+
+
+def _collate_fused(docs: EncodedDocs, rows: np.ndarray, num_pretrained: int) -> Batch:
+    """`collate` for bag encoders through `_collate_docs`, the same arrays as the numpy path. Why: this runs on the
+    data thread beside the step, and the numpy path's ~40 small calls each take the GIL, which the step's own
+    Python needs between its torch ops: with them the prefetching thread made a demo step slower (9.1 ms, 2
+    threads) than collating inline (7.6 ms), against 5.1 ms with batches made beforehand."""
+    pre, oov, bigrams, chars, offsets, token_counts, lengths, labels, num_tokens = _collate_docs(
+        docs.token_offsets, docs.token_ids, docs.bigram_offsets, docs.bigram_ids, docs.char_offsets, docs.char_ids,
+        docs.labels, docs.raw_tokens, rows, num_pretrained)
+    offsets = torch.from_numpy(offsets)
+    return Batch(
+        tables={"pretrained": (torch.from_numpy(pre), offsets[0]), "oov": (torch.from_numpy(oov), offsets[1]),
+                "bigram": (torch.from_numpy(bigrams), offsets[2]), "char": (torch.from_numpy(chars), offsets[3])},
+        labels=torch.from_numpy(labels),
+        lengths=torch.from_numpy(lengths),
+        seq_lengths=torch.from_numpy(token_counts),
+        num_docs=len(rows),
+        num_tokens=int(num_tokens),
     )
 
 

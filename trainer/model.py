@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from trainer import kernels
-from trainer.bag_lookup import bag_sum, gather_pool, group_ids
+from trainer.bag_lookup import bag_sum, gather_pool, group_ids, group_ids_many, word_index
 from trainer.batch import Batch
 from trainer.config import ModelConfig
 from trainer.embeddings import per_token_offsets, segment_counts, segment_index
@@ -144,7 +144,8 @@ class TextClassifier(nn.Module):
         group the ids of the lookups that can be grouped (`Batch.groups`; the wide tables' TF-IDF weighted lookups
         `Batch.weighted` with theirs), then, for row-wise tables, plan where every lookup's ids go (`Batch.routes`,
         `RowWiseTables.route`; masked_bag's are built from the groups)."""
-        batch.groups = {name: group_ids(ids) for name, ids in self.groupable_ids(batch).items()}
+        groupable = self.groupable_ids(batch)
+        batch.groups = dict(zip(groupable, group_ids_many(list(groupable.values())), strict=True))
         batch.words = ()  # made again below from these groups, never kept from an earlier call
         if self.wide_tables:
             batch.weighted = self.wide_lookups(batch)
@@ -171,6 +172,9 @@ class TextClassifier(nn.Module):
             parts.append(batch.groups[name] if name in batch.groups else group_ids(ids))
         (pre, pre_inverse), (oov, oov_inverse) = parts
         (pre_ids, pre_off), (oov_ids, oov_off) = batch.tables["pretrained"], batch.tables["oov"]
+        fused = word_index(pre_off, pre_inverse, oov_off, oov_inverse, pre.shape[0])
+        if fused is not None:
+            return pre, oov, *fused
         segment = torch.cat([segment_index(pre_off, pre_ids.shape[0]), segment_index(oov_off, oov_ids.shape[0])])
         return pre, oov, torch.cat([pre_inverse, oov_inverse + pre.shape[0]]), segment
 

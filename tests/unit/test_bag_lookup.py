@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from trainer import kernels
-from trainer.bag_lookup import bag_sum, gather_pool, group_ids, sorted_groups
+from trainer.bag_lookup import bag_sum, gather_pool, group_ids, group_ids_many, sorted_groups, word_index
 from trainer.config import load_config
 from trainer.distributed import DistInfo
+from trainer.embeddings import segment_index
 from trainer.sparse_optim import FastSparseAdam, RowWiseAdagrad, SparseSGD
 from trainer.trainer import Trainer
 
@@ -35,6 +36,39 @@ def test_sorted_groups_equals_numpy_unique(n) -> None:
     distinct, inverse = sorted_groups(ids)
     want, want_inverse = np.unique(ids, return_inverse=True)
     assert np.array_equal(distinct, want) and np.array_equal(inverse, want_inverse.ravel())
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [5], [300, 0, 17, 4000], [0, 0]])
+def test_group_ids_many_equals_group_ids_of_each(sizes) -> None:
+    rng = np.random.default_rng(len(sizes) + sum(sizes))
+    ids = [torch.from_numpy(rng.integers(0, high, n)) for n, high in zip(sizes, [3, 2_000_000, 40, 10**9], strict=False)]
+    got = group_ids_many(ids)
+    assert len(got) == len(ids)
+    for (distinct, inverse), t in zip(got, ids, strict=True):
+        want_distinct, want_inverse = group_ids(t)
+        assert torch.equal(distinct, want_distinct) and torch.equal(inverse, want_inverse)
+
+
+def test_group_ids_many_refuses_negative_ids() -> None:
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    with pytest.raises(ValueError, match="non-negative"):
+        group_ids_many([torch.tensor([1, 2]), torch.tensor([3, -1])])
+
+
+@pytest.mark.parametrize("docs", [1, 4, 9])
+def test_word_index_equals_the_concatenated_segments(docs) -> None:
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(docs)
+    pre_counts, oov_counts = rng.integers(0, 4, docs), rng.integers(0, 3, docs)
+    pre, oov = torch.from_numpy(rng.integers(0, 50, pre_counts.sum())), torch.from_numpy(rng.integers(0, 9, oov_counts.sum()))
+    pre_off = torch.from_numpy(np.cumsum(pre_counts) - pre_counts)
+    oov_off = torch.from_numpy(np.cumsum(oov_counts) - oov_counts)
+    (pre_distinct, pre_inverse), (_, oov_inverse) = group_ids(pre), group_ids(oov)
+    inverse, segment = word_index(pre_off, pre_inverse, oov_off, oov_inverse, pre_distinct.shape[0])
+    assert torch.equal(inverse, torch.cat([pre_inverse, oov_inverse + pre_distinct.shape[0]]))
+    assert torch.equal(segment, torch.cat([segment_index(pre_off, pre.shape[0]), segment_index(oov_off, oov.shape[0])]))
 
 
 CASES = [(50, 200, 13), (1000, 0, 4), (10, 30, 1), (100_000, 5000, 300), (8, 40, 40), (30, 0, 0)]

@@ -7,6 +7,7 @@ import torch
 from trainer.batch import collate
 from trainer.config import DataConfig
 from trainer.features import EncodedDocs, Featurizer, tokenize
+from trainer.jit import fused_kernels_enabled
 from trainer.vocab import Tokenizer, Vocabulary, bigram_buckets, char_ngram_buckets, stable_hash64
 
 # ids: the=0 cat=1 (pretrained) | zork=2 blip=3 (OOV); "dog" is unknown
@@ -175,6 +176,37 @@ def test_collate_bag_mode_with_chars_counts_unknown_words_only_by_their_chars():
     assert batch.tables["char"][1].tolist() == [0] and len(batch.tables["char"][0]) == 6
     assert batch.lengths.tolist() == [1 + 6]
     assert batch.seq_lengths.tolist() == [2]
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_the_fused_collate_equals_the_numpy_path(tmp_path, monkeypatch, stored):
+    texts = ["The cat zork dog", "", "dog dog", "blip the dog cat cat the", "zork", "cat"] * 3
+    docs = featurizer(ngram_buckets=1 << 20, char_buckets=1000).encode(texts, ["pos", "neg", "other"] * 6)
+    if stored:  # int32 ids, memory-mapped, as training reads them
+        docs.save(tmp_path / "docs")
+        docs = EncodedDocs.load(tmp_path / "docs")
+    for rows in (np.array([3, 1, 0, 17, 2, 2]), np.array([1]), np.arange(len(texts))[::-1], np.array([], dtype=np.int64)):
+        fused = collate(docs, rows, P, token_level=False)
+        monkeypatch.setenv("TRAINER_FUSED_KERNELS", "0")
+        plain = collate(docs, rows, P, token_level=False)
+        monkeypatch.delenv("TRAINER_FUSED_KERNELS")
+        assert fused.tables.keys() == plain.tables.keys()
+        for name in plain.tables:
+            for x, y in zip(fused.tables[name], plain.tables[name], strict=True):
+                assert x.dtype == y.dtype and torch.equal(x, y), name
+        for name in ("labels", "lengths", "seq_lengths"):
+            x, y = getattr(fused, name), getattr(plain, name)
+            assert x.dtype == y.dtype and torch.equal(x, y), name
+        assert (fused.num_docs, fused.num_tokens) == (plain.num_docs, plain.num_tokens)
+
+
+def test_the_fused_collate_refuses_a_row_out_of_range():
+    if not fused_kernels_enabled():
+        pytest.skip("numba is not installed")
+    docs = featurizer().encode(TEXTS, ["pos", "neg", "neg", "pos"])
+    for bad in (4, -1):
+        with pytest.raises(IndexError, match="out of range"):
+            collate(docs, np.array([0, bad]), P, token_level=False)
 
 
 def test_collate_token_level_by_hand():
