@@ -5,10 +5,17 @@ Everything is generated on the fly (no network, no downloads) and deterministic.
 import csv
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# One numba cache for the whole session, subprocesses included (set before anything imports numba): each test's
+# TRAINER_CACHE_DIR is its own folder (below), and the kernels' cache would otherwise follow it, so every CLI,
+# torchrun and pod test compiled every kernel again, several seconds each. tests/unit/test_kernels.py checks the
+# cache's own placement with the variable removed.
+os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"trainer-tests-numba-{os.getuid()}"))
 
 TOPICS = {
     "sports": "ball goal match team score player coach league referee stadium tennis soccer".split(),

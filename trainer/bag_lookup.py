@@ -147,18 +147,14 @@ if kernels.numba is not None:
         """`_radix_groups` of every slice flat[bounds[i]:bounds[i + 1]], in one call without the GIL: the distinct
         ids of all slices concatenated with their bounds, and the inverses in `flat`'s layout."""
         parts = bounds.shape[0] - 1
-        inverse = np.empty(flat.shape[0], np.int64)
+        distinct, inverse = np.empty(flat.shape[0], np.int64), np.empty(flat.shape[0], np.int64)
         distinct_bounds = np.zeros(parts + 1, np.int64)
-        pieces = []
         for i in range(parts):
             d, inv = _radix_groups(flat[bounds[i]:bounds[i + 1]])
             inverse[bounds[i]:bounds[i + 1]] = inv
+            distinct[distinct_bounds[i]:distinct_bounds[i] + d.shape[0]] = d  # packed: at most its slice's size
             distinct_bounds[i + 1] = distinct_bounds[i] + d.shape[0]
-            pieces.append(d)
-        distinct = np.empty(distinct_bounds[parts], np.int64)
-        for i in range(parts):
-            distinct[distinct_bounds[i]:distinct_bounds[i + 1]] = pieces[i]
-        return distinct, distinct_bounds, inverse
+        return distinct[:distinct_bounds[parts]], distinct_bounds, inverse
 
     @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
     def _word_index(pre_offsets, pre_inverse, oov_offsets, oov_inverse, num_pre_distinct):

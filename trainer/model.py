@@ -182,10 +182,21 @@ class TextClassifier(nn.Module):
         """By table, the ids the data thread can group ahead (`Batch.groups`, bag_lookup.group_ids): the words of
         masked_bag, and, for tables this process holds whole, the lookups that do not depend on the step (not the
         pretrained correction's)."""
+        return {name: batch.tables[name][0] for name in self._groupable_names()}
+
+    def _groupable_names(self) -> list[str]:
         names = ["pretrained", "oov"] if self.encoder == "masked_bag" else []
         if self.tables.takes_groups:
             names += [n for n in ("oov", "bigram", "char") if n not in names and self.tables.has(n)]
-        return {name: batch.tables[name][0] for name in names}
+        return names
+
+    def grouping_plan(self) -> tuple[tuple[str, ...], bool] | None:
+        """What `prepare` does to a batch of this model, as `batch.collate_grouped` takes it (the tables to group,
+        and whether to make masked_bag's word index), where that one kernel call does all of it; None where
+        `prepare` has more to do (the LSTM's token segments, wide tables' weighted lookups, row-wise routes)."""
+        if self.encoder == "lstm" or self.wide_tables or hasattr(self.tables, "route"):
+            return None
+        return tuple(self._groupable_names()), self.encoder == "masked_bag"
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """Document vectors (B, D) for bag encoders; token vectors (N, D) for the LSTM."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer import kernels
-from trainer.batch import Batch, collate, wide_idf
+from trainer.batch import Batch, batch_from_collated, collate, collate_grouped, wide_idf
 from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, valid_steps
 from trainer.config import Config, dump_toml
 from trainer.data import BatchPlan, BatchPrefetcher, DataBundle, class_weights, prepare_data, rank_share
@@ -189,6 +189,9 @@ class Trainer:
         self.train_model = wrap_for_training(self.model, self.sharding, info)
         self.sync_tables = needs_sparse_grad_sync(tables, info)
         self.token_level = cfg.model.encoder == "lstm"
+        # the data thread's work in one GIL-free call where it can be (CPU steps; GPU batches are pinned as tensors)
+        self.grouping_plan = (self.model.grouping_plan() if info.device.type == "cpu" and kernels.fused_kernels_enabled()
+                              else None)
         tc = cfg.train
         self.plan = BatchPlan(self.data.train.raw_tokens, tc.batch_size, tc.tokens_per_batch, tc.seed)
         self.total_steps = tc.max_steps or self.plan.total_steps(tc.epochs)
@@ -307,7 +310,7 @@ class Trainer:
         # the test evaluation and projector must still see the unfrozen pretrained correction
         unwrap(self.model).delta_active = step > 0 and self.optim.pretrained_active(step - 1)
         t_start = time.perf_counter()
-        prefetch = BatchPrefetcher(self._make_batch, self.total_steps, pin=info.device.type != "cpu")
+        prefetch = BatchPrefetcher(self._batch_parts, self.total_steps, pin=info.device.type != "cpu")
         try:
             return self._steps(step, tokens_seen, prefetch, timer, meter, bar, t_start)
         finally:
@@ -315,12 +318,26 @@ class Trainer:
 
     def _make_batch(self, step: int) -> tuple[np.ndarray, Batch, int]:
         """Step `step`'s global rows, this rank's collated share of them, and the number of batches in its epoch."""
+        rows, parts, num_batches = self._batch_parts(step)
+        return rows, self._finish_batch(parts), num_batches
+
+    def _batch_parts(self, step: int) -> tuple[np.ndarray, Batch | tuple, int]:
+        """`_make_batch` as the data thread runs it, off the main thread: collating, id grouping, row-wise routes.
+        Where one numba call does all of it (`batch.collate_grouped`), it returns that call's arrays, and the
+        main thread makes the tensors (`_finish_batch`): the data thread then takes the GIL about once a batch."""
         epoch, index = self.plan.position(step)
         batches = self.plan.epoch(epoch)
         rows = rank_share(batches[index], self.info.rank, self.info.world_size)
+        if self.grouping_plan is not None:
+            parts = collate_grouped(self.data.train, rows, self.data.vocab.num_pretrained, *self.grouping_plan)
+            return batches[index], parts, len(batches)
         batch = collate(self.data.train, rows, self.data.vocab.num_pretrained, self.token_level)
-        unwrap(self.model).prepare(batch)  # off the main thread: id grouping, row-wise routes
+        unwrap(self.model).prepare(batch)
         return batches[index], batch, len(batches)
+
+    @staticmethod
+    def _finish_batch(parts: Batch | tuple) -> Batch:
+        return parts if isinstance(parts, Batch) else batch_from_collated(parts)
 
     def _steps(self, step, tokens_seen, prefetch, timer, meter, bar, t_start) -> dict:
         cfg, info, model = self.cfg, self.info, self.train_model
@@ -332,8 +349,8 @@ class Trainer:
         while step < self.total_steps:
             epoch, index = self.plan.position(step)
             timer.start()
-            global_rows, batch, num_batches = prefetch.get(step)
-            batch = batch.to(info.device)
+            global_rows, parts, num_batches = prefetch.get(step)
+            batch = self._finish_batch(parts).to(info.device)
             timer.mark("data")
             # dropout randomness from (seed, step, rank): a resumed run draws exactly what it would have
             # (only this device's generator: torch.manual_seed also seeds every lazy CUDA/XPU/MTIA generator, and

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from trainer import kernels
 from trainer.bag_lookup import bag_sum, gather_pool, group_ids, group_ids_many, sorted_groups, word_index
+from trainer.batch import Batch, collate
 from trainer.config import load_config
 from trainer.distributed import DistInfo
 from trainer.embeddings import segment_index
@@ -162,6 +163,43 @@ def test_the_data_thread_groups_the_ids_of_every_trainable_lookup(tiny_config, e
         ahead = trainer.model(batch)
         batch.groups, batch.words = {}, ()
         assert torch.equal(trainer.model(batch), ahead)
+
+
+@pytest.mark.parametrize(("encoder", "chars", "plan"), [
+    ("masked_bag", 0, (("pretrained", "oov", "bigram"), True)),
+    ("bag", 50, (("oov", "bigram", "char"), False)),
+    ("masked_bag", 50, (("pretrained", "oov", "bigram", "char"), True)),
+])
+def test_the_one_call_data_thread_batch_equals_collate_then_prepare(tiny_config, encoder, chars, plan) -> None:
+    if not kernels.fused_kernels_enabled():
+        pytest.skip("numba is not installed")
+    cfg = load_config(tiny_config("run", model={"encoder": encoder},
+                                  embeddings={"ngram_buckets": 64, "char_ngrams": chars}), ["--train.threads", "1"])
+    trainer = Trainer(cfg, DistInfo(0, 0, 1, torch.device("cpu"), "none"))
+    trainer.build()
+    assert trainer.grouping_plan == plan
+    for step in range(3):
+        rows, fast, _ = trainer._make_batch(step)
+        slow = collate(trainer.data.train, rows, trainer.data.vocab.num_pretrained, False)
+        trainer.model.prepare(slow)
+        for name in ("tables", "groups"):
+            want, got = getattr(slow, name), getattr(fast, name)
+            assert want.keys() == got.keys()
+            for key in want:
+                assert all(torch.equal(a, b) for a, b in zip(got[key], want[key], strict=True)), (name, key)
+        assert len(fast.words) == len(slow.words) and all(torch.equal(a, b) for a, b in zip(fast.words, slow.words))
+        for name in ("labels", "lengths", "seq_lengths"):
+            assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+        assert (fast.num_docs, fast.num_tokens) == (slow.num_docs, slow.num_tokens)
+
+
+def test_no_one_call_batch_where_prepare_has_more_to_do(tiny_config) -> None:
+    for model in ({"encoder": "lstm"}, {"wide": "words"}):
+        cfg = load_config(tiny_config("run", model=model), ["--train.threads", "1"])
+        trainer = Trainer(cfg, DistInfo(0, 0, 1, torch.device("cpu"), "none"))
+        trainer.build()
+        assert trainer.grouping_plan is None
+        assert isinstance(trainer._batch_parts(0)[1], Batch)
 
 
 @pytest.mark.parametrize(("distinct", "num_ids", "segments"), [(20, 300, 17), (5, 0, 3), (1, 10, 1), (0, 0, 0)])
