@@ -10,7 +10,10 @@ Modes, interleaved block by block (the order reversed every other round), each t
 `thread` close to `ahead` means the thread's work overlaps the step; `python_spin` shows what holding the GIL for
 that long costs the step.
 
-    python benchmarks/bench_data_thread.py --config configs/demo.toml [--threads 1] [--rounds 5] [--steps 40]
+    python benchmarks/bench_data_thread.py --config configs/demo.toml [--threads 1 2] [--modes thread ahead]
+
+Several `--threads` counts run in the same process, interleaved with the modes (torch.set_num_threads between
+blocks; the fused kernels follow torch's count).
 """
 
 import argparse
@@ -25,6 +28,7 @@ if "OMP_WAIT_POLICY" not in os.environ:  # as the trainer's CLI does (trainer/cl
     os.environ.setdefault("GOMP_SPINCOUNT", "100000")
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
 from trainer.data import BatchPrefetcher  # noqa: E402
@@ -38,13 +42,14 @@ MODES = ("thread", "inline", "ahead", "nogil_spin", "python_spin")
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, nargs="+", default=[1])
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=40, help="steps per block")
     p.add_argument("--spin-us", type=float, default=800.0, help="length of the spin modes' busy loop")
     args, rest = p.parse_known_args()
-    span = args.steps * args.rounds * len(MODES) + args.steps  # the steps' batches, warm-up block included
-    cfg = load_config(args.config, rest + ["--run.dir", "/tmp/bench-data-thread-run", "--train.threads", str(args.threads),
+    span = args.steps * args.rounds * len(args.modes) * len(args.threads) + args.steps  # warm-up block included
+    cfg = load_config(args.config, rest + ["--run.dir", "/tmp/bench-data-thread-run", "--train.threads", str(args.threads[0]),
                                            "--train.max_steps", str(span), "--metrics.tensorboard", "false",
                                            "--metrics.progress", "false"])
     trainer = Trainer(cfg, init_distributed("cpu"))
@@ -89,7 +94,8 @@ def main() -> int:
         trainer.optim.clip_dense(cfg.optim.grad_clip)
         trainer.optim.step(i)
 
-    def block(mode: str, start: int) -> float:
+    def block(mode: str, threads: int, start: int) -> float:
+        torch.set_num_threads(threads)
         steps = range(start, start + args.steps)
         if mode != "inline" and mode != "thread":
             ahead.clear()
@@ -114,20 +120,21 @@ def main() -> int:
                 prefetch.close()
         return (time.perf_counter() - t0) / args.steps * 1e3
 
-    modes = [m for m in MODES if numba is not None or m != "nogil_spin"]
-    block("inline", 0)  # warm-up
-    times = {m: [] for m in modes}
+    runs = [(m, t) for t in args.threads for m in args.modes if numba is not None or m != "nogil_spin"]
+    block("inline", args.threads[0], 0)  # warm-up
+    times = {run: [] for run in runs}
     start = args.steps
     for r in range(args.rounds):
-        for mode in (modes if r % 2 == 0 else modes[::-1]):
-            times[mode].append(block(mode, start))
+        for run in (runs if r % 2 == 0 else runs[::-1]):
+            times[run].append(block(*run, start))
             start += args.steps
-    print(f"{args.config}, {args.threads} thread(s), {args.rounds} blocks of {args.steps} steps per mode, "
-          f"spin {args.spin_us:.0f} us; ms per step, median (min-max):")
-    floor = float(np.median(times["ahead"]))
-    for mode, v in times.items():
+    print(f"{args.config}, {args.rounds} blocks of {args.steps} steps per mode and thread count, spin "
+          f"{args.spin_us:.0f} us; ms per step, median (min-max):")
+    for (mode, threads), v in times.items():
         med = float(np.median(v))
-        print(f"  {mode:<12} {med:6.2f} ({min(v):.2f}-{max(v):.2f})  {med - floor:+6.2f} vs ahead")
+        floor = times.get(("ahead", threads))
+        vs = f"  {med - float(np.median(floor)):+6.2f} vs ahead" if floor and mode != "ahead" else ""
+        print(f"  {mode:<12} {threads} thread(s) {med:6.2f} ({min(v):.2f}-{max(v):.2f}){vs}")
     return 0
 
 
