@@ -176,6 +176,21 @@ def run_system(ctx: Context, system: System, tag: str) -> dict | None:
     return result
 
 
+def warm_up(ctx: Context, ours: list[System]) -> None:
+    """One untimed 3-step run of each of our systems first. Why: numba compiles our kernels once per install
+    (about 12 s here) and caches them (trainer/jit.py); a checkout that never ran, such as a fresh `git worktree`,
+    would otherwise pay that in its first timed run (24.1 s against 10.3 s whole process, seen)."""
+    if not ours:
+        return
+    print("warm-up (untimed): a 3-step run of each of ours, so numba's kernels are compiled and cached", flush=True)
+    t0 = time.perf_counter()
+    for system in ours:
+        run_system(ctx, System(system.key, system.label, [*system.cmd, "--train.max_steps", "3"], system.kind),
+                   "warmup")
+    ctx.notes.append(f"before the timed runs, one untimed 3-step run of each of ours ({time.perf_counter() - t0:.1f} s):"
+                     " numba compiles our kernels once per install and caches them")
+
+
 def ours_system(ctx: Context, key: str, label: str, *extra: str, config: Path | None = None) -> System:
     cmd = [sys.executable, "-m", "trainer", "train", "--config", str(config or ctx.config), "--run.dir", "{run}"]
     cmd += ["--data.cache_dir", "{cache}", "--train.threads", str(ctx.args.threads)]
@@ -474,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     systems = build_systems(ctx)
     runs: dict[str, list[dict]] = {s.key: [] for s in systems}
     print(f"work folder {work}; {len(systems)} systems x {args.repeat} runs", flush=True)
+    warm_up(ctx, [s for s in systems if s.kind == "ours"])
     for r in range(args.repeat):
         for system in systems:
             result = run_system(ctx, system, f"r{r}")
