@@ -243,9 +243,8 @@ def collate_grouped(docs: EncodedDocs, rows: np.ndarray, num_pretrained: int, gr
     Returns plain arrays; `batch_from_collated` makes the Batch on the step's thread.
 
     Why: the step's thread needs the GIL between its torch ops, and every Python-level call on the data thread
-    takes it: made on the data thread one call at a time (collate, a grouping per table, the word index, the
-    tensors), the demo's batches cost its step 6.2 ms against 5.1 ms with batches made beforehand; a GIL-free
-    busy loop as long as these kernels cost it 5.3 ms."""
+    takes it, so the thread's work should be few calls (README, "A data thread that does not take the GIL";
+    benchmarks/bench_data_thread.py measures what it costs the step)."""
     if words and not {"pretrained", "oov"} <= set(group):
         raise ValueError("collate_grouped: the word index needs the pretrained and oov groups")
     flags = np.array([name in group for name in TABLES], dtype=np.bool_)
