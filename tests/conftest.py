@@ -2,9 +2,11 @@
 
 Everything is generated on the fly (no network, no downloads) and deterministic."""
 
+import atexit
 import csv
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,9 +15,12 @@ import pytest
 
 # One numba cache for the whole session, subprocesses included (set before anything imports numba): each test's
 # TRAINER_CACHE_DIR is its own folder (below), and the kernels' cache would otherwise follow it, so every CLI,
-# torchrun and pod test compiled every kernel again, several seconds each. tests/unit/test_kernels.py checks the
-# cache's own placement with the variable removed.
-os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"trainer-tests-numba-{os.getuid()}"))
+# torchrun and pod test compiled every kernel again, several seconds each. A new folder per session, removed at
+# its end: kernels compiled from an earlier checkout's files are never loaded. tests/unit/test_kernels.py checks
+# the cache's own placement with the variable removed.
+_NUMBA_CACHE = tempfile.mkdtemp(prefix="trainer-tests-numba-")
+atexit.register(shutil.rmtree, _NUMBA_CACHE, ignore_errors=True)
+os.environ.setdefault("NUMBA_CACHE_DIR", _NUMBA_CACHE)
 
 TOPICS = {
     "sports": "ball goal match team score player coach league referee stadium tennis soccer".split(),

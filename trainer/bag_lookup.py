@@ -31,6 +31,8 @@ from trainer import kernels
 if kernels.numba is not None:
     from numba import njit
 
+    from trainer.batch_kernels import _radix_groups, _radix_groups_many, _word_index
+
     @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
     def _sum_rows(grad_out, offsets, inverse, weights, out):
         """out[inverse[k]] += weights[k] * grad_out[segment of id k], for ids in their original order, out zeroed
@@ -69,51 +71,6 @@ def sorted_groups(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _radix_groups(np.ascontiguousarray(ids, dtype=np.int64))
 
 
-if kernels.numba is not None:
-
-    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
-    def _radix_groups(ids):
-        """11 bits a pass (2048 counters stay in L1), as many passes as the largest id needs (2 for 1M rows, 3 for
-        100M); each pass is stable and carries every id with its position, so the sorted run yields the distinct
-        ids and every position's distinct index in one final scan."""
-        n = ids.shape[0]
-        top = 0
-        for k in range(n):
-            if ids[k] < 0:
-                raise ValueError("sorted_groups: ids must be non-negative")
-            top = max(top, ids[k])
-        passes = 1
-        while top >> (11 * passes):
-            passes += 1
-        counts = np.zeros((passes, 2048), np.int64)
-        for k in range(n):
-            for p in range(passes):
-                counts[p, (ids[k] >> (11 * p)) & 2047] += 1
-        keys, where = ids.copy(), np.arange(n)
-        keys_next, where_next = np.empty(n, np.int64), np.empty(n, np.int64)
-        at = np.empty(2048, np.int64)
-        for p in range(passes):
-            total = 0
-            for d in range(2048):
-                at[d] = total
-                total += counts[p, d]
-            for j in range(n):
-                d = (keys[j] >> (11 * p)) & 2047
-                keys_next[at[d]] = keys[j]
-                where_next[at[d]] = where[j]
-                at[d] += 1
-            keys, keys_next = keys_next, keys
-            where, where_next = where_next, where
-        distinct, inverse = np.empty(n, np.int64), np.empty(n, np.int64)
-        m = -1
-        for j in range(n):
-            if m < 0 or keys[j] != distinct[m]:
-                m += 1
-                distinct[m] = keys[j]
-            inverse[where[j]] = m
-        return distinct[: m + 1].copy(), inverse
-
-
 class _GroupedBagSum(torch.autograd.Function):
     """`F.embedding_bag(ids, weight, offsets, mode="sum", per_sample_weights=...)` with a coalesced sparse gradient
     for `weight` (none for the per-sample weights, which are data: the wide part's TF-IDF weights)."""
@@ -138,42 +95,6 @@ class _GroupedBagSum(torch.autograd.Function):
         grad = torch.sparse_coo_tensor(distinct.unsqueeze(0), values, (rows, dim), is_coalesced=True,
                                        check_invariants=False)
         return grad, None, None, None, None
-
-
-if kernels.numba is not None:
-
-    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
-    def _radix_groups_many(flat, bounds):
-        """`_radix_groups` of every slice flat[bounds[i]:bounds[i + 1]], in one call without the GIL: the distinct
-        ids of all slices concatenated with their bounds, and the inverses in `flat`'s layout."""
-        parts = bounds.shape[0] - 1
-        distinct, inverse = np.empty(flat.shape[0], np.int64), np.empty(flat.shape[0], np.int64)
-        distinct_bounds = np.zeros(parts + 1, np.int64)
-        for i in range(parts):
-            d, inv = _radix_groups(flat[bounds[i]:bounds[i + 1]])
-            inverse[bounds[i]:bounds[i + 1]] = inv
-            distinct[distinct_bounds[i]:distinct_bounds[i] + d.shape[0]] = d  # packed: at most its slice's size
-            distinct_bounds[i + 1] = distinct_bounds[i] + d.shape[0]
-        return distinct[:distinct_bounds[parts]], distinct_bounds, inverse
-
-    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
-    def _word_index(pre_offsets, pre_inverse, oov_offsets, oov_inverse, num_pre_distinct):
-        """masked_bag's word index from the pretrained and OOV lookups' groups: each word token's row among
-        [distinct pretrained | distinct OOV], and its document (pretrained tokens first, then OOV tokens)."""
-        n_pre, n_oov = pre_inverse.shape[0], oov_inverse.shape[0]
-        inverse, segment = np.empty(n_pre + n_oov, np.int64), np.empty(n_pre + n_oov, np.int64)
-        for k in range(n_pre):
-            inverse[k] = pre_inverse[k]
-        for k in range(n_oov):
-            inverse[n_pre + k] = oov_inverse[k] + num_pre_distinct
-        for part in range(2):
-            offsets, n, base = (pre_offsets, n_pre, 0) if part == 0 else (oov_offsets, n_oov, n_pre)
-            docs = offsets.shape[0]
-            for d in range(docs):
-                end = offsets[d + 1] if d + 1 < docs else n
-                for k in range(offsets[d], end):
-                    segment[base + k] = d
-        return inverse, segment
 
 
 def group_ids_many(ids: list[Tensor]) -> list[tuple[Tensor, Tensor]]:

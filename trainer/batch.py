@@ -10,101 +10,12 @@ import numpy as np
 import torch
 
 from trainer.features import EncodedDocs, document_frequency, exclusive_cumsum, gather_csr
-from trainer.jit import _CACHE, fused_kernels_enabled, numba
+from trainer.jit import fused_kernels_enabled, numba
 
 TABLES = ("pretrained", "oov", "bigram", "char")  # the lookups of a bag-encoder batch, in the kernels' order
 
 if numba is not None:
-    from numba import njit
-
-    from trainer.bag_lookup import _radix_groups, _word_index
-
-    @njit(cache=_CACHE, nogil=True, boundscheck=False)
-    def _collate_docs(token_offsets, token_ids, bigram_offsets, bigram_ids, char_offsets, char_ids, labels,
-                      raw_tokens, rows, num_pretrained):
-        """`collate`'s document-level lookups in one pass without the GIL: per table (pretrained, OOV, bigram,
-        char) the ids of documents `rows` in order and their start offsets; each document's kept tokens, looked-up
-        ids and label; the batch's tokenizer tokens."""
-        n = rows.shape[0]
-        counts = np.zeros((5, n), np.int64)  # pretrained, oov, bigram, char, kept tokens
-        for d in range(n):
-            r = rows[d]
-            if r < 0 or r >= labels.shape[0]:
-                raise IndexError("collate: document row out of range")
-            for k in range(token_offsets[r], token_offsets[r + 1]):
-                t = token_ids[k]
-                if t >= num_pretrained:
-                    counts[1, d] += 1
-                elif t >= 0:
-                    counts[0, d] += 1
-            counts[2, d] = bigram_offsets[r + 1] - bigram_offsets[r]
-            counts[3, d] = char_offsets[r + 1] - char_offsets[r]
-            counts[4, d] = token_offsets[r + 1] - token_offsets[r]
-        offsets = np.zeros((4, n), np.int64)
-        totals = np.zeros(4, np.int64)
-        for t in range(4):
-            for d in range(n):
-                offsets[t, d] = totals[t]
-                totals[t] += counts[t, d]
-        pre, oov = np.empty(totals[0], np.int64), np.empty(totals[1], np.int64)
-        bigrams, chars = np.empty(totals[2], np.int64), np.empty(totals[3], np.int64)
-        lengths = np.empty(n, np.float32)
-        doc_labels = np.empty(n, np.int64)
-        num_tokens = 0
-        a = b = c = e = 0
-        for d in range(n):
-            r = rows[d]
-            for k in range(token_offsets[r], token_offsets[r + 1]):
-                t = token_ids[k]
-                if t >= num_pretrained:
-                    oov[b] = t - num_pretrained
-                    b += 1
-                elif t >= 0:
-                    pre[a] = t
-                    a += 1
-            for k in range(bigram_offsets[r], bigram_offsets[r + 1]):
-                bigrams[c] = bigram_ids[k]
-                c += 1
-            for k in range(char_offsets[r], char_offsets[r + 1]):
-                chars[e] = char_ids[k]
-                e += 1
-            lengths[d] = counts[0, d] + counts[1, d] + counts[2, d] + counts[3, d]
-            doc_labels[d] = labels[r]
-            num_tokens += raw_tokens[r]
-        return pre, oov, bigrams, chars, offsets, counts[4].copy(), lengths, doc_labels, num_tokens
-
-    @njit(cache=_CACHE, nogil=True, boundscheck=False)
-    def _collate_grouped(token_offsets, token_ids, bigram_offsets, bigram_ids, char_offsets, char_ids, labels,
-                         raw_tokens, rows, num_pretrained, group, words):
-        """`_collate_docs`, then the grouping the model would do on the batch (`TextClassifier.prepare`): the
-        distinct ids and inverses of every table flagged in `group` (in TABLES order; `_radix_groups`), and
-        with `words` masked_bag's word index (`_word_index`, from the pretrained and OOV groups)."""
-        pre, oov, bigrams, chars, offsets, token_counts, lengths, doc_labels, num_tokens = _collate_docs(
-            token_offsets, token_ids, bigram_offsets, bigram_ids, char_offsets, char_ids, labels, raw_tokens, rows,
-            num_pretrained)
-        tables = (pre, oov, bigrams, chars)
-        distinct_bounds, inverse_bounds = np.zeros(5, np.int64), np.zeros(5, np.int64)
-        for t in range(4):
-            inverse_bounds[t + 1] = inverse_bounds[t] + (tables[t].shape[0] if group[t] else 0)
-        # each table's distinct ids (at most as many as its ids) packed after the previous table's
-        distinct, inverse = np.empty(inverse_bounds[4], np.int64), np.empty(inverse_bounds[4], np.int64)
-        for t in range(4):
-            if group[t]:
-                d, inv = _radix_groups(tables[t])
-                distinct[distinct_bounds[t]:distinct_bounds[t] + d.shape[0]] = d
-                inverse[inverse_bounds[t]:inverse_bounds[t + 1]] = inv
-                distinct_bounds[t + 1] = distinct_bounds[t] + d.shape[0]
-            else:
-                distinct_bounds[t + 1] = distinct_bounds[t]
-        distinct = distinct[:distinct_bounds[4]]
-        if words:
-            word_inverse, word_segment = _word_index(
-                offsets[0], inverse[inverse_bounds[0]:inverse_bounds[1]], offsets[1],
-                inverse[inverse_bounds[1]:inverse_bounds[2]], distinct_bounds[1] - distinct_bounds[0])
-        else:
-            word_inverse, word_segment = np.empty(0, np.int64), np.empty(0, np.int64)
-        return (pre, oov, bigrams, chars, offsets, token_counts, lengths, doc_labels, num_tokens, distinct,
-                distinct_bounds, inverse, inverse_bounds, word_inverse, word_segment)
+    from trainer.batch_kernels import _collate_docs, _collate_grouped
 
 
 @dataclass
@@ -167,11 +78,15 @@ class Batch:
         )
 
 
-def collate(docs: EncodedDocs, rows: np.ndarray, num_pretrained: int, token_level: bool) -> Batch:
-    """Assemble the EmbeddingBag inputs of documents `rows` (this rank's share of a global batch)."""
+def collate(docs: EncodedDocs, rows: np.ndarray, num_pretrained: int, token_level: bool,
+            fused: bool = False) -> Batch:
+    """Assemble the EmbeddingBag inputs of documents `rows` (this rank's share of a global batch). `fused`: for bag
+    encoders, one numba call without the GIL (`_collate_fused`), for the training data thread; off by default,
+    since a process that has not run a numba kernel yet (`trainer predict` of a few lines) would pay numba's
+    first-kernel cost (~0.4 s) for it."""
     rows = np.asarray(rows, dtype=np.int64)
     num_docs = len(rows)
-    if not token_level and fused_kernels_enabled():
+    if fused and not token_level and fused_kernels_enabled():
         return _collate_fused(docs, rows, num_pretrained)
     tokens, token_counts = gather_csr(docs.token_offsets, docs.token_ids, rows)
     bigrams, bigram_counts = gather_csr(docs.bigram_offsets, docs.bigram_ids, rows)

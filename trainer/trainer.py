@@ -331,7 +331,7 @@ class Trainer:
         if self.grouping_plan is not None:
             parts = collate_grouped(self.data.train, rows, self.data.vocab.num_pretrained, *self.grouping_plan)
             return batches[index], parts, len(batches)
-        batch = collate(self.data.train, rows, self.data.vocab.num_pretrained, self.token_level)
+        batch = collate(self.data.train, rows, self.data.vocab.num_pretrained, self.token_level, fused=True)
         unwrap(self.model).prepare(batch)
         return batches[index], batch, len(batches)
 

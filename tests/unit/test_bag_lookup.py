@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from trainer import kernels
 from trainer.bag_lookup import bag_sum, gather_pool, group_ids, group_ids_many, sorted_groups, word_index
-from trainer.batch import Batch, collate
+from trainer import model as model_module
+from trainer.batch import Batch, batch_from_collated, collate, collate_grouped
 from trainer.config import load_config
 from trainer.distributed import DistInfo
 from trainer.embeddings import segment_index
@@ -170,7 +171,8 @@ def test_the_data_thread_groups_the_ids_of_every_trainable_lookup(tiny_config, e
     ("bag", 50, (("oov", "bigram", "char"), False)),
     ("masked_bag", 50, (("pretrained", "oov", "bigram", "char"), True)),
 ])
-def test_the_one_call_data_thread_batch_equals_collate_then_prepare(tiny_config, encoder, chars, plan) -> None:
+def test_the_one_call_data_thread_batch_equals_collate_then_prepare(tiny_config, monkeypatch, encoder, chars,
+                                                                    plan) -> None:
     if not kernels.fused_kernels_enabled():
         pytest.skip("numba is not installed")
     cfg = load_config(tiny_config("run", model={"encoder": encoder},
@@ -178,19 +180,37 @@ def test_the_one_call_data_thread_batch_equals_collate_then_prepare(tiny_config,
     trainer = Trainer(cfg, DistInfo(0, 0, 1, torch.device("cpu"), "none"))
     trainer.build()
     assert trainer.grouping_plan == plan
-    for step in range(3):
-        rows, fast, _ = trainer._make_batch(step)
-        slow = collate(trainer.data.train, rows, trainer.data.vocab.num_pretrained, False)
-        trainer.model.prepare(slow)
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a.dtype == b.dtype and torch.equal(a, b)
+
+    def check(fast: Batch, slow: Batch) -> None:
         for name in ("tables", "groups"):
             want, got = getattr(slow, name), getattr(fast, name)
             assert want.keys() == got.keys()
             for key in want:
-                assert all(torch.equal(a, b) for a, b in zip(got[key], want[key], strict=True)), (name, key)
-        assert len(fast.words) == len(slow.words) and all(torch.equal(a, b) for a, b in zip(fast.words, slow.words))
+                assert all(same(a, b) for a, b in zip(got[key], want[key], strict=True)), (name, key)
+        assert len(fast.words) == len(slow.words) and all(same(a, b) for a, b in zip(fast.words, slow.words))
         for name in ("labels", "lengths", "seq_lengths"):
-            assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+            assert same(getattr(fast, name), getattr(slow, name)), name
         assert (fast.num_docs, fast.num_tokens) == (slow.num_docs, slow.num_tokens)
+
+    def reference(rows: np.ndarray) -> Batch:
+        """collate's numpy path, torch.unique per table and the word index by torch ops: none of the kernels the
+        one-call batch runs (`batch_kernels`)."""
+        with monkeypatch.context() as m:
+            m.setattr(model_module, "group_ids_many",
+                      lambda ids: [torch.unique(t, sorted=True, return_inverse=True) for t in ids])
+            m.setattr(model_module, "word_index", lambda *args: None)
+            slow = collate(trainer.data.train, rows, trainer.data.vocab.num_pretrained, False)
+            return trainer.model.prepare(slow)
+
+    for step in range(3):
+        rows, fast, _ = trainer._make_batch(step)
+        check(fast, reference(rows))
+    empty = np.array([], dtype=np.int64)
+    check(batch_from_collated(collate_grouped(trainer.data.train, empty, trainer.data.vocab.num_pretrained, *plan)),
+          reference(empty))
 
 
 def test_no_one_call_batch_where_prepare_has_more_to_do(tiny_config) -> None:

@@ -179,17 +179,17 @@ def test_collate_bag_mode_with_chars_counts_unknown_words_only_by_their_chars():
 
 
 @pytest.mark.parametrize("stored", [False, True])
-def test_the_fused_collate_equals_the_numpy_path(tmp_path, monkeypatch, stored):
+def test_the_fused_collate_equals_the_numpy_path(tmp_path, stored):
+    if not fused_kernels_enabled():
+        pytest.skip("numba is not installed: both would be the numpy path")
     texts = ["The cat zork dog", "", "dog dog", "blip the dog cat cat the", "zork", "cat"] * 3
     docs = featurizer(ngram_buckets=1 << 20, char_buckets=1000).encode(texts, ["pos", "neg", "other"] * 6)
     if stored:  # int32 ids, memory-mapped, as training reads them
         docs.save(tmp_path / "docs")
         docs = EncodedDocs.load(tmp_path / "docs")
     for rows in (np.array([3, 1, 0, 17, 2, 2]), np.array([1]), np.arange(len(texts))[::-1], np.array([], dtype=np.int64)):
-        fused = collate(docs, rows, P, token_level=False)
-        monkeypatch.setenv("TRAINER_FUSED_KERNELS", "0")
+        fused = collate(docs, rows, P, token_level=False, fused=True)
         plain = collate(docs, rows, P, token_level=False)
-        monkeypatch.delenv("TRAINER_FUSED_KERNELS")
         assert fused.tables.keys() == plain.tables.keys()
         for name in plain.tables:
             for x, y in zip(fused.tables[name], plain.tables[name], strict=True):
@@ -200,13 +200,19 @@ def test_the_fused_collate_equals_the_numpy_path(tmp_path, monkeypatch, stored):
         assert (fused.num_docs, fused.num_tokens) == (plain.num_docs, plain.num_tokens)
 
 
-def test_the_fused_collate_refuses_a_row_out_of_range():
+def test_the_fused_collate_refuses_rows_and_offsets_out_of_range():
     if not fused_kernels_enabled():
         pytest.skip("numba is not installed")
-    docs = featurizer().encode(TEXTS, ["pos", "neg", "neg", "pos"])
+    docs = featurizer(ngram_buckets=64).encode(TEXTS, ["pos", "neg", "neg", "pos"])
     for bad in (4, -1):
         with pytest.raises(IndexError, match="out of range"):
-            collate(docs, np.array([0, bad]), P, token_level=False)
+            collate(docs, np.array([0, bad]), P, token_level=False, fused=True)
+    past_end = docs.bigram_offsets.copy()
+    past_end[-1] += 5  # the last document's bigrams would run past the ids
+    with pytest.raises(ValueError, match="offsets"):
+        collate(EncodedDocs(**{**vars(docs), "bigram_offsets": past_end}), np.array([3]), P, False, fused=True)
+    with pytest.raises(ValueError, match="disagree"):
+        collate(EncodedDocs(**{**vars(docs), "raw_tokens": docs.raw_tokens[:2]}), np.array([0]), P, False, fused=True)
 
 
 def test_collate_token_level_by_hand():
