@@ -31,7 +31,7 @@ from trainer import kernels
 if kernels.numba is not None:
     from numba import njit
 
-    from trainer.batch_kernels import _radix_groups, _radix_groups_many, _word_index
+    from trainer.batch_kernels import _radix_groups, _radix_groups_many
 
     @njit(cache=kernels._CACHE, nogil=True, boundscheck=False)
     def _sum_rows(grad_out, offsets, inverse, weights, out):
@@ -112,16 +112,6 @@ def group_ids_many(ids: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
         out.append((distinct[int(distinct_bounds[i]):int(distinct_bounds[i + 1])], inverse[start:start + n]))
         start += n
     return out
-
-
-def word_index(pre_offsets: Tensor, pre_inverse: Tensor, oov_offsets: Tensor, oov_inverse: Tensor,
-               num_pre_distinct: int) -> tuple[Tensor, Tensor] | None:
-    """`_word_index` for CPU int64 tensors; None elsewhere (the caller concatenates with torch ops)."""
-    parts = (pre_offsets, pre_inverse, oov_offsets, oov_inverse)
-    if kernels.numba is None or any(t.device.type != "cpu" or t.dtype != torch.int64 for t in parts):
-        return None
-    inverse, segment = _word_index(*(t.contiguous().numpy() for t in parts), num_pre_distinct)
-    return torch.from_numpy(inverse), torch.from_numpy(segment)
 
 
 def group_ids(ids: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,7 @@ from trainer.jit import fused_kernels_enabled, numba
 TABLES = ("pretrained", "oov", "bigram", "char")  # the lookups of a bag-encoder batch, in the kernels' order
 
 if numba is not None:
-    from trainer.batch_kernels import _collate_docs, _collate_grouped
+    from trainer.batch_kernels import _collate_grouped
 
 
 @dataclass
@@ -81,13 +81,13 @@ class Batch:
 def collate(docs: EncodedDocs, rows: np.ndarray, num_pretrained: int, token_level: bool,
             fused: bool = False) -> Batch:
     """Assemble the EmbeddingBag inputs of documents `rows` (this rank's share of a global batch). `fused`: for bag
-    encoders, one numba call without the GIL (`_collate_fused`), for the training data thread; off by default,
-    since a process that has not run a numba kernel yet (`trainer predict` of a few lines) would pay numba's
-    first-kernel cost (~0.4 s) for it."""
+    encoders, one numba call without the GIL (`collate_grouped` with nothing to group), for the training data
+    thread; off by default, since a process that has not run a numba kernel yet (`trainer predict` of a few lines)
+    would pay numba's first-kernel cost (~0.4 s) for it."""
     rows = np.asarray(rows, dtype=np.int64)
     num_docs = len(rows)
     if fused and not token_level and fused_kernels_enabled():
-        return _collate_fused(docs, rows, num_pretrained)
+        return batch_from_collated(collate_grouped(docs, rows, num_pretrained, (), False))
     tokens, token_counts = gather_csr(docs.token_offsets, docs.token_ids, rows)
     bigrams, bigram_counts = gather_csr(docs.bigram_offsets, docs.bigram_ids, rows)
     chars, char_counts = gather_csr(docs.char_offsets, docs.char_ids, rows)
@@ -128,26 +128,6 @@ def collate(docs: EncodedDocs, rows: np.ndarray, num_pretrained: int, token_leve
         seq_lengths=seq_lengths,
         num_docs=num_docs,
         num_tokens=int(docs.raw_tokens[rows].sum()),
-    )
-
-
-def _collate_fused(docs: EncodedDocs, rows: np.ndarray, num_pretrained: int) -> Batch:
-    """`collate` for bag encoders through `_collate_docs`, the same arrays as the numpy path. Why: this runs on the
-    data thread beside the step, and the numpy path's ~40 small calls each take the GIL, which the step's own
-    Python needs between its torch ops: with them the prefetching thread made a demo step slower (9.1 ms, 2
-    threads) than collating inline (7.6 ms), against 5.1 ms with batches made beforehand."""
-    pre, oov, bigrams, chars, offsets, token_counts, lengths, labels, num_tokens = _collate_docs(
-        docs.token_offsets, docs.token_ids, docs.bigram_offsets, docs.bigram_ids, docs.char_offsets, docs.char_ids,
-        docs.labels, docs.raw_tokens, rows, num_pretrained)
-    offsets = torch.from_numpy(offsets)
-    return Batch(
-        tables={"pretrained": (torch.from_numpy(pre), offsets[0]), "oov": (torch.from_numpy(oov), offsets[1]),
-                "bigram": (torch.from_numpy(bigrams), offsets[2]), "char": (torch.from_numpy(chars), offsets[3])},
-        labels=torch.from_numpy(labels),
-        lengths=torch.from_numpy(lengths),
-        seq_lengths=torch.from_numpy(token_counts),
-        num_docs=len(rows),
-        num_tokens=int(num_tokens),
     )
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from trainer import kernels
-from trainer.bag_lookup import bag_sum, gather_pool, group_ids, group_ids_many, word_index
+from trainer.bag_lookup import bag_sum, gather_pool, group_ids, group_ids_many
 from trainer.batch import Batch
 from trainer.config import ModelConfig
 from trainer.embeddings import per_token_offsets, segment_counts, segment_index
@@ -172,9 +172,6 @@ class TextClassifier(nn.Module):
             parts.append(batch.groups[name] if name in batch.groups else group_ids(ids))
         (pre, pre_inverse), (oov, oov_inverse) = parts
         (pre_ids, pre_off), (oov_ids, oov_off) = batch.tables["pretrained"], batch.tables["oov"]
-        fused = word_index(pre_off, pre_inverse, oov_off, oov_inverse, pre.shape[0])
-        if fused is not None:
-            return pre, oov, *fused
         segment = torch.cat([segment_index(pre_off, pre_ids.shape[0]), segment_index(oov_off, oov_ids.shape[0])])
         return pre, oov, torch.cat([pre_inverse, oov_inverse + pre.shape[0]]), segment
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer import kernels
-from trainer.bag_lookup import bag_sum, gather_pool, group_ids, group_ids_many, sorted_groups, word_index
+from trainer import batch_kernels, kernels
+from trainer.bag_lookup import bag_sum, gather_pool, group_ids, group_ids_many, sorted_groups
 from trainer import model as model_module
 from trainer.batch import Batch, batch_from_collated, collate, collate_grouped
 from trainer.config import load_config
@@ -59,7 +59,7 @@ def test_group_ids_many_refuses_negative_ids() -> None:
 
 
 @pytest.mark.parametrize("docs", [1, 4, 9])
-def test_word_index_equals_the_concatenated_segments(docs) -> None:
+def test_the_word_index_kernel_equals_the_concatenated_segments(docs) -> None:
     if kernels.numba is None:
         pytest.skip("numba is not installed")
     rng = np.random.default_rng(docs)
@@ -68,7 +68,8 @@ def test_word_index_equals_the_concatenated_segments(docs) -> None:
     pre_off = torch.from_numpy(np.cumsum(pre_counts) - pre_counts)
     oov_off = torch.from_numpy(np.cumsum(oov_counts) - oov_counts)
     (pre_distinct, pre_inverse), (_, oov_inverse) = group_ids(pre), group_ids(oov)
-    inverse, segment = word_index(pre_off, pre_inverse, oov_off, oov_inverse, pre_distinct.shape[0])
+    inverse, segment = map(torch.from_numpy, batch_kernels._word_index(pre_off.numpy(), pre_inverse.numpy(), oov_off.numpy(),
+                                                                       oov_inverse.numpy(), pre_distinct.shape[0]))
     assert torch.equal(inverse, torch.cat([pre_inverse, oov_inverse + pre_distinct.shape[0]]))
     assert torch.equal(segment, torch.cat([segment_index(pre_off, pre.shape[0]), segment_index(oov_off, oov.shape[0])]))
 
@@ -201,7 +202,6 @@ def test_the_one_call_data_thread_batch_equals_collate_then_prepare(tiny_config,
         with monkeypatch.context() as m:
             m.setattr(model_module, "group_ids_many",
                       lambda ids: [torch.unique(t, sorted=True, return_inverse=True) for t in ids])
-            m.setattr(model_module, "word_index", lambda *args: None)
             slow = collate(trainer.data.train, rows, trainer.data.vocab.num_pretrained, False)
             return trainer.model.prepare(slow)
 
