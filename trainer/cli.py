@@ -1,4 +1,4 @@
-"""Command line: `python -m trainer {train,eval,predict,neighbors,data,report}`.
+"""Command line: `python -m trainer {train,eval,predict,neighbors,data,report,precompile}`.
 
 User errors (bad config, bad data, bad vector files, a run folder that cannot be resumed) print one line naming
 the file, line or flag, and exit 2; no traceback. Everything else is a bug and keeps its traceback.
@@ -20,6 +20,7 @@ commands:
   neighbors  --run RUN_DIR WORD [--k 10]                 nearest words by cosine
   data       debian --out DIR                            build the demo dataset from the apt lists
   report     --run RUN_DIR [--no-plots]                  summary of a run: metrics, throughput, time split, plots
+  precompile [--no-distributed]                          compile the numba kernels into their cache (image build)
 """
 
 
@@ -153,8 +154,14 @@ def cmd_report(argv: list[str]) -> int:
     return report_main(argv)
 
 
+def cmd_precompile(argv: list[str]) -> int:
+    from trainer.precompile import main as precompile_main
+
+    return precompile_main(argv)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "neighbors": cmd_neighbors,
-            "data": cmd_data, "report": cmd_report}
+            "data": cmd_data, "report": cmd_report, "precompile": cmd_precompile}
 
 
 def _bounded_openmp_spinning() -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer import jit
 from trainer.config import Config
 from trainer.features import Featurizer, tokenize
 from trainer.parallel import can_fork, resolve_workers
@@ -303,6 +304,7 @@ def start_background_build(cfg: Config) -> BackgroundBuild | None:
         folder = cache_root(cfg) / f"data-{cache_key(cfg, pretrained)}"
         if not (folder / "done.json").exists():
             build_cache(cfg, pretrained, folder)
+            jit.report_compiled(log, "data cache build")
         code = 0
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the training process
         _report(e, write_fd)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer import kernels
+from trainer import jit, kernels
 from trainer.batch import Batch, batch_from_collated, collate, collate_grouped, wide_idf
 from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, valid_steps
 from trainer.config import Config, dump_toml
@@ -267,6 +267,8 @@ class Trainer:
         self.stop.install()
         try:
             result = self._loop(step, tokens_seen)
+            if self.info.rank == 0:
+                jit.report_compiled(log, "training")
         except (RuntimeError, MemoryError) as e:
             if not is_out_of_memory(e):
                 raise

@@ -164,6 +164,7 @@ def image_from_dockerfile(path: Path) -> Image:
     cmd: tuple[str, ...] = ()
     env: dict[str, str] = {}
     workdir, user = "/", ""
+    args: dict[str, str] = {}
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -172,22 +173,33 @@ def image_from_dockerfile(path: Path) -> Image:
         word, rest = word.upper(), rest.strip()
         if word == "FROM":
             entrypoint, cmd, env, workdir, user = (), (), {}, "/", ""  # a new stage starts afresh
+            args = {}  # an ARG declared before FROM serves FROM only; the stage declares its own
+        elif word == "ARG":
+            name, sep, default = rest.partition("=")
+            args[name] = shlex.split(default)[0] if sep and default else ""  # the default; no --build-arg here
         elif word in ("ENTRYPOINT", "CMD"):
             if not rest.startswith("["):
                 raise Unsupported(f"{word} in shell form: PID 1 would be /bin/sh, not the program")
             value = tuple(yaml.safe_load(rest))
             entrypoint, cmd = (value, ()) if word == "ENTRYPOINT" else (entrypoint, value)
         elif word == "ENV":
+            known = {**args, **env}  # one instruction substitutes the values from before it throughout
             for item in shlex.split(rest):
                 key, sep, value = item.partition("=")
                 if not sep:
                     raise Unsupported(f"ENV without '=': {line}")
-                env[key] = value
+                env[key] = _substitute(value, known)
         elif word == "WORKDIR":
             workdir = rest if rest.startswith("/") else f"{workdir.rstrip('/')}/{rest}"
         elif word == "USER":
             user = rest
     return Image(entrypoint, cmd, tuple(env.items()), workdir, user)
+
+
+def _substitute(value: str, variables: dict[str, str]) -> str:
+    """Docker's `${NAME}` / `$NAME` in ENV values (the stage's ARG defaults and earlier ENVs; unset: empty)."""
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)",
+                  lambda m: variables.get(m.group(1) or m.group(2), ""), value)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

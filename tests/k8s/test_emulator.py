@@ -39,6 +39,8 @@ IMAGE_ENV = {
     "PIP_DISABLE_PIP_VERSION_CHECK": "1",
     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
     "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "150",
+    "NUMBA_CPU_NAME": "generic",  # the ARG's default
+    "TRAINER_NUMBA_SEED_DIR": "/opt/trainer/numba-seed",
 }
 OWN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "2", "TRAINER_CACHE_DIR": "/cache",
            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "150", "PET_RDZV_CONF": "timeout=1800"}
@@ -438,3 +440,7 @@ def test_dockerfile_parsing(tmp_path):
     staged = tmp_path / "Dockerfile.staged"
     staged.write_text('FROM a AS build\nENV A=1\nCMD ["x"]\nFROM b\nENV B="two words"\nWORKDIR app\n')
     assert image_from_dockerfile(staged) == Image((), (), (("B", "two words"),), "/app", "")
+    with_args = tmp_path / "Dockerfile.args"
+    with_args.write_text("ARG X=before\nFROM a\nARG CPU=generic\nARG EMPTY\nENV C=${CPU} D=$CPU-${EMPTY}x E=${X}\n")
+    assert dict(image_from_dockerfile(with_args).env) == {"C": "generic", "D": "generic-x", "E": ""}
+    assert dict(IMAGE.env)["NUMBA_CPU_NAME"] == "generic"

@@ -195,3 +195,20 @@ def test_load_numba_loads_a_cached_kernel_and_can_be_called_again():
     kernels.load_numba()
     kernels.load_numba()
     assert kernels.hash_groups.signatures  # the kernel it calls is compiled (or loaded from the cache) now
+
+
+def test_seed_cache_copies_only_the_files_the_cache_lacks(tmp_path) -> None:
+    from trainer import jit
+
+    seed, cache = tmp_path / "seed", tmp_path / "cache"
+    (seed / "trainer_abc").mkdir(parents=True)
+    (seed / "trainer_abc" / "k-1.py311.nbi").write_bytes(b"seed index")
+    (seed / "trainer_abc" / "k-1.py311.1.nbc").write_bytes(b"seed code")
+    (cache / "trainer_abc").mkdir(parents=True)
+    (cache / "trainer_abc" / "k-1.py311.nbi").write_bytes(b"this machine's index")
+
+    assert jit.seed_cache(str(seed), str(cache)) == 1
+    assert (cache / "trainer_abc" / "k-1.py311.nbi").read_bytes() == b"this machine's index"  # never overwritten
+    assert (cache / "trainer_abc" / "k-1.py311.1.nbc").read_bytes() == b"seed code"
+    assert jit.seed_cache(str(seed), str(cache)) == 0
+    assert sorted(p.name for p in cache.rglob("*")) == ["k-1.py311.1.nbc", "k-1.py311.nbi", "trainer_abc"]  # no temp
