@@ -18,6 +18,9 @@ Needs root and `ip netns`; skipped with the reason where either is missing.
 """
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,12 +54,30 @@ def namespaces_permitted():
         pytest.skip(reason)
 
 
+IMAGE = image_from_dockerfile(REPO / "Dockerfile")
+
+
+@pytest.fixture(scope="module")
+def image_seed(namespaces_permitted, tmp_path_factory) -> Path:
+    """The image's numba kernel seed, made as the Dockerfile makes it (`python -m trainer precompile` with the
+    image's NUMBA_CPU_NAME), for the pods to copy into their emptyDir caches."""
+    image_env = dict(IMAGE.env)
+    seed = tmp_path_factory.mktemp("image") / "numba-seed"
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "TRAINER_NUMBA_SEED_DIR")}
+    env.update(NUMBA_CACHE_DIR=str(seed), NUMBA_CPU_NAME=image_env.get("NUMBA_CPU_NAME", ""))
+    done = subprocess.run([sys.executable, "-m", "trainer", "precompile"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, f"precompile failed:\n{done.stdout}\n{done.stderr[-4000:]}"
+    return seed
+
+
 class World:
     """The claims and the image of one test: tiny data on the data claim, an empty runs claim, and the image's
-    /app with a tiny configs/demo.toml in place of the demo configuration."""
+    /app with a tiny configs/demo.toml in place of the demo configuration, and its numba kernel seed."""
 
-    def __init__(self, root: Path, total_steps: int) -> None:
+    def __init__(self, root: Path, total_steps: int, seed: Path) -> None:
         self.root = root
+        self.image_files = {"/app": None, dict(IMAGE.env)["TRAINER_NUMBA_SEED_DIR"]: str(seed)}
         self.total = total_steps
         data = root / "claims" / "trainer-data"
         (data / "debian").mkdir(parents=True)
@@ -83,12 +104,13 @@ class World:
             )
         )
         self.run = root / "claims" / "trainer-runs" / "demo"
-        self.image = image_from_dockerfile(REPO / "Dockerfile")
+        self.image = IMAGE
+        self.image_files["/app"] = str(self.app)
 
     def submit(self, kind: str) -> Submission:
         """A fresh submission of the shipped manifest: new pods, new network, the same claims."""
         cluster = emulate(load_documents([REPO / "k8s" / "jobs" / MANIFESTS[kind]]), image=self.image)
-        sub = Submission(cluster, self.root, image_files={"/app": self.app}, extra_args=EXTRA_ARGS)
+        sub = Submission(cluster, self.root, image_files=self.image_files, extra_args=EXTRA_ARGS)
         sub.start()
         return sub
 
@@ -214,10 +236,12 @@ def assert_resumed_and_finished(world: World, sub: Submission, since: int, resum
     assert (world.run / "model" / "weights.pt").is_file(), "no exported model"
     rank0_log = next(rp for rp in sub.pods if rp.pod.node_rank == 0).log(20000)
     assert f"resumed from step {resumed_from}" in rank0_log
+    # the pod's /cache is a fresh emptyDir: every kernel came from the image's seed
+    assert "numba compiled" not in rank0_log, rank0_log
 
 
-def test_indexed_job_drain_loss_and_resume(namespaces_permitted, tmp_path):
-    world = World(tmp_path, total_steps=120)
+def test_indexed_job_drain_loss_and_resume(namespaces_permitted, image_seed, tmp_path):
+    world = World(tmp_path, total_steps=120, seed=image_seed)
     t_start = time.monotonic()
 
     # 1. a node is drained: SIGTERM to the rank-1 pod's torchrun only
@@ -277,8 +301,8 @@ def test_indexed_job_drain_loss_and_resume(namespaces_permitted, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["JobSet", "PyTorchJob", "TrainJob"])
-def test_sigterm_then_resubmission_resumes(namespaces_permitted, tmp_path, kind):
-    world = World(tmp_path, total_steps=40)
+def test_sigterm_then_resubmission_resumes(namespaces_permitted, image_seed, tmp_path, kind):
+    world = World(tmp_path, total_steps=40, seed=image_seed)
     t_start = time.monotonic()
     sub = world.submit(kind)
     try:
