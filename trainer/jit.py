@@ -17,6 +17,35 @@ import tempfile
 if os.environ.get("NUMBA_CPU_NAME") == "" and "numba" not in sys.modules:
     del os.environ["NUMBA_CPU_NAME"]
 
+# What a CPU level named in NUMBA_CPU_NAME needs from this CPU: kernels compiled for a level the CPU lacks die of
+# an illegal instruction, so such a name is dropped (kernels for this CPU compile instead) with a warning.
+CPU_LEVEL_FEATURES = {"x86-64-v2": ("sse4.2", "popcnt", "ssse3"), "x86-64-v3": ("avx2", "fma", "bmi2", "avx"),
+                      "x86-64-v4": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2")}
+
+
+def missing_cpu_features(level: str, have) -> list[str]:
+    """The features CPU level `level` needs that `have` (llvmlite's host feature map) lacks; [] for other names."""
+    return [f for f in CPU_LEVEL_FEATURES.get(level, ()) if not have.get(f, False)]
+
+
+def _unsupported_cpu_level() -> tuple[str, list[str]] | None:
+    level = os.environ.get("NUMBA_CPU_NAME", "")
+    if level not in CPU_LEVEL_FEATURES or "numba" in sys.modules:
+        return None
+    try:
+        from llvmlite import binding
+
+        missing = missing_cpu_features(level, binding.get_host_cpu_features())
+    except Exception:  # noqa: BLE001 - no llvmlite (no numba) or no feature query: leave the name to numba
+        return None
+    if not missing:
+        return None
+    del os.environ["NUMBA_CPU_NAME"]
+    return level, missing
+
+
+_DROPPED_LEVEL = _unsupported_cpu_level()
+
 try:  # numba is a dependency; the guard keeps the package importable where it has no wheel (the torch ops remain)
     import numba
     from numba.core.dispatcher import Dispatcher
@@ -107,6 +136,12 @@ CACHE_DIR: str | None = None
 if numba is not None:
     CACHE_DIR = _numba_cache_dir()
     _CACHE = CACHE_DIR is not None  # without a writable folder kernels compile in every process (a few seconds)
+    if _DROPPED_LEVEL is not None:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "NUMBA_CPU_NAME=%s needs CPU features this machine lacks (%s): compiling kernels for this CPU instead",
+            _DROPPED_LEVEL[0], ", ".join(_DROPPED_LEVEL[1]))
     _SEED = os.environ.get("TRAINER_NUMBA_SEED_DIR")
     if _CACHE and _SEED and os.path.isdir(_SEED) and os.path.realpath(_SEED) != os.path.realpath(CACHE_DIR):
         try:

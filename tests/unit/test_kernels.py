@@ -227,3 +227,13 @@ def test_an_empty_numba_cpu_name_means_this_machines_cpu() -> None:
     env["NUMBA_CPU_NAME"] = "generic"
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           check=True).stdout.strip() == "'generic'"
+
+
+def test_a_cpu_level_this_cpu_lacks_is_refused() -> None:
+    from trainer import jit
+
+    no_avx2 = {"avx": True, "avx2": False, "fma": True, "bmi2": False, "sse4.2": True, "popcnt": True, "ssse3": True}
+    assert jit.missing_cpu_features("x86-64-v3", no_avx2) == ["avx2", "bmi2"]
+    assert jit.missing_cpu_features("x86-64-v2", no_avx2) == []
+    assert jit.missing_cpu_features("generic", {}) == []  # any x86-64
+    assert jit.missing_cpu_features("skylake", {}) == []  # a CPU model: numba's (and the user's) business
