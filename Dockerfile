@@ -42,8 +42,8 @@ RUN pip install ".[glove]" \
 # (trainer/precompile.py). A cached kernel loads only on the CPU it was compiled for, so the default, `generic`
 # (any x86-64, SSE2), makes the seed valid on every node. Measured here against kernels for this machine's CPU
 # (1 thread, 20K x 300 table, medians of 3 runs): sgd and rowwise_adagrad steps within noise, sparse_adam 7.8 ms
-# against 5.8 (+34%). --build-arg NUMBA_CPU_NAME=x86-64-v3 targets any AVX2 CPU (sparse_adam +16%; nodes without
-# AVX2 would crash on it), an empty value the build machine's own CPU (other nodes compile at start).
+# against 5.8 (+34%). --build-arg NUMBA_CPU_NAME=x86-64-v3 targets any AVX2 CPU (sparse_adam +16%; a node without
+# AVX2 drops the name with a warning and compiles), an empty value the build machine's CPU (others compile at start).
 # NUMBA_CPU_FEATURES empty: the features come from the CPU name, not from the build machine.
 ARG NUMBA_CPU_NAME=generic
 ENV NUMBA_CPU_NAME=${NUMBA_CPU_NAME} \
