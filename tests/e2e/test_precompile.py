@@ -13,6 +13,9 @@ pytestmark = pytest.mark.slow
 
 pytest.importorskip("numba")
 
+DISTRIBUTED_ONLY = {"trainer.sharding._pack_rows_kernel", "trainer.sharding._merge_rows_kernel",
+                    "trainer.row_wise._route_kernel"}
+
 
 def run(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "trainer", *args], env=env, capture_output=True, text=True,
@@ -29,6 +32,9 @@ def test_a_seeded_cache_compiles_nothing(tiny_config, tmp_path: Path) -> None:
     assert demo and int(demo.group(1)) > 0, made.stdout
     ready = re.search(r"(\d+) of (\d+) kernels cached", made.stdout)
     assert ready and int(ready.group(1)) > 0, made.stdout
+    # without the 2-process runs only their exchange kernels are left for a first multi-process run
+    missing = re.search(r"compiled on first use: (.*)$", made.stdout, re.M)
+    assert set(missing.group(1).split(", ") if missing else ()) <= DISTRIBUTED_ONLY, made.stdout
     assert list(seed.rglob("*.nbi")), "precompile wrote no kernel index"
 
     config = tiny_config("run", train={"epochs": 1}, embeddings={"ngram_buckets": 64},

@@ -10,7 +10,7 @@ What stands in for what:
   - the pod's hostname: `unshare --uts` + `hostname`, then `exec` of the container's argv, so the process that
     `Popen` started *is* the container's PID 1 (torchrun): signals go to it directly.
   - volumes: every persistentVolumeClaim maps to one folder shared by all pods (and by later submissions),
-    every emptyDir to a folder of the pod's own; /dev/shm stays the host's.
+    every emptyDir to a folder of the pod's own, new in each submission; /dev/shm stays the host's.
   - the image: its paths (`image_files`, e.g. /app/configs/demo.toml) map to test files; the container's argv
     and environment are rewritten through the same table; `torchrun` is the virtualenv's.
 
@@ -202,7 +202,9 @@ class Submission:
             elif m.medium == "Memory" and m.path == "/dev/shm":
                 continue  # the host's /dev/shm (a tmpfs already)
             else:
-                host = self.root / "pods" / pod.name / "volumes" / m.volume / m.sub_path
+                # a new pod's own: Kubernetes gives a resubmitted pod new (empty) emptyDirs even where the
+                # emulated name repeats, so they are per submission
+                host = self.root / "pods" / pod.name / f"volumes-{self.tag}" / m.volume / m.sub_path
             host.mkdir(parents=True, exist_ok=True)
             table[m.path] = str(host).rstrip("/")
         return table

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -197,7 +199,9 @@ def test_load_numba_loads_a_cached_kernel_and_can_be_called_again():
     assert kernels.hash_groups.signatures  # the kernel it calls is compiled (or loaded from the cache) now
 
 
-def test_seed_cache_copies_only_the_files_the_cache_lacks(tmp_path) -> None:
+def test_a_seed_is_copied_whole_into_a_folder_named_after_its_contents(tmp_path) -> None:
+    import os
+
     from trainer import jit
 
     seed, cache = tmp_path / "seed", tmp_path / "cache"
@@ -205,35 +209,70 @@ def test_seed_cache_copies_only_the_files_the_cache_lacks(tmp_path) -> None:
     (seed / "trainer_abc" / "k-1.py311.nbi").write_bytes(b"seed index")
     (seed / "trainer_abc" / "k-1.py311.1.nbc").write_bytes(b"seed code")
     (cache / "trainer_abc").mkdir(parents=True)
-    (cache / "trainer_abc" / "k-1.py311.nbi").write_bytes(b"this machine's index")
+    (cache / "trainer_abc" / "k-1.py311.nbi").write_bytes(b"an older index of this machine's")
 
-    assert jit.seed_cache(str(seed), str(cache)) == 1
-    assert (cache / "trainer_abc" / "k-1.py311.nbi").read_bytes() == b"this machine's index"  # never overwritten
-    assert (cache / "trainer_abc" / "k-1.py311.1.nbc").read_bytes() == b"seed code"
-    assert jit.seed_cache(str(seed), str(cache)) == 0
-    assert sorted(p.name for p in cache.rglob("*")) == ["k-1.py311.1.nbc", "k-1.py311.nbi", "trainer_abc"]  # no temp
+    first = Path(jit.seeded_cache_dir(str(seed), str(cache)))
+    assert first.parent == cache and first.name.startswith("seed-")
+    assert (first / "trainer_abc" / "k-1.py311.nbi").read_bytes() == b"seed index"  # the seed's pair, whole
+    assert (first / "trainer_abc" / "k-1.py311.1.nbc").read_bytes() == b"seed code"
+    assert (cache / "trainer_abc" / "k-1.py311.nbi").read_bytes() == b"an older index of this machine's"
+    (first / "trainer_abc" / "new-2.py311.nbi").write_bytes(b"compiled here later")
+    assert Path(jit.seeded_cache_dir(str(seed), str(cache))) == first  # made once, then used as it is
+    assert (first / "trainer_abc" / "new-2.py311.nbi").exists()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([first.name, "trainer_abc"])  # no temporary left
+
+    (seed / "trainer_abc" / "k-1.py311.1.nbc").write_bytes(b"another image's code")
+    os.utime(seed / "trainer_abc" / "k-1.py311.1.nbc", ns=(1, 1))
+    other = Path(jit.seeded_cache_dir(str(seed), str(cache)))
+    assert other != first and (other / "trainer_abc" / "k-1.py311.1.nbc").read_bytes() == b"another image's code"
 
 
-def test_an_empty_numba_cpu_name_means_this_machines_cpu() -> None:
-    """The image passes its build argument through ENV; empty must not become a CPU named ""."""
+def test_a_process_with_a_seed_loads_its_kernels(tmp_path) -> None:
+    """In a fresh process: the seed's copy becomes numba's cache folder, and a kernel in it is loaded, not compiled."""
     import os
     import subprocess
     import sys
 
-    code = "import trainer.jit, numba; print(repr(numba.config.CPU_NAME))"
-    env = {**os.environ, "NUMBA_CPU_NAME": ""}
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip() == "None"
-    env["NUMBA_CPU_NAME"] = "generic"
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip() == "'generic'"
+    code = ("import numpy as np; from trainer import jit, kernels; kernels.hash_groups(np.zeros(3, dtype=np.int64));"
+            " print(jit.CACHE_DIR); print(len(jit.compiled_kernels()))")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "TRAINER_NUMBA_SEED_DIR")}
+    seed = tmp_path / "seed"
+    made = subprocess.run([sys.executable, "-c", code], env={**env, "NUMBA_CACHE_DIR": str(seed)},
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert made == [str(seed), "1"]  # compiled: a fresh folder
+    used = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**env, "TRAINER_CACHE_DIR": str(tmp_path / "pod"), "TRAINER_NUMBA_SEED_DIR": str(seed)},
+                          ).stdout.split()
+    assert Path(used[0]).parent == tmp_path / "pod" / "numba" and Path(used[0]).name.startswith("seed-")
+    assert used[1] == "0"
+
+
+def test_an_empty_numba_cpu_name_means_this_machines_cpu() -> None:
+    """The image passes its build argument through ENV; empty must not become a CPU named "". Its empty
+    NUMBA_CPU_FEATURES (a named level's own features) must not apply to this machine's CPU either: cpuid's do."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import trainer.jit, numba; print(repr(numba.config.CPU_NAME), repr(numba.config.CPU_FEATURES))"
+
+    def config(**variables: str) -> str:
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU")}, **variables}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert config(NUMBA_CPU_NAME="", NUMBA_CPU_FEATURES="") == "None None"
+    assert config(NUMBA_CPU_NAME="generic", NUMBA_CPU_FEATURES="") == "'generic' ''"
+    assert config(NUMBA_CPU_NAME="x86-64-v2", NUMBA_CPU_FEATURES="") == "'x86-64-v2' ''"  # any x86-64 today has v2
+    assert config(NUMBA_CPU_FEATURES="+avx2") == "None '+avx2'"  # a user's explicit features stay
 
 
 def test_a_cpu_level_this_cpu_lacks_is_refused() -> None:
     from trainer import jit
 
-    no_avx2 = {"avx": True, "avx2": False, "fma": True, "bmi2": False, "sse4.2": True, "popcnt": True, "ssse3": True}
+    no_avx2 = {f: True for f in jit.CPU_LEVEL_FEATURES["x86-64-v4"]} | {"avx2": False, "bmi2": False}
     assert jit.missing_cpu_features("x86-64-v3", no_avx2) == ["avx2", "bmi2"]
+    assert jit.missing_cpu_features("x86-64-v4", no_avx2) == ["avx2", "bmi2"]
     assert jit.missing_cpu_features("x86-64-v2", no_avx2) == []
     assert jit.missing_cpu_features("generic", {}) == []  # any x86-64
     assert jit.missing_cpu_features("skylake", {}) == []  # a CPU model: numba's (and the user's) business
