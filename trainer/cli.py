@@ -20,7 +20,7 @@ commands:
   neighbors  --run RUN_DIR WORD [--k 10]                 nearest words by cosine
   data       debian --out DIR                            build the demo dataset from the apt lists
   report     --run RUN_DIR [--no-plots]                  summary of a run: metrics, throughput, time split, plots
-  precompile [--no-distributed]                          compile the numba kernels into their cache (image build)
+  precompile [--no-distributed] [--strict]               compile the numba kernels into their cache (image build)
 """
 
 

@@ -2,8 +2,8 @@
 
 Why: numba compiles a kernel at its first call on a machine and caches it on disk (trainer/jit.py), so a first run
 pays about 12 s of compiling here (a 1-epoch demo run took 18.0 s cold against 5.5 s warm). A pod starts with an
-empty cache every time. The Dockerfile runs this at build time into a seed folder, names it in
-TRAINER_NUMBA_SEED_DIR, and every process copies what its own cache lacks from there (`jit.seed_cache`).
+empty cache every time. The Dockerfile runs this at build time into a seed folder and names it in
+TRAINER_NUMBA_SEED_DIR; each process then uses a whole copy of it inside its own cache (`jit.seeded_cache_dir`).
 
 How: which kernels run, and for which argument types, depends on the route through the model, so this trains a few
 tiny models on synthetic data, each for a handful of steps, one per route: the demo's (masked_bag + bigrams, sgd;
