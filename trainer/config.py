@@ -497,3 +497,14 @@ def describe_fields() -> str:
             doc = docs.get((cls.__name__, f.name), "")
             out.append(f"  {section}.{f.name} ({f.type.__name__}, default {default!r})\n      {doc}")
     return "\n".join(out)
+
+
+def config_changes(before: dict, after: dict) -> list[str]:
+    """`section.field old -> new` for every field whose value differs between two configurations as dicts."""
+    out = []
+    for section in sorted(set(before) | set(after)):
+        old, new = before.get(section, {}), after.get(section, {})
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                out.append(f"{section}.{key} {old.get(key)!r} -> {new.get(key)!r}")
+    return out

@@ -27,7 +27,7 @@ class NullLogger:
     def scalars(self, values: dict[str, float], step: int) -> None: ...
     def tb_scalars(self, values: dict[str, float], x: int) -> None: ...
     def text(self, tag: str, text: str, step: int = 0) -> None: ...
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None: ...
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float], step: int) -> None: ...
     def image(self, tag: str, image_HWC: np.ndarray, step: int) -> None: ...
     def projector(self, vectors: np.ndarray, labels: list[list[str]], header: list[str], step: int) -> None: ...
     def flush(self) -> None: ...
@@ -68,10 +68,19 @@ class MetricsLogger(NullLogger):
             # TensorBoard renders markdown; indent so configs and plans keep their layout
             self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
 
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float], step: int) -> None:
+        """The HPARAMS tab's entry, in this run's own event file. Why not `add_hparams`: it writes to a subfolder,
+        which TensorBoard lists as a second run beside the training run."""
         if self.writer is not None:
+            from torch.utils.tensorboard.summary import hparams as hparams_summary
+
             flat = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in hparams.items()}
-            self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()}, run_name="hparams")
+            tagged = {f"hparam/{k}": v for k, v in metrics.items()}
+            file_writer = self.writer._get_file_writer()
+            for summary in hparams_summary(flat, tagged):
+                file_writer.add_summary(summary)
+            for tag, value in tagged.items():
+                self.writer.add_scalar(tag, value, step)
 
     def image(self, tag: str, image_HWC: np.ndarray, step: int) -> None:
         if self.writer is not None:

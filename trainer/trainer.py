@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from trainer import jit, kernels
 from trainer.batch import Batch, batch_from_collated, collate, collate_grouped, wide_idf
 from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, valid_steps
-from trainer.config import Config, dump_toml
+from trainer.config import Config, config_changes, dump_toml
 from trainer.data import BatchPlan, BatchPrefetcher, DataBundle, class_weights, prepare_data, rank_share
 from trainer.data_cache import BackgroundBuild, cache_root, load_pretrained
 from trainer.distributed import DistInfo, agree_any, all_reduce_, init_distributed, shutdown_distributed
@@ -244,6 +245,32 @@ class Trainer:
                 raise ResumeError(f"run.dir {self.run_dir} holds a run this configuration cannot resume: {reason}. "
                                   "Use another run.dir, or train.resume = never with a fresh folder.")
 
+    def _write_config(self, step: int) -> None:
+        """RUN_DIR/config.toml: the settings of this invocation. A resume with other settings (a new learning rate,
+        more epochs) is allowed, but said, and the settings the steps before it ran with stay beside it."""
+        path, text = self.run_dir / "config.toml", dump_toml(self.cfg)
+        if step and path.exists() and path.read_text(encoding="utf-8") != text:
+            changed = config_changes(tomllib.loads(path.read_text(encoding="utf-8")), tomllib.loads(text))
+            kept = self.run_dir / f"config.until-step-{step}.toml"
+            os.replace(path, kept)
+            log.warning("resuming at step %d with changed settings: %s; config.toml holds them now, the earlier ones "
+                        "are in %s", step, "; ".join(changed) or "(formatting only)", kept.name)
+        atomic_write_text(path, text)
+
+    def _finished_result(self, step: int) -> dict | None:
+        """A run folder whose run already ended (no step left, its result and model written): its result, untouched.
+        Without this a second invocation of the same command trained nothing and overwrote result.json with an
+        empty one."""
+        result_path = self.run_dir / "result.json"
+        if step < self.total_steps or not result_path.exists() or not (self.run_dir / "model").is_dir():
+            return None
+        result = json.loads(result_path.read_text(encoding="utf-8"))
+        if result.get("step") != step:
+            return None
+        log.warning("run.dir %s already finished at step %d (result.json, model/): nothing to train. For a new run "
+                    "use another run.dir; to train on, raise train.epochs or train.max_steps", self.run_dir, step)
+        return result
+
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict:
         cfg, info = self.cfg, self.info
@@ -256,7 +283,7 @@ class Trainer:
         resumed = self.checkpointer.load_latest(state, self.check_resumable)
         # only now that the run folder is known to be ours (a refused resume leaves it untouched)
         if info.is_main:
-            atomic_write_text(self.run_dir / "config.toml", dump_toml(cfg))
+            self._write_config(resumed["step"] if resumed else 0)
         self.logger.text("config", dump_toml(cfg))
         self.logger.text("sharding_plan", plan_text + "\n" + self.optim.describe())
         step = resumed["step"] if resumed else 0
@@ -264,6 +291,9 @@ class Trainer:
         if resumed:
             log.info("resumed from step %d (saved by world size %d, %s); %d steps remain", step,
                      resumed["world_size"], resumed["sharding"], self.total_steps - step)
+            finished = self._finished_result(step)
+            if finished is not None:
+                return finished
         self.stop.install()
         try:
             result = self._loop(step, tokens_seen)
@@ -517,7 +547,7 @@ class Trainer:
             if split in result:
                 final[f"{split}_accuracy"] = result[split]["accuracy"]
                 final[f"{split}_macro_f1"] = result[split]["macro_f1"]
-        self.logger.hparams(hparams, final)
+        self.logger.hparams(hparams, final, step)
         from trainer.export import projector_rows
 
         rows = projector_rows(unwrap(self.model), self.data.vocab, self.cfg.metrics.projector_words, self.info)

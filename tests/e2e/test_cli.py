@@ -103,6 +103,20 @@ def test_train_eval_predict_neighbors(tiny_config, tiny_data):
     assert 0 < rows[0]["embeddings/pretrained_token_coverage"] < 1  # the OOV words are not pretrained
     assert max(r["step"] for r in rows) == 40
     assert list((run / "tb").glob("events.out.tfevents.*"))
+    # one TensorBoard run: the hparams entry is in the run's own events, not in a subfolder (a second run)
+    assert [p.parent for p in (run / "tb").rglob("events.out.tfevents.*")] == [run / "tb"]
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+
+    multiplexer = EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(run / "tb"))
+    multiplexer.Reload()
+    assert list(multiplexer.Runs()) == ["."]
+    assert "_hparams_/experiment" in multiplexer.PluginRunToTagToContent("hparams")["."]
+
+    # ---- the same command again: the run is finished, nothing trains and its result stays
+    again = ok(cli("train", "--config", config, *FAST))
+    assert "already finished at step 40" in again.stderr
+    assert last_json(again.stdout) == result and json.loads((run / "result.json").read_text()) == result
     steps = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
     assert steps and steps[-1] == 40 and len(steps) <= 2  # keep_latest_k = 2
     for step in steps:
@@ -337,3 +351,17 @@ def test_each_encoder_and_sparse_optimizer_trains_one_epoch(tiny_config, encoder
         "rowwise_adagrad": ("RowWiseAdagrad",),
     }[sparse]
     assert state["optimizers"]["sparse"] in expected
+
+
+def test_resuming_with_changed_settings_says_so_and_keeps_the_earlier_ones(tiny_config):
+    config = tiny_config("changed", train={"max_steps": 10},
+                         metrics={"tensorboard": False, "projector_words": 0}, checkpoint={"at_epoch_end": False})
+    run = run_dir_of(config)
+    ok(cli("train", "--config", config, *FAST))
+    resumed = ok(cli("train", "--config", config, *FAST, "--train.max_steps", "20", "--optim.sparse_lr", "0.01"))
+    assert last_json(resumed.stdout)["steps_this_run"] == 10
+    warning = next(line for line in resumed.stderr.splitlines() if "changed settings" in line)
+    assert "resuming at step 10" in warning and "optim.sparse_lr 0.05 -> 0.01" in warning
+    assert "train.max_steps 10 -> 20" in warning and "config.until-step-10.toml" in warning
+    assert tomllib.loads((run / "config.until-step-10.toml").read_text())["optim"]["sparse_lr"] == 0.05
+    assert tomllib.loads((run / "config.toml").read_text())["optim"]["sparse_lr"] == 0.01
