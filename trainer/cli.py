@@ -91,6 +91,17 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
+def _check_device(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            from trainer.config import ConfigError
+
+            raise ConfigError(f"--device {device}: torch.cuda.is_available() is false (no GPU, or a CPU build of "
+                              "torch); use --device cpu")
+
+
 def cmd_eval(argv: list[str]) -> int:
     from trainer.inference import run_eval
 
@@ -100,6 +111,7 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-extend", action="store_true", help="score with the training vocabulary only (the result the run reported for its test data); by default words unseen in training get their pretrained rows")
     args = p.parse_args(argv)
+    _check_device(args.device)
     summary, table = run_eval(args.run, args.data, args.device, extend=not args.no_extend)
     sys.stderr.write(table + "\n")
     print(json.dumps(summary))
@@ -118,6 +130,9 @@ def cmd_predict(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.top_k < 1:
         p.error("--top-k must be >= 1")
+    if args.input != "-" and not os.path.isfile(args.input):
+        p.error(f"--input: no such file: {args.input}")
+    _check_device(args.device)
     predictor = Predictor(args.run, args.device, extend=not args.no_extend)
     if args.input == "-":
         print_jsonl(predictor.predict_stream(sys.stdin, args.top_k))
@@ -135,6 +150,8 @@ def cmd_neighbors(argv: list[str]) -> int:
     p.add_argument("word")
     p.add_argument("--k", type=int, default=10)
     args = p.parse_args(argv)
+    if args.k < 1:
+        p.error("--k must be >= 1")
     print_jsonl(neighbors(args.run, args.word, args.k))
     return 0
 

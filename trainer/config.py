@@ -427,6 +427,8 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str, str]]:
             if i + 1 >= len(argv):
                 raise ConfigError(f"--{name}: missing value")
             value = argv[i + 1]
+            if value.startswith("--") and "." in value.partition("=")[0]:  # the next flag, not a value
+                raise ConfigError(f"--{name}: missing value (the next argument is the flag {value})")
             i += 1
         section, _, key = name.partition(".")
         out.append((section, key, value))

@@ -31,7 +31,7 @@ from trainer.config import Config
 from trainer.features import Featurizer, tokenize
 from trainer.parallel import can_fork, resolve_workers
 from trainer.tabular import DataError, TextTable, read_table
-from trainer.vectors import PretrainedVectors, load_vectors
+from trainer.vectors import PACKAGE_NAME, PretrainedVectors, VectorFileError, load_vectors
 from trainer.vocab import Tokenizer, Vocabulary, build_vocabulary, coverage
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,16 @@ HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 
 
 def _read(spec: str, cfg: Config, role: str = "train") -> TextTable:
+    if Path(spec).suffix.lower() in LOCAL_SUFFIXES and not Path(spec).exists():  # say which setting named it
+        raise DataError(f"{spec}: file not found (data.{role}{_relative_to_cwd(spec)})")
     return read_table(spec, cfg.data.text_column, cfg.data.label_column, split=HUB_SPLITS[role])
+
+
+LOCAL_SUFFIXES = {".csv", ".tsv", ".json", ".jsonl", ".parquet"}
+
+
+def _relative_to_cwd(spec: str) -> str:
+    return "" if Path(spec).expanduser().is_absolute() else f", a path relative to the working folder {os.getcwd()}"
 
 
 def cache_key(cfg: Config, pretrained: PretrainedVectors | None) -> str:
@@ -185,6 +194,9 @@ def load_pretrained(cfg: Config, progress: bool) -> PretrainedVectors | None:
     e = cfg.embeddings
     if not e.pretrained:
         return None
+    if e.pretrained.strip().lower() != PACKAGE_NAME and not Path(e.pretrained).expanduser().exists():
+        raise VectorFileError(f"{e.pretrained}: no such file (embeddings.pretrained"
+                              f"{_relative_to_cwd(e.pretrained)})")
     return load_vectors(e.pretrained, cache_dir=Path(e.vectors_cache_dir) if e.vectors_cache_dir else None,
                         progress=progress)
 

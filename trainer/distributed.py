@@ -58,7 +58,10 @@ def _launched_by_torchrun() -> bool:
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device: cuda requested but torch.cuda.is_available() is false")
+            from trainer.config import ConfigError
+
+            raise ConfigError("train.device: cuda requested but torch.cuda.is_available() is false (no GPU, or a "
+                              "CPU build of torch); use --train.device cpu or auto")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 

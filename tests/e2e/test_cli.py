@@ -290,10 +290,15 @@ def test_training_never_changes_pretrained_bytes(tiny_config, tiny_data, tmp_pat
     [
         (["--train.nosuch", "1"], "train.nosuch"),
         (["--train.epochs", "abc"], "train.epochs"),
-        (["--data.train", "/nonexistent/train.csv"], "/nonexistent/train.csv"),
+        (["--data.train", "/nonexistent/train.csv"], "/nonexistent/train.csv: file not found (data.train)"),
         (["--data.text_column", "body"], "body"),
+        (["--embeddings.pretrained", "no/such.txt"], "no/such.txt: no such file (embeddings.pretrained, a path "
+                                                       "relative to the working folder"),
+        (["--train.epochs", "--train.seed", "1"], "--train.epochs: missing value (the next argument is the flag"),
+        (["--train.device", "cuda"] if not torch.cuda.is_available() else ["--train.bf16", "maybe"],
+         "train.device: cuda requested" if not torch.cuda.is_available() else "train.bf16"),
     ],
-    ids=["unknown-key", "bad-value", "missing-file", "missing-column"],
+    ids=["unknown-key", "bad-value", "missing-file", "missing-column", "missing-vectors", "missing-value", "no-cuda"],
 )
 def test_user_errors_exit_2_with_one_line(tiny_config, extra, needle):
     proc = cli("train", "--config", tiny_config("bad"), *FAST, *extra)
@@ -365,3 +370,19 @@ def test_resuming_with_changed_settings_says_so_and_keeps_the_earlier_ones(tiny_
     assert "train.max_steps 10 -> 20" in warning and "config.until-step-10.toml" in warning
     assert tomllib.loads((run / "config.until-step-10.toml").read_text())["optim"]["sparse_lr"] == 0.05
     assert tomllib.loads((run / "config.toml").read_text())["optim"]["sparse_lr"] == 0.01
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["neighbors", "--run", "r", "--k", "0", "word"], "--k must be >= 1"),
+        (["predict", "--run", "r", "--input", "/no/such/lines.txt"], "--input: no such file: /no/such/lines.txt"),
+        pytest.param(["eval", "--run", "r", "--data", "d.csv", "--device", "cuda"], "--device cuda: torch.cuda",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+    ],
+    ids=["neighbors-k", "predict-input", "eval-device"],
+)
+def test_inference_flag_errors_exit_2_naming_the_flag(args, needle):
+    proc = cli(*args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert needle in proc.stderr.strip().splitlines()[-1]

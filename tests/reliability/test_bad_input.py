@@ -598,7 +598,8 @@ def test_partial_step_folder_is_ignored(outcomes, scenario):
 )
 def test_corrupted_checkpoint_is_refused_and_the_previous_one_used(outcomes, scenario, reason):
     proc = ok(outcome(outcomes, scenario).proc)
-    warnings = [line for line in proc.stderr.splitlines() if "WARNING" in line]
+    # (the scenario resumes with more epochs, which the trainer also warns about)
+    warnings = [line for line in proc.stderr.splitlines() if "WARNING" in line and "changed settings" not in line]
     assert len(warnings) == 1, proc.stderr  # one line, no DCP traceback
     assert "step-10" in warnings[0] and reason in warnings[0] and "trying an older one" in warnings[0], (
         warnings
