@@ -3,8 +3,10 @@
 #
 #   bash launch/demo.sh [--section.field VALUE ...]     (extra flags go to `trainer train`)
 #
-# Environment: VENV (default .venv), RUN_DIR (default runs/demo), DATA_DIR (default data/debian), TORCH_INDEX (a
-# PyTorch wheel index for the torch install, e.g. https://download.pytorch.org/whl/cpu; default: pip's own).
+# Environment: VENV (default .venv; an existing one is reused), RUN_DIR (default runs/demo), DATA_DIR (default
+# data/debian), TORCH_INDEX (the PyTorch wheel index for the torch install; default: the CPU-only index
+# https://download.pytorch.org/whl/cpu, or pip's own (PyPI, the CUDA build) where nvidia-smi finds a GPU; set it
+# empty for pip's own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +20,14 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 # A pinned torch first: an unpinned resolve pulls a CUDA build of several GB. From PyPI on x86-64 Linux even the
-# pinned one is the CUDA build: set TORCH_INDEX=https://download.pytorch.org/whl/cpu for the small CPU-only wheel.
+# pinned one is the CUDA build, so without a GPU the default is the small CPU-only wheel.
+if [ -z "${TORCH_INDEX+set}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    TORCH_INDEX=""
+  else
+    TORCH_INDEX=https://download.pytorch.org/whl/cpu
+  fi
+fi
 python -c 'import torch' 2>/dev/null || python -m pip install -q ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} torch==2.13.0
 python -m pip install -q -e '.[glove]'
 

@@ -15,11 +15,12 @@ USAGE = """python -m trainer COMMAND ...
 
 commands:
   train      --config FILE [--section.field VALUE ...]   train (also under torchrun); --help-config lists every field
-  eval       --run RUN_DIR --data PATH                   accuracy / macro F1 as JSON on stdout
-  predict    --run RUN_DIR [--top-k K] [--input FILE]    one JSON object per input line
+  eval       --run RUN_DIR --data PATH [--no-extend]     accuracy / macro F1 as JSON on stdout
+  predict    --run RUN_DIR [--top-k K] [--input FILE] [--no-extend]
+                                                         one JSON object per input line
   neighbors  --run RUN_DIR WORD [--k 10]                 nearest words by cosine
   data       debian --out DIR                            build the demo dataset from the apt lists
-  report     --run RUN_DIR [--no-plots]                  summary of a run: metrics, throughput, time split, plots
+  report     --run RUN_DIR [--json] [--no-plots]         summary of a run: metrics, throughput, time split, plots
   precompile [--no-distributed] [--strict]               compile the numba kernels into their cache (image build)
 """
 
