@@ -25,7 +25,8 @@ from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, val
 from trainer.config import Config, config_changes, dump_toml
 from trainer.data import BatchPlan, BatchPrefetcher, DataBundle, class_weights, prepare_data, rank_share
 from trainer.data_cache import BackgroundBuild, cache_root, load_pretrained
-from trainer.distributed import DistInfo, agree_any, all_reduce_, init_distributed, shutdown_distributed
+from trainer.distributed import (DistInfo, agree_any, all_reduce_, broadcast_object, init_distributed,
+                                 shutdown_distributed)
 from trainer.embeddings import build_table_specs
 from trainer.evaluation import confusion_image, evaluate, per_class_table
 from trainer.export import export_model
@@ -233,8 +234,11 @@ class Trainer:
                                       f"({saved.get('pretrained_source')!r} then, {mine['pretrained_source']!r} now)",
             "vocab_fingerprint": "the vocabulary or label set differs (training data, tokenizer, min_freq or max_vocab "
                                  "changed)",
-            "tables": f"the embedding tables differ ({saved.get('tables')} then, {mine['tables']} now)",
-            "optimizers": f"the optimizers differ ({saved.get('optimizers')} then, {mine['optimizers']} now)",
+            "tables": f"the embedding tables differ ({saved.get('tables')} then, {mine['tables']} now; "
+                      "model.encoder, model.wide, embeddings.ngram_buckets / char_ngrams and the vocabulary decide "
+                      "them)",
+            "optimizers": f"the optimizers differ ({saved.get('optimizers')} then, {mine['optimizers']} now; "
+                          "optim.sparse, optim.dense and the tables decide them)",
             "encoder": f"model.encoder differs ({saved.get('encoder')} then, {mine['encoder']} now)",
             "state_layout": f"the model or optimizer state differs in shape ({shown}"
                             f"{f' and {len(changed) - 3} more' if len(changed) > 3 else ''}; model.hidden, "
@@ -242,8 +246,20 @@ class Trainer:
         }
         for key, reason in reasons.items():
             if saved.get(key) != mine[key]:
-                raise ResumeError(f"run.dir {self.run_dir} holds a run this configuration cannot resume: {reason}. "
-                                  "Use another run.dir, or train.resume = never with a fresh folder.")
+                raise ResumeError(f"run.dir {self.run_dir} holds a run this configuration cannot resume: {reason}."
+                                  f"{self._settings_changed()} Train in another run.dir (or move this one away), or "
+                                  "restore the run's settings to resume it.")
+
+    def _settings_changed(self) -> str:
+        """` Settings changed since that run: ...` from its config.toml, for a refused resume's message."""
+        path = self.run_dir / "config.toml"
+        try:
+            changed = config_changes(tomllib.loads(path.read_text(encoding="utf-8")),
+                                     tomllib.loads(dump_toml(self.cfg)))
+        except (OSError, tomllib.TOMLDecodeError):
+            return ""
+        changed = [c for c in changed if not c.startswith(("train.epochs ", "train.max_steps ", "train.resume "))]
+        return f" Settings changed since that run: {'; '.join(changed)}." if changed else ""
 
     def _write_config(self, step: int) -> None:
         """RUN_DIR/config.toml: the settings of this invocation. A resume with other settings (a new learning rate,
@@ -291,7 +307,8 @@ class Trainer:
         if resumed:
             log.info("resumed from step %d (saved by world size %d, %s); %d steps remain", step,
                      resumed["world_size"], resumed["sharding"], self.total_steps - step)
-            finished = self._finished_result(step)
+            # rank 0's view decides for all: every rank must agree to skip the final evaluation's collectives
+            finished = broadcast_object(self._finished_result(step) if info.is_main else None, info)
             if finished is not None:
                 return finished
         self.stop.install()

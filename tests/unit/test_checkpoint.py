@@ -295,10 +295,17 @@ def test_resume_never_refuses_an_existing_run(quick_config):
 def test_resume_after_finish_runs_no_steps(quick_config):
     path = quick_config()
     first = make_trainer(path).fit()
-    again = make_trainer(path).fit()
-    assert again["step"] == first["step"] == 4
-    assert again["steps_this_run"] == 0
-    w = torch.load(Path(make_trainer(path).run_dir) / "model" / "weights.pt", weights_only=True)
+    run_dir = Path(make_trainer(path).run_dir)
+    logged = (run_dir / "metrics.jsonl").read_text()
+    again = make_trainer(path).fit()  # finished: its result stands, nothing is trained, evaluated or written
+    assert again == first and again["steps_this_run"] == 4
+    assert json.loads((run_dir / "result.json").read_text()) == first
+    assert (run_dir / "metrics.jsonl").read_text() == logged
+    (run_dir / "result.json").unlink()  # as if killed during its final evaluation: that part runs again
+    redone = make_trainer(path).fit()
+    assert redone["step"] == 4 and redone["steps_this_run"] == 0
+    assert json.loads((run_dir / "result.json").read_text()) == redone
+    w = torch.load(run_dir / "model" / "weights.pt", weights_only=True)
     assert all(np.isfinite(v.numpy()).all() for v in w.values())
 
 
@@ -369,6 +376,7 @@ def test_resume_at_the_final_step_keeps_the_pretrained_correction(quick_config):
     first = make_trainer(path)
     first.fit()
     assert first.model.delta_active
+    (Path(first.run_dir) / "result.json").unlink()  # killed before the result was written
     again = make_trainer(path)
     result = again.fit()
     assert result["steps_this_run"] == 0
