@@ -2,7 +2,8 @@
 
 Reads only what the run folder already holds, and imports no torch:
 
-- `metrics.jsonl`: every logged scalar (a partial last line from a crash is skipped and counted);
+- `metrics.jsonl`: every logged scalar (a partial last line from a crash is skipped and counted; rows of steps a
+  resumed run took again, those after its checkpoint, replace the first run's);
 - `result.json`: the final metrics of the last completed training;
 - `eval/*.json`: per-split evaluations written by training and by `trainer eval`;
 - `checkpoints/step-N/trainer_state.json`: how far the run got.
@@ -42,6 +43,8 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
                 bad += 1
                 continue
             if isinstance(row, dict) and isinstance(row.get("step"), int):
+                if rows and row["step"] < rows[-1]["step"]:  # a resumed run takes again the steps after its checkpoint
+                    rows = [r for r in rows if r["step"] < row["step"]]
                 rows.append(row)
             else:
                 bad += 1

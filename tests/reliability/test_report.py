@@ -101,3 +101,15 @@ def test_without_matplotlib_plots_are_skipped_with_a_message(world, tmp_path, mo
 def test_not_a_run_folder_is_a_one_line_error(world, tmp_path):
     user_error(world.cli("report", "--run", tmp_path / "nowhere"), "nowhere", "no such folder")
     user_error(world.cli("report", "--run", tmp_path), str(tmp_path), "not a run folder")
+
+
+def test_replayed_steps_keep_the_resumed_runs_rows(tmp_path):
+    """A restart from the checkpoint at step 2 logs steps 3-4 again: the report reads each step once, the later row."""
+    from trainer.report import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    steps = [1, 2, 3, 4, 3, 4, 5]
+    path.write_text("".join(json.dumps({"step": s, "loss/train": float(i)}) + "\n" for i, s in enumerate(steps)))
+    rows, bad = read_metrics(path)
+    assert bad == 0
+    assert [(r["step"], r["loss/train"]) for r in rows] == [(1, 0.0), (2, 1.0), (3, 4.0), (4, 5.0), (5, 6.0)]
