@@ -12,6 +12,7 @@ demo's cache 1.5 s). tests/unit/test_data_cache.py checks that importing this mo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -117,11 +118,15 @@ def build_cache(cfg: Config, pretrained: PretrainedVectors | None, folder: Path)
     """Written into a temporary folder renamed into place at the end; a failure (bad data) removes it, so the
     run folder keeps no debris."""
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    made = [p for p in (folder.parent, folder.parent.parent) if not p.exists()]
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         _fill_cache(cfg, pretrained, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in made:  # the cache and run folders this build made, if still empty
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         raise
     if folder.exists():  # another process won the race; keep theirs
         shutil.rmtree(tmp, ignore_errors=True)

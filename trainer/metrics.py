@@ -6,8 +6,8 @@ logged figure describes the interval since the previous one.
 
 Files in the run folder: `metrics.jsonl` is append-only, one line-buffered JSON line per log, so a crash can cost at
 most the last (partial) line, which readers skip; TensorBoard event files are append-only record streams with
-per-record checksums. Neither is rewritten in place. The event file is created on the first write, so a run
-refused before training starts (bad data, a run folder it cannot resume) leaves no empty event file behind.
+per-record checksums. Neither is rewritten in place. Both are created on their first write, so a run refused
+before training starts (bad data, a run folder it cannot resume) leaves no empty file behind.
 """
 
 import contextlib
@@ -37,9 +37,17 @@ class NullLogger:
 class MetricsLogger(NullLogger):
     def __init__(self, run_dir: Path, tensorboard: bool) -> None:
         self.run_dir = run_dir
-        self.jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        self._jsonl = None
+        self._closed = False
         self.tensorboard = tensorboard
         self._writer = None
+
+    @property
+    def jsonl(self):
+        """metrics.jsonl, opened on the first row (as the event file), so a refused run leaves no empty file."""
+        if self._jsonl is None:
+            self._jsonl = (self.run_dir / "metrics.jsonl").open("a", buffering=1)
+        return self._jsonl
 
     @property
     def writer(self):
@@ -52,6 +60,8 @@ class MetricsLogger(NullLogger):
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in values.items()}
+        if self._closed:
+            return
         self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean}) + "\n")
         if self.writer is not None:
             for tag, value in clean.items():
@@ -94,14 +104,16 @@ class MetricsLogger(NullLogger):
                                       metadata_header=header, global_step=step, tag="words")
 
     def flush(self) -> None:
-        self.jsonl.flush()
+        if self._jsonl is not None:
+            self._jsonl.flush()
         if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:
         """Flush and close both files; again is a no-op (run_training closes whatever way training ended)."""
-        if not self.jsonl.closed:
-            self.jsonl.close()
+        self._closed = True
+        if self._jsonl is not None and not self._jsonl.closed:
+            self._jsonl.close()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
