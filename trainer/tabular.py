@@ -108,7 +108,8 @@ def _supported() -> str:
 
 def _columns_error(source: object, missing: str, what: str, present: Sequence[str]) -> DataError:
     shown = ", ".join(repr(c[:60]) for c in list(present)[:30]) + (" ..." if len(present) > 30 else "")
-    return DataError(f"{source}: no {what} column {missing!r}; columns present: {shown or '(none)'}")
+    return DataError(f"{source}: no {what} column {missing!r} (data.{what}_column); columns present: "
+                     f"{shown or '(none)'}")
 
 
 def _check_columns(source: object, present: Sequence[str], text_column: str, label_column: str) -> None:
