@@ -297,20 +297,21 @@ class Trainer:
         plan_text = describe_plan(self.specs, self.sharding, self.info, self.optim)
         log.info("%s\n%s", plan_text, self.optim.describe())
         resumed = self.checkpointer.load_latest(state, self.check_resumable)
-        # only now that the run folder is known to be ours (a refused resume leaves it untouched)
-        if info.is_main:
-            self._write_config(resumed["step"] if resumed else 0)
-        self.logger.text("config", dump_toml(cfg))
-        self.logger.text("sharding_plan", plan_text + "\n" + self.optim.describe())
         step = resumed["step"] if resumed else 0
         tokens_seen = resumed["tokens_seen"] if resumed else 0
         if resumed:
-            log.info("resumed from step %d (saved by world size %d, %s); %d steps remain", step,
-                     resumed["world_size"], resumed["sharding"], self.total_steps - step)
-            # rank 0's view decides for all: every rank must agree to skip the final evaluation's collectives
+            # a finished run is left as it is (no config, no event file). Rank 0's view decides for all: every rank
+            # must agree to skip the final evaluation's collectives
             finished = broadcast_object(self._finished_result(step) if info.is_main else None, info)
             if finished is not None:
                 return finished
+            log.info("resumed from step %d (saved by world size %d, %s); %d steps remain", step,
+                     resumed["world_size"], resumed["sharding"], self.total_steps - step)
+        # only now that the run folder is known to be ours (a refused resume leaves it untouched)
+        if info.is_main:
+            self._write_config(step)
+        self.logger.text("config", dump_toml(cfg))
+        self.logger.text("sharding_plan", plan_text + "\n" + self.optim.describe())
         self.stop.install()
         try:
             result = self._loop(step, tokens_seen)
