@@ -131,7 +131,7 @@ def cmd_predict(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.top_k < 1:
         p.error("--top-k must be >= 1")
-    if args.input != "-" and not os.path.isfile(args.input):
+    if args.input != "-" and not os.path.exists(args.input):  # pipes and /dev/stdin too
         p.error(f"--input: no such file: {args.input}")
     _check_device(args.device)
     predictor = Predictor(args.run, args.device, extend=not args.no_extend)

@@ -53,6 +53,11 @@ from trainer.sharding import (
 
 log = logging.getLogger("trainer")
 
+# settings that change where things go or how fast, not what is trained: left out of "changed settings" messages
+NOT_TRAINING_SETTINGS = tuple(f"{name} " for name in (
+    "run.dir", "train.resume", "train.threads", "data.cache_dir", "data.workers", "data.build_in_background",
+    "embeddings.vectors_cache_dir", "metrics.progress", "dist.timeout_s", "dist.pin_cores"))
+
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (non-finite loss or gradient, out of memory); the last good checkpoint is kept."""
@@ -250,7 +255,7 @@ class Trainer:
                                   f"{self._settings_changed()} Train in another run.dir (or move this one away), or "
                                   "restore the run's settings to resume it.")
 
-    def _settings_changed(self) -> str:
+    def _settings_changed(self, lead: str = "Settings changed since that run") -> str:
         """` Settings changed since that run: ...` from its config.toml, for a refused resume's message."""
         path = self.run_dir / "config.toml"
         try:
@@ -258,19 +263,23 @@ class Trainer:
                                      tomllib.loads(dump_toml(self.cfg)))
         except (OSError, tomllib.TOMLDecodeError):
             return ""
-        changed = [c for c in changed if not c.startswith(("train.epochs ", "train.max_steps ", "train.resume "))]
-        return f" Settings changed since that run: {'; '.join(changed)}." if changed else ""
+        changed = [c for c in changed
+                   if not c.startswith(("train.epochs ", "train.max_steps ", *NOT_TRAINING_SETTINGS))]
+        return f" {lead}: {'; '.join(changed)}." if changed else ""
 
     def _write_config(self, step: int) -> None:
         """RUN_DIR/config.toml: the settings of this invocation. A resume with other settings (a new learning rate,
         more epochs) is allowed, but said, and the settings the steps before it ran with stay beside it."""
         path, text = self.run_dir / "config.toml", dump_toml(self.cfg)
+        kept = self.run_dir / f"config.until-step-{step}.toml"
         if step and path.exists() and path.read_text(encoding="utf-8") != text:
-            changed = config_changes(tomllib.loads(path.read_text(encoding="utf-8")), tomllib.loads(text))
-            kept = self.run_dir / f"config.until-step-{step}.toml"
-            os.replace(path, kept)
-            log.warning("resuming at step %d with changed settings: %s; config.toml holds them now, the earlier ones "
-                        "are in %s", step, "; ".join(changed) or "(formatting only)", kept.name)
+            if not kept.exists():  # an earlier resume at this step kept them already (attempts since saved nothing)
+                os.replace(path, kept)
+            changed = [c for c in config_changes(tomllib.loads(kept.read_text(encoding="utf-8")), tomllib.loads(text))
+                       if not c.startswith(NOT_TRAINING_SETTINGS)]
+            if changed:
+                log.warning("resuming at step %d with changed settings: %s; config.toml holds them now, the earlier "
+                            "ones are in %s", step, "; ".join(changed), kept.name)
         atomic_write_text(path, text)
 
     def _finished_result(self, step: int) -> dict | None:
@@ -280,11 +289,15 @@ class Trainer:
         result_path = self.run_dir / "result.json"
         if step < self.total_steps or not result_path.exists() or not (self.run_dir / "model").is_dir():
             return None
-        result = json.loads(result_path.read_text(encoding="utf-8"))
-        if result.get("step") != step:
+        try:
+            result = json.loads(result_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # unreadable: not a finished run's (this runs on rank 0 before a broadcast)
             return None
-        log.warning("run.dir %s already finished at step %d (result.json, model/): nothing to train. For a new run "
-                    "use another run.dir; to train on, raise train.epochs or train.max_steps", self.run_dir, step)
+        if not isinstance(result, dict) or result.get("step") != step:
+            return None
+        log.warning("run.dir %s already finished at step %d (result.json, model/): nothing to train.%s For a new run "
+                    "use another run.dir; to train on, raise train.epochs or train.max_steps", self.run_dir, step,
+                    self._settings_changed("Settings given now that differ from the run's, not applied"))
         return result
 
     # ---------------------------------------------------------------- loop
@@ -310,6 +323,9 @@ class Trainer:
         # only now that the run folder is known to be ours (a refused resume leaves it untouched)
         if info.is_main:
             self._write_config(step)
+            # the run is not finished: a result.json here is an earlier run's (e.g. one without checkpoints), and
+            # must not pass for this one's if it is killed before writing its own
+            (self.run_dir / "result.json").unlink(missing_ok=True)
         self.logger.text("config", dump_toml(cfg))
         self.logger.text("sharding_plan", plan_text + "\n" + self.optim.describe())
         self.stop.install()
@@ -468,6 +484,8 @@ class Trainer:
         bar.close()
         wall = time.perf_counter() - t_start
         result = {"step": step, "steps_this_run": steps_this_run, "train_seconds": wall}
+        if not last_valid and self.data.valid is not None and steps_this_run == 0:
+            last_valid = self._evaluate("valid", step)  # a run resumed at its last step: its result has both splits
         if last_valid:
             result["valid"] = {k: last_valid[k] for k in ("accuracy", "macro_f1", "loss", "n")}
         if self.data.test is not None:

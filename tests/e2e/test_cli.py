@@ -4,6 +4,7 @@ bytes never change; user errors exit 2 with one line; every encoder and sparse o
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -386,3 +387,33 @@ def test_inference_flag_errors_exit_2_naming_the_flag(args, needle):
     proc = cli(*args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert needle in proc.stderr.strip().splitlines()[-1]
+
+
+def test_an_earlier_result_json_is_dropped_once_a_run_goes_on(tiny_config):
+    """A result.json that a run folder holds from before (an earlier run, or before more steps were asked for) must
+    not pass for the result of training that then fails or is killed before writing its own."""
+    config = tiny_config("stale", train={"max_steps": 4},
+                         metrics={"tensorboard": False, "projector_words": 0}, checkpoint={"at_epoch_end": False})
+    run = run_dir_of(config)
+    ok(cli("train", "--config", config, *FAST))
+    (run / "result.json").write_text(json.dumps({"step": 8, "planted": True}))
+    failed = cli("train", "--config", config, *FAST, "--train.max_steps", "8", "--optim.dense_lr", "1e30",
+                 "--optim.sparse_lr", "1e30")
+    assert failed.returncode == 2 and "non-finite" in failed.stderr, failed.stderr
+    assert not (run / "result.json").exists()
+    again = ok(cli("train", "--config", config, *FAST, "--train.max_steps", "8"))  # not "already finished"
+    assert "already finished" not in again.stderr and last_json(again.stdout)["steps_this_run"] == 4
+
+
+def test_predict_reads_a_pipe_given_as_input(tiny_config, tmp_path):
+    config = tiny_config("piped", train={"max_steps": 2}, metrics={"tensorboard": False, "projector_words": 0})
+    ok(cli("train", "--config", config, *FAST))
+    fifo = tmp_path / "lines"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "predict", "--run", str(run_dir_of(config)),
+                             "--input", str(fifo)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with fifo.open("w") as f:
+        f.write("the ball and the goal\n")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert len(jsonl(out)) == 1
