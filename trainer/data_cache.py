@@ -31,7 +31,7 @@ from trainer import jit
 from trainer.config import Config
 from trainer.features import Featurizer, tokenize
 from trainer.parallel import can_fork, resolve_workers
-from trainer.tabular import DataError, TextTable, read_table
+from trainer.tabular import DataError, TextTable, local_format, read_table
 from trainer.vectors import PACKAGE_NAME, PretrainedVectors, VectorFileError, load_vectors
 from trainer.vocab import Tokenizer, Vocabulary, build_vocabulary, coverage
 
@@ -95,12 +95,9 @@ HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 
 
 def _read(spec: str, cfg: Config, role: str = "train") -> TextTable:
-    if Path(spec).suffix.lower() in LOCAL_SUFFIXES and not Path(spec).exists():  # say which setting named it
+    if local_format(spec) is not None and not Path(spec).exists():  # say which setting named it
         raise DataError(f"{spec}: file not found (data.{role}{_relative_to_cwd(spec)})")
     return read_table(spec, cfg.data.text_column, cfg.data.label_column, split=HUB_SPLITS[role])
-
-
-LOCAL_SUFFIXES = {".csv", ".tsv", ".json", ".jsonl", ".parquet"}
 
 
 def _relative_to_cwd(spec: str) -> str:

@@ -138,16 +138,19 @@ def seeded_cache_dir(seed: str, cache_dir: str) -> str:
     return target
 
 
+def module_kernels(module) -> dict[str, object]:
+    """The numba kernels a module defines (not those it imports), by qualified name."""
+    return {f"{module.__name__}.{attr}": value for attr, value in vars(module).items()
+            if isinstance(value, Dispatcher) and value.py_func.__module__ == module.__name__}
+
+
 def compiled_kernels() -> list[str]:
     """The trainer kernels this process compiled rather than loaded from the cache (one entry per signature)."""
     found = []
     for module_name, module in list(sys.modules.items()):
-        if not module_name.startswith("trainer.") or module is None:
-            continue
-        for attr, value in vars(module).items():
-            stats = getattr(value, "stats", None) if isinstance(value, Dispatcher) else None
-            if stats is not None and getattr(value, "__module__", module_name) == module_name:
-                found += [f"{module_name}.{attr}"] * sum(stats.cache_misses.values())
+        if module_name.startswith("trainer.") and module is not None:
+            for name, kernel in module_kernels(module).items():
+                found += [name] * sum(kernel.stats.cache_misses.values())
     return sorted(found)
 
 

@@ -139,10 +139,8 @@ def kernel_dispatchers() -> dict[str, object]:
         except ImportError as e:  # a module needing an optional package holds no kernel of the training path
             print(f"  (trainer.{info.name} not imported: {e})")
             continue
-        for attr, value in vars(module).items():
-            if isinstance(value, jit.Dispatcher) and value.py_func.__module__ == module.__name__:
-                if value.targetoptions.get("inline", "never") != "always":
-                    found[f"{module.__name__}.{attr}"] = value
+        found.update({name: kernel for name, kernel in jit.module_kernels(module).items()
+                      if kernel.targetoptions.get("inline", "never") != "always"})
     return found
 
 
