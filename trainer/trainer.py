@@ -25,8 +25,14 @@ from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, val
 from trainer.config import Config, config_changes, dump_toml
 from trainer.data import BatchPlan, BatchPrefetcher, DataBundle, class_weights, prepare_data, rank_share
 from trainer.data_cache import BackgroundBuild, cache_root, load_pretrained
-from trainer.distributed import (DistInfo, agree_any, all_reduce_, broadcast_object, init_distributed,
-                                 shutdown_distributed)
+from trainer.distributed import (
+    DistInfo,
+    agree_any,
+    all_reduce_,
+    broadcast_object,
+    init_distributed,
+    shutdown_distributed,
+)
 from trainer.embeddings import build_table_specs
 from trainer.evaluation import confusion_image, evaluate, per_class_table
 from trainer.export import export_model

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer import batch_kernels, kernels
-from trainer.bag_lookup import bag_sum, gather_pool, group_ids, group_ids_many, sorted_groups
 from trainer import model as model_module
+from trainer.bag_lookup import bag_sum, gather_pool, group_ids, group_ids_many, sorted_groups
 from trainer.batch import Batch, batch_from_collated, collate, collate_grouped
 from trainer.config import load_config
 from trainer.distributed import DistInfo
@@ -191,7 +191,7 @@ def test_the_one_call_data_thread_batch_equals_collate_then_prepare(tiny_config,
             assert want.keys() == got.keys()
             for key in want:
                 assert all(same(a, b) for a, b in zip(got[key], want[key], strict=True)), (name, key)
-        assert len(fast.words) == len(slow.words) and all(same(a, b) for a, b in zip(fast.words, slow.words))
+        assert len(fast.words) == len(slow.words) and all(same(a, b) for a, b in zip(fast.words, slow.words, strict=True))
         for name in ("labels", "lengths", "seq_lengths"):
             assert same(getattr(fast, name), getattr(slow, name)), name
         assert (fast.num_docs, fast.num_tokens) == (slow.num_docs, slow.num_tokens)
