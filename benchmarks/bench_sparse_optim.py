@@ -28,7 +28,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -39,9 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trainer.bag_lookup import bag_sum  # noqa: E402
 from trainer.kernels import advise_hugepages  # noqa: E402
 from trainer.sparse_optim import SPARSE_OPTIMIZERS, build_sparse_optimizer, init_optimizer_state  # noqa: E402
-
-# torch's Adagrad builds sparse tensors without invariant checks and says so on every call.
-warnings.filterwarnings("ignore", message="Sparse invariant checks")
 
 DENSE_OPTIMIZERS = ("dense_adam", "dense_adamw")
 

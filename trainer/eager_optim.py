@@ -15,6 +15,7 @@ constructor imports torch._dynamo anyway.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -52,13 +53,15 @@ class EagerOptimizer:
         _LOAD_STATE_DICT(self, state_dict)
 
 
-def _eager_step(base: type[torch.optim.Optimizer]) -> Callable:
+def _eager_step(base: type[torch.optim.Optimizer],
+                context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Callable:
+    """`base.step` without its dynamo wrapper, run inside `context()`."""
     raw = _unwrapped(base.step)
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         # autograd as _use_grad_for_differentiable sets it: off, unless the optimizer is differentiable; a closure
         # turns it on for itself
-        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))), context():
             return raw(self, closure)
 
     step.__doc__ = f"{base.__name__}.step without its torch._dynamo wrapper."
@@ -81,4 +84,7 @@ class SGD(EagerOptimizer, torch.optim.SGD):
 class Adagrad(EagerOptimizer, torch.optim.Adagrad):
     """torch.optim.Adagrad, built and stepped without importing torch._dynamo."""
 
-    step = _eager_step(torch.optim.Adagrad)
+    # Its sparse update builds tensors from the gradient's own (valid) indices; with the invariant checks left at
+    # their default (off), torch warned "Sparse invariant checks are implicitly disabled" on a user's first step.
+    # Off explicitly: the same computation, no warning.
+    step = _eager_step(torch.optim.Adagrad, lambda: torch.sparse.check_sparse_tensor_invariants(enable=False))

@@ -20,11 +20,15 @@ from typing import Any
 
 import numpy as np
 
+# the key of metrics.jsonl's resume marker rows (MetricsLogger.resumed); they carry no metric
+RESUMED_AT_STEP = "resumed_at_step"
+
 
 class NullLogger:
     """What non-logging ranks get: same interface, does nothing."""
 
     def scalars(self, values: dict[str, float], step: int) -> None: ...
+    def resumed(self, step: int) -> None: ...
     def tb_scalars(self, values: dict[str, float], x: int) -> None: ...
     def text(self, tag: str, text: str, step: int = 0) -> None: ...
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float], step: int) -> None: ...
@@ -66,6 +70,14 @@ class MetricsLogger(NullLogger):
         if self.writer is not None:
             for tag, value in clean.items():
                 self.writer.add_scalar(tag, value, step)
+
+    def resumed(self, step: int) -> None:
+        """A marker row in metrics.jsonl: training goes on from the checkpoint of `step`, so rows an earlier
+        attempt logged after that step describe steps taken again now, and readers (`trainer report`) drop them.
+        Why a marker rather than "a step lower than the row before": an attempt killed right after logging the
+        first step it took leaves a row at exactly the step the next attempt logs first."""
+        if not self._closed:
+            self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), RESUMED_AT_STEP: step}) + "\n")
 
     def tb_scalars(self, values: dict[str, float], x: int) -> None:
         """TensorBoard only, at an x other than the step (e.g. tokens seen): convergence against data consumed."""

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trainer.metrics import RESUMED_AT_STEP
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 LOSS_TAGS = ("loss/train", "loss/valid", "loss/test")
 ACCURACY_TAGS = ("accuracy/train_batch", "accuracy/valid", "accuracy/test")
@@ -43,7 +45,10 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
                 bad += 1
                 continue
             if isinstance(row, dict) and isinstance(row.get("step"), int):
-                if rows and row["step"] < rows[-1]["step"]:  # a resumed run takes again the steps after its checkpoint
+                if RESUMED_AT_STEP in row:  # training went on from this step's checkpoint: later rows are replaced
+                    rows = [r for r in rows if r["step"] <= row["step"]]
+                    continue
+                if rows and row["step"] < rows[-1]["step"]:  # the same, in files written before the marker existed
                     rows = [r for r in rows if r["step"] < row["step"]]
                 rows.append(row)
             else:

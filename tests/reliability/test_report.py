@@ -113,3 +113,22 @@ def test_replayed_steps_keep_the_resumed_runs_rows(tmp_path):
     rows, bad = read_metrics(path)
     assert bad == 0
     assert [(r["step"], r["loss/train"]) for r in rows] == [(1, 0.0), (2, 1.0), (3, 4.0), (4, 5.0), (5, 6.0)]
+
+
+def test_a_resume_marker_drops_the_rows_logged_after_its_checkpoint(tmp_path):
+    """An attempt killed right after logging its first step (3) leaves a row at exactly the step the next attempt,
+    resumed from the checkpoint at 2, logs first: without the marker both rows were kept."""
+    from trainer.metrics import RESUMED_AT_STEP
+    from trainer.report import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": 1, "loss/train": 0.0}, {"step": 2, "loss/train": 1.0}, {"step": 2, "loss/valid": 9.0},
+             {"step": 3, "loss/train": 2.0}, {"step": 2, RESUMED_AT_STEP: 2}, {"step": 3, "loss/train": 3.0},
+             {"step": 4, "loss/train": 4.0}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in lines))
+    rows, bad = read_metrics(path)
+    assert bad == 0
+    # the rows of step 2 (logged before its checkpoint was saved) stay; the marker itself is not a row
+    assert [(r["step"], r.get("loss/train", r.get("loss/valid"))) for r in rows] == [
+        (1, 0.0), (2, 1.0), (2, 9.0), (3, 3.0), (4, 4.0)]
+

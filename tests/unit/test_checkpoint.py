@@ -16,6 +16,8 @@ import torch
 from trainer.checkpoint import STATE_FILE, Checkpointer, ResumeError, valid_steps
 from trainer.config import CheckpointConfig, load_config
 from trainer.distributed import DistInfo
+from trainer.metrics import RESUMED_AT_STEP
+from trainer.report import read_metrics
 from trainer.trainer import Trainer
 
 INFO = DistInfo(0, 0, 1, torch.device("cpu"), "none")
@@ -348,6 +350,11 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(quick_config, override
     shutil.rmtree(run / "model")
     resumed = make_trainer(path, *overrides)
     assert resumed.fit()["steps_this_run"] == 3
+    # the resume is marked in metrics.jsonl, and the report reads every step once
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if RESUMED_AT_STEP in r] == [3]
+    logged = [r["step"] for r in read_metrics(run / "metrics.jsonl")[0] if "loss/train" in r]
+    assert logged == sorted(set(logged)) and logged[-1] == 6
     got = flat(resumed.state())
     assert set(got) == set(want)
     for key in want:

@@ -156,3 +156,24 @@ def test_the_trainers_optimizers_do_not_import_dynamo():
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "no dynamo", out.stderr
+
+
+def test_sparse_adagrad_steps_without_torchs_invariant_warning():
+    """torch warns "Sparse invariant checks are implicitly disabled" once per process, on Adagrad's first sparse
+    step: a fresh interpreter, so an earlier test cannot have used up the warning."""
+    script = textwrap.dedent("""
+        import warnings
+        import torch
+        from trainer import eager_optim
+        warnings.simplefilter("error")
+        emb = torch.nn.Embedding(10, 4, sparse=True)
+        opt = eager_optim.Adagrad(emb.parameters(), lr=0.1)
+        before = emb.weight.detach().clone()
+        emb(torch.tensor([1, 2, 2])).sum().backward()
+        opt.step()
+        changed = (emb.weight.detach() != before).any(dim=1).nonzero().flatten().tolist()
+        assert changed == [1, 2], changed
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "ok", out.stderr
