@@ -5,13 +5,17 @@ on CPU, with a finite timeout so a rank that died makes the others fail instead 
 """
 
 import datetime
+import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from trainer.process_exit import end_process
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ def init_distributed(device: str = "auto", timeout_s: int = 600, pin_cores: bool
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     dev = pick_device(device, local_rank)
+    resolve_master_addr()
     if pin_cores and dev.type == "cpu":
         pin_to_cores(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -118,6 +123,34 @@ def init_distributed(device: str = "auto", timeout_s: int = 600, pin_cores: bool
         # (its own timeout: new_group does not inherit the default group's, and would wait 30 minutes)
         _control_group = dist.new_group(backend="gloo", timeout=timeout)
     return DistInfo(rank, local_rank, world, dev, backend)
+
+
+def resolve_master_addr() -> str:
+    """Make sure the workers can reach rank 0's store: MASTER_ADDR, as torchrun set it, must resolve here.
+
+    Why: with the c10d rendezvous (`--standalone`, or a single node without --master-port) torchrun advertises
+    the node's own hostname unless given --local-addr. In a container without a network (`docker run --network
+    none`) or a host whose name is in neither /etc/hosts nor DNS, that name does not resolve, and every rank
+    retried connecting until the process-group timeout (10 minutes by default), printing a resolver warning each
+    time. When every rank runs on this node (LOCAL_WORLD_SIZE == WORLD_SIZE) the store is local, so 127.0.0.1
+    reaches it; across nodes a wrong guess would hang, so that is refused at once, naming the fix."""
+    addr = os.environ["MASTER_ADDR"]
+    try:
+        socket.getaddrinfo(addr, None)
+        return addr
+    except (socket.gaierror, UnicodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+    if os.environ.get("LOCAL_WORLD_SIZE") == os.environ["WORLD_SIZE"]:
+        log.info("MASTER_ADDR %r does not resolve on this host (%s); all %s ranks run here, so 127.0.0.1 is used",
+                 addr, reason, os.environ["WORLD_SIZE"])
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        return "127.0.0.1"
+    from trainer.config import ConfigError
+
+    raise ConfigError(
+        f"MASTER_ADDR {addr!r} does not resolve on this node ({reason}): torchrun takes it from the node that runs "
+        "rank 0 (its hostname, or its --local-addr). Give torchrun --local-addr with an address every node can "
+        "reach (PET_LOCAL_ADDR in the environment), or make that hostname resolvable (DNS, /etc/hosts)")
 
 
 def _restart_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:

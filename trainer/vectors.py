@@ -105,8 +105,23 @@ def load_vectors(spec: str, cache_dir: Path | None = None, progress: bool = Fals
 
 
 def _default_cache_dir() -> Path:
+    """$TRAINER_CACHE_DIR when set; else ~/.cache/trainer/vectors, or, where that cannot be written, trainer-<uid>/
+    vectors in the temp folder, as for numba's kernels (trainer/jit.py). Why the fallback: a container run under a
+    user id without an account (`docker run --user "$(id -u)"`) gets HOME=/, and every run then loaded its
+    vectors uncached, with a warning."""
     env = os.environ.get("TRAINER_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "trainer" / "vectors"
+    if env:
+        return Path(env).expanduser()
+    home = Path.home() / ".cache" / "trainer" / "vectors"
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    for folder in (home, Path(tempfile.gettempdir()) / f"trainer-{user}" / "vectors"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return folder
+    return home  # neither: the load warns once and goes on uncached
 
 
 def _load_package(spec: str, root: Path) -> PretrainedVectors:

@@ -797,3 +797,15 @@ def test_two_nodes_on_loopback_equal_one_node(e2e: E2E, ref_2_dropout: Path) -> 
         node0.kill_all()
     assert "world size 2" in node0.log_path.read_text()
     assert_same_weights(run, ref_2_dropout, 1e-6)
+
+
+def test_one_node_whose_hostname_does_not_resolve_still_trains(e2e: E2E, ref_2: Path) -> None:
+    """torchrun's c10d rendezvous (--standalone) advertises the node's hostname, here one that does not resolve
+    (as in `docker run --network none`): the ranks used to retry it until the process-group timeout."""
+    run = e2e.run_dir("unresolvable_host")
+    launched = e2e.torchrun(e2e.plain, run, 2, "--dist.timeout_s", "60",
+                            launcher=("--standalone", "--nnodes", "1", "--local-addr", "nowhere.invalid"))
+    run_to_end(launched)
+    assert "MASTER_ADDR 'nowhere.invalid' does not resolve on this host" in launched.log_path.read_text()
+    assert_same_weights(run, ref_2, 1e-6)
+

@@ -7,6 +7,7 @@ import os
 import struct
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -271,6 +272,24 @@ def test_default_cache_dir_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path / "envcache"))
     load_vectors(str(write_glove(tmp_path / "v.txt", WORDS, VECS)))
     assert any((tmp_path / "envcache").iterdir())
+
+
+def test_unwritable_home_caches_in_the_temp_folder(tmp_path, monkeypatch):
+    """A container user without a home (HOME=/, unwritable): the cache goes to trainer-<uid> in the temp folder,
+    with no warning, and the second load is a cache hit (a memory map)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.delenv("TRAINER_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(blocker))  # ~/.cache cannot be made under a file, even by root
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() caches its first answer
+    path = write_glove(tmp_path / "v.txt", WORDS, VECS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check(load_vectors(str(path)), WORDS, VECS)
+    assert any((tmp_path / "tmp" / f"trainer-{os.getuid()}" / "vectors").iterdir())
+    assert isinstance(load_vectors(str(path)).vectors, np.memmap)
 
 
 def test_unwritable_cache_still_loads(tmp_path):
