@@ -300,6 +300,9 @@ class DistConfig:
     auto_shard_bytes: int = 1 << 30
     # Process-group timeout in seconds (a hung collective fails instead of waiting forever).
     timeout_s: int = 600
+    # How long the other ranks wait for rank 0 to load the vectors and build the data cache, the first run on a
+    # dataset (tokenizing billions of tokens takes hours); timeout_s bounds every other wait.
+    data_timeout_s: int = 86400
     # CPU training under torchrun: pin each local rank (and its threads) to its own block of the cores this
     # process may use, LOCAL_RANK of LOCAL_WORLD_SIZE blocks. Measured on a 2-core VM, 2 processes, batch 1024:
     # +20-45 % tokens/s (no migrations, no rank's threads preempting the other's). Off by default: under a CPU
@@ -310,6 +313,7 @@ class DistConfig:
         _choice(self.embedding_sharding, "dist.embedding_sharding", ("auto", "replicated", "row_wise"))
         _check(self.auto_shard_bytes >= 0, "dist.auto_shard_bytes", f"must be >= 0, got {self.auto_shard_bytes}")
         _check(self.timeout_s > 0, "dist.timeout_s", f"must be > 0, got {self.timeout_s}")
+        _check(self.data_timeout_s > 0, "dist.data_timeout_s", f"must be > 0, got {self.data_timeout_s}")
 
 
 @dataclass

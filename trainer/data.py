@@ -17,7 +17,7 @@ import numpy as np
 
 from trainer.config import Config
 from trainer.data_cache import build_cache, cache_key
-from trainer.distributed import DistInfo, barrier, broadcast_object
+from trainer.distributed import DistInfo, barrier, broadcast_object, data_wait_group
 from trainer.features import EncodedDocs
 from trainer.vectors import PretrainedVectors
 from trainer.vocab import Vocabulary
@@ -46,11 +46,11 @@ def prepare_data(cfg: Config, pretrained: PretrainedVectors | None, info: DistIn
     key = cache_key(cfg, pretrained)
     # rank 0 builds the cache, so its view of the files names it: another node's copy of the data (same path,
     # another inode) must not send that node's ranks looking for a folder nobody writes
-    key = broadcast_object(key, info)
+    key = broadcast_object(key, info, group=data_wait_group())  # waits for rank 0's vectors (and its build child)
     folder = cache_dir / f"data-{key}"
     if info.is_main and not (folder / "done.json").exists():
         build_cache(cfg, pretrained, folder)
-    barrier(info)
+    barrier(info, group=data_wait_group())
     vocab = Vocabulary.load(folder / "vocab")
     meta = json.loads((folder / "done.json").read_text(encoding="utf-8"))
     if pretrained is None:  # no rows, but the model's width: word_vectors concatenates it with the OOV rows

@@ -36,6 +36,7 @@ class DistInfo:
 
 
 _control_group = None  # gloo group for host-side flags when the main backend is NCCL (else the default group)
+_data_wait_group = None  # gloo group with a long timeout: waiting for rank 0's data cache (`data_wait_group`)
 _joined_process_group = False  # whether this process ever joined one (exit_process)
 
 
@@ -55,6 +56,16 @@ def host_group():
     return _control_group
 
 
+def data_wait_group():
+    """The group the other ranks wait on while rank 0 loads the vectors and builds the data cache: gloo, with
+    `dist.data_timeout_s`. Why not the default group: its timeout (`dist.timeout_s`, 10 minutes) is for hung
+    collectives, and a first run on a large dataset builds for longer (the ranks died of a gloo "Timed out waiting
+    ... for recv" while rank 0 was still tokenizing). A rank 0 that dies still ends the wait at once: gloo sees its
+    connections close, and torchrun stops the group. Made in `init_distributed`, by every rank together, before
+    rank 0 starts that work (making a group is itself a wait, bounded by the default timeout)."""
+    return _data_wait_group
+
+
 def _launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
 
@@ -66,7 +77,14 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
             raise ConfigError("train.device: cuda requested but torch.cuda.is_available() is false (no GPU, or a "
                               "CPU build of torch); use --train.device cpu or auto")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        gpus = torch.cuda.device_count()
+        if gpus > 1 and local_rank >= gpus:  # NCCL refuses two ranks on one GPU, with a less clear message
+            from trainer.config import ConfigError
+
+            raise ConfigError(f"local rank {local_rank} has no GPU of its own: this node shows {gpus} GPUs; start "
+                              f"at most {gpus} processes per node (torchrun --nproc-per-node)")
+        # one GPU visible: each process may have been given its own (CUDA_VISIBLE_DEVICES per process)
+        return torch.device("cuda", local_rank % gpus)
     return torch.device("cpu")
 
 
@@ -93,7 +111,8 @@ def pin_to_cores(local_rank: int, local_world: int) -> list[int]:
     return block
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 600, pin_cores: bool = False) -> DistInfo:
+def init_distributed(device: str = "auto", timeout_s: int = 600, pin_cores: bool = False,
+                     data_timeout_s: int = 86400) -> DistInfo:
     """Join the process group torchrun describes (or run alone) and pick this rank's device and backend.
     `pin_cores` (CPU only): pin the rank to its block of cores first (`dist.pin_cores`)."""
     if not _launched_by_torchrun():
@@ -117,11 +136,12 @@ def init_distributed(device: str = "auto", timeout_s: int = 600, pin_cores: bool
             device_id=dev if dev.type == "cuda" else None,
             **_restart_store(rank, world, timeout),
         )
-    global _control_group
+    global _control_group, _data_wait_group
     if backend == "nccl":
         # CPU-side agreement (stop requests) without touching the GPU stream: a small gloo group
         # (its own timeout: new_group does not inherit the default group's, and would wait 30 minutes)
         _control_group = dist.new_group(backend="gloo", timeout=timeout)
+    _data_wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=data_timeout_s))
     return DistInfo(rank, local_rank, world, dev, backend)
 
 
@@ -169,8 +189,8 @@ def _restart_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
 
 
 def shutdown_distributed() -> None:
-    global _control_group
-    _control_group = None
+    global _control_group, _data_wait_group
+    _control_group = _data_wait_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -180,12 +200,11 @@ def exit_process(code: int | None) -> None:
     end_process(code, _joined_process_group)
 
 
-def barrier(info: DistInfo) -> None:
+def barrier(info: DistInfo, group=None) -> None:
+    """Every rank waits here for the others, on `group` (default: `host_group()`: on the CPU, so under NCCL the
+    waiting ranks neither launch GPU work nor spin on it)."""
     if info.is_distributed:
-        if info.backend == "nccl":
-            dist.barrier(device_ids=[info.device.index])
-        else:
-            dist.barrier()
+        dist.barrier(group=group if group is not None else host_group())
 
 
 def all_reduce_(tensor: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tensor:
@@ -195,9 +214,10 @@ def all_reduce_(tensor: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.
     return tensor
 
 
-def broadcast_object(obj, info: DistInfo, src: int = 0):
+def broadcast_object(obj, info: DistInfo, src: int = 0, group=None):
+    """`obj` from rank `src` on every rank, over `group` (default: `host_group()`, as `barrier`)."""
     if not info.is_distributed:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group if group is not None else host_group())
     return box[0]

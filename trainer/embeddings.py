@@ -222,10 +222,16 @@ class LocalTables(nn.Module):
         return tensor
 
     def full_rows(self, name: str) -> torch.Tensor:
-        """The whole table (for export, neighbours and the projector)."""
+        """The whole table (for export and neighbours)."""
         if name == "pretrained":
             return self.frozen
         return self.bags[name].weight.detach()
+
+    def rows_of(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of a table, float32 in host memory (the projector's few words): picked where the table lives,
+        so a GPU table is not copied to the host whole."""
+        table = self.full_rows(name)
+        return table[ids.to(table.device)].float().cpu()
 
 
 def per_token_offsets(num_ids: int, device: torch.device) -> torch.Tensor:

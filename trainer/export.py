@@ -200,16 +200,36 @@ def word_vectors(model: TextClassifier, vocab: Vocabulary) -> np.ndarray:
 
 
 def projector_rows(model: TextClassifier, vocab: Vocabulary, n: int, info: DistInfo):
-    """The most frequent learned (OOV) words next to the most frequent pretrained words, for the projector."""
+    """The most frequent learned (OOV) words next to the most frequent pretrained words, for the projector.
+
+    Collective for row-wise tables (every rank calls it; rank 0 gets the rows, the others None). Only the chosen
+    words' rows are read: computing every word's vector first copied the whole frozen table to host memory on every
+    rank, several times a table's size per rank with 8 GPU ranks on a node, at the end of a run."""
     if n <= 0:
-        return None
-    vectors = word_vectors(model, vocab)  # collective for row-wise tables: every rank calls it
-    if not info.is_main:
         return None
     p = vocab.num_pretrained
     counts = np.asarray(vocab.counts)
     pre = np.argsort(-counts[:p], kind="stable")[: n // 2]
     oov = p + np.argsort(-counts[p:], kind="stable")[: n - len(pre)]
     chosen = np.concatenate([pre, oov])
+    vectors = chosen_word_vectors(model, torch.from_numpy(chosen), p)
+    if not info.is_main:
+        return None
     labels = [[vocab.words[i], "pretrained" if i < p else "learned", str(int(counts[i]))] for i in chosen]
-    return vectors[chosen], labels, ["word", "kind", "count"]
+    return vectors, labels, ["word", "kind", "count"]
+
+
+def chosen_word_vectors(model: TextClassifier, ids: torch.Tensor, num_pretrained: int) -> np.ndarray:
+    """`word_vectors` for the vocabulary ids `ids` only (pretrained ids below `num_pretrained`, then OOV)."""
+    t = model.tables
+    is_pre = ids < num_pretrained
+    pre_ids, oov_ids = ids[is_pre], ids[~is_pre] - num_pretrained
+    pre = t.rows_of("pretrained", pre_ids)
+    if t.has("pretrained_delta") and model.delta_active:
+        pre = pre + t.rows_of("pretrained_delta", pre_ids)
+    rows = torch.empty(ids.shape[0], pre.shape[1])
+    rows[is_pre] = pre
+    rows[~is_pre] = t.rows_of("oov", oov_ids)
+    if t.has("mask"):
+        rows = rows * t.rows_of("mask", ids)
+    return rows.numpy()

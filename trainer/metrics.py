@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,23 +135,36 @@ class MetricsLogger(NullLogger):
 class StepTimer:
     """Accumulates wall time per phase of a step (data, forward, backward, optimizer, ...) between logs.
 
-    On CUDA the phases are only meaningful with synchronisation, which would stall the pipeline, so the trainer
-    records phases there only on logging steps."""
+    On CUDA the host's clock measures kernel launches, not the kernels, unless it waits for the GPU at every mark,
+    which would stall the pipeline: there the trainer times only logging steps (`start(active=...)`), waiting
+    (`sync`, torch.cuda.synchronize) at each of their marks, and the shares describe those steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync: Callable[[], None] | None = None) -> None:
         self.totals: dict[str, float] = {}
+        self._sync = sync
+        self.active = True
         self._last = time.perf_counter()
 
-    def start(self) -> None:
+    def start(self, active: bool = True) -> None:
+        """Begin a step; an inactive one records nothing (marks and moves are no-ops)."""
+        self.active = active
+        if active and self._sync is not None:
+            self._sync()
         self._last = time.perf_counter()
 
     def mark(self, phase: str) -> None:
+        if not self.active:
+            return
+        if self._sync is not None:
+            self._sync()
         now = time.perf_counter()
         self.totals[phase] = self.totals.get(phase, 0.0) + (now - self._last)
         self._last = now
 
     def move(self, seconds: float, from_phase: str, to_phase: str) -> None:
         """Re-attribute time measured inside another phase (collectives inside forward/backward)."""
+        if not self.active:
+            return
         seconds = min(seconds, self.totals.get(from_phase, 0.0))
         self.totals[from_phase] = self.totals.get(from_phase, 0.0) - seconds
         self.totals[to_phase] = self.totals.get(to_phase, 0.0) + seconds

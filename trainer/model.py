@@ -288,7 +288,9 @@ class TextClassifier(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         x = self.embed(batch)
-        if self.dense_autocast:
+        # Training steps only: evaluation stays float32, as the exported model runs (export.LoadedModel), so the
+        # valid / test figures a run reports are the ones `trainer eval` gives its model.
+        if self.dense_autocast and self.training:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits = self.dense(x, batch.seq_lengths).float()
         else:

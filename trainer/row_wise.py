@@ -399,6 +399,21 @@ class RowWiseTables(nn.Module):
         stride = torch.empty(shape, device="meta").stride()
         return DTensor.from_local(tensor, self.mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
 
+    def rows_of(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (global row numbers) of a table, float32, in host memory on every rank. Collective for the
+        sharded tables: each rank fills the rows it owns and a sum over the host group (gloo under NCCL) completes
+        them, so only the asked rows travel, not whole tables."""
+        ids = ids.cpu()
+        if name in self.replicated_tables:
+            return self.bags[name].weight.detach()[ids.to(self.bags[name].weight.device)].float().cpu()
+        local = self.frozen if name == "pretrained" else self.bags[name].weight.detach()
+        start, end = self.row_ranges[name]
+        out = torch.zeros(ids.shape[0], self.dim)
+        mine = (ids >= start) & (ids < end)
+        out[mine] = local[(ids[mine] - start).to(local.device)].float().cpu()
+        dist.all_reduce(out, group=host_group())
+        return out
+
     def full_rows(self, name: str) -> torch.Tensor:
         """The whole table on every rank, in host memory (export, neighbours, projector). Collective for the
         sharded tables: every rank calls it (a table whole on every rank is returned as it is). Gathered on the

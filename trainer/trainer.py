@@ -62,7 +62,7 @@ log = logging.getLogger("trainer")
 # settings that change where things go or how fast, not what is trained: left out of "changed settings" messages
 NOT_TRAINING_SETTINGS = tuple(f"{name} " for name in (
     "run.dir", "train.resume", "train.threads", "data.cache_dir", "data.workers", "data.build_in_background",
-    "embeddings.vectors_cache_dir", "metrics.progress", "dist.timeout_s", "dist.pin_cores"))
+    "embeddings.vectors_cache_dir", "metrics.progress", "dist.timeout_s", "dist.data_timeout_s", "dist.pin_cores"))
 
 
 class TrainingStopped(RuntimeError):
@@ -375,7 +375,8 @@ class Trainer:
 
     def _loop(self, step: int, tokens_seen: int) -> dict:
         cfg, info = self.cfg, self.info
-        timer, meter = StepTimer(), Throughput(cfg.metrics.warmup_steps)
+        timer = StepTimer(sync=torch.cuda.synchronize if info.device.type == "cuda" else None)
+        meter = Throughput(cfg.metrics.warmup_steps)
         bar = progress_bar(total=self.total_steps, initial=step, desc="train",
                            enabled=info.is_main and cfg.metrics.progress)
         self.train_model.train()
@@ -421,7 +422,10 @@ class Trainer:
         comm_seen = comm_counter[0]
         while step < self.total_steps:
             epoch, index = self.plan.position(step)
-            timer.start()
+            step_count = step + 1
+            final = step_count == self.total_steps
+            log_now = step_count == 1 or step_count % cfg.metrics.log_every_steps == 0 or final
+            timer.start(active=cpu or log_now)  # on CUDA a timed step waits for the GPU at each mark
             global_rows, parts, num_batches = prefetch.get(step)
             batch = self._finish_batch(parts).to(info.device)
             timer.mark("data")
@@ -445,10 +449,7 @@ class Trainer:
                 sync_sparse_grads(unwrap(self.model).tables, info)
                 timer.mark("communication")
             grad_norm = self.optim.clip_dense(cfg.optim.grad_clip)
-            step_count = step + 1
             epoch_end = index + 1 == num_batches
-            final = step_count == self.total_steps
-            log_now = step_count == 1 or step_count % cfg.metrics.log_every_steps == 0 or final
             save_now = self.checkpointer.should_save(step_count, epoch_end, final)
             # One host-side agreement per step on CPU: "is any rank's loss or dense gradient non-finite" (stepping
             # with it would write NaN into weights the next save keeps) and "was any rank asked to stop". On CUDA
@@ -600,7 +601,7 @@ class Trainer:
 
 
 def run_training(cfg: Config, background_build: BackgroundBuild | None = None) -> dict:
-    info = init_distributed(cfg.train.device, cfg.dist.timeout_s, cfg.dist.pin_cores)
+    info = init_distributed(cfg.train.device, cfg.dist.timeout_s, cfg.dist.pin_cores, cfg.dist.data_timeout_s)
     trainer = None
     try:
         trainer = Trainer(cfg, info, background_build)

@@ -341,6 +341,11 @@ def _pooled_edge_cases(info: DistInfo) -> dict:
         out[label, "full_rows"] = all(
             torch.equal(rw.full_rows(s.name).reshape(-1), local.full_rows(s.name).reshape(-1)) for s in sp
         )
+        # a few rows (the projector's words): the same ids on every rank, repeats and every owner's rows included
+        picks = {s.name: torch.randint(0, s.num_rows, (7,), generator=torch.Generator().manual_seed(5))
+                 if s.num_rows else torch.zeros(0, dtype=torch.long) for s in sp}
+        out[label, "rows_of"] = all(torch.equal(rw.rows_of(n, ids).reshape(-1), local.rows_of(n, ids).reshape(-1))
+                                    for n, ids in picks.items())
     return out
 
 
@@ -557,8 +562,8 @@ def test_pooled_edge_cases(runs, world_size):
     """Zero segments, zero ids, an empty shard and a table without rows, forward and backward, on every rank."""
     for rank, result in enumerate(runs[world_size]):
         for key, entry in result["pooled"].items():
-            if key[1] == "full_rows":
-                assert entry, f"rank {rank}: full_rows of {key[0]} differ from LocalTables"
+            if key[1] in ("full_rows", "rows_of"):
+                assert entry, f"rank {rank}: {key[1]} of {key[0]} differ from LocalTables"
                 continue
             assert entry["shape"] == entry["expected_shape"], (rank, key)
             assert entry["forward_err"] < 1e-6, (rank, key)

@@ -403,6 +403,23 @@ def test_training_without_pretrained_vectors_exports_and_projects(quick_config):
     assert vectors.shape == (len(t.data.vocab.words), 6)
     rows, labels, _ = projector_rows(t.model, t.data.vocab, 10, INFO)
     assert rows.shape[1] == 6 and all(kind == "learned" for _, kind, _ in labels)
+    index = {w: i for i, w in enumerate(t.data.vocab.words)}
+    assert np.array_equal(rows, vectors[[index[word] for word, _, _ in labels]])
+
+
+@pytest.mark.parametrize("encoder", ["masked_bag", "bag"])
+def test_projector_rows_are_the_chosen_words_vectors(quick_config, encoder):
+    """The projector reads only its words' rows; they equal those words' rows of every word's vectors (E(w) * M(w)
+    for masked_bag; pretrained and learned words both)."""
+    from trainer.export import projector_rows, word_vectors
+
+    t = make_trainer(quick_config(model={"encoder": encoder}))
+    t.fit()
+    vectors = word_vectors(t.model, t.data.vocab)
+    rows, labels, _ = projector_rows(t.model, t.data.vocab, 8, INFO)
+    assert {kind for _, kind, _ in labels} == {"pretrained", "learned"}
+    index = {w: i for i, w in enumerate(t.data.vocab.words)}
+    assert np.array_equal(rows, vectors[[index[word] for word, _, _ in labels]])
 
 
 def test_disabled_checkpoints_write_and_load_nothing_and_refuse_a_folder_that_has_some(quick_config):

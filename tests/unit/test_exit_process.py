@@ -160,6 +160,7 @@ def test_joining_a_group_marks_the_process(monkeypatch):
                        "MASTER_PORT": "1"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)  # as if joined: no rendezvous in a unit test
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: None)  # nor the trainer's own groups
     distributed.init_distributed("cpu")
     assert distributed._joined_process_group
 

@@ -343,3 +343,25 @@ def test_segment_index_on_the_cpu_equals_repeat_interleave(segments, num_ids):
     want = torch.repeat_interleave(torch.arange(segments), segment_counts(offsets, num_ids), output_size=num_ids)
     got = segment_index(offsets, num_ids)
     assert got.dtype == torch.int64 and torch.equal(got, want)
+
+
+def test_bf16_autocast_is_for_training_steps_only(monkeypatch):
+    """train.bf16 runs the dense part of training steps under autocast; evaluation stays float32, as the exported
+    model runs, so a run's valid / test figures are the ones `trainer eval` gives its model. (On the CPU the
+    autocast region is observed, not executed: it is CUDA-only.)"""
+    import contextlib
+
+    import trainer.model as model_module
+
+    entered = []
+    monkeypatch.setattr(model_module.torch, "autocast",
+                        lambda *a, **k: entered.append((a, k)) or contextlib.nullcontext())
+    model = make_model("bag")
+    model.dense_autocast = True
+    _, batch = batch_for(["alpha beta", "zz"])
+    model.eval()
+    model(batch)
+    assert entered == []
+    model.train()
+    model(batch)
+    assert entered == [(("cuda",), {"dtype": torch.bfloat16})]

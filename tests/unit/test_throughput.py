@@ -31,3 +31,21 @@ def test_a_rank_without_tokens_still_reports_rates(monkeypatch):
     meter.update(tokens=0, examples=0)  # this rank's share of the step was empty
     assert meter.rates() == {"throughput/tokens_per_s": 0.0, "throughput/examples_per_s": 0.0}
     assert meter.rates() == {}  # and nothing since
+
+
+def test_step_timer_times_only_active_steps_and_syncs_at_each_mark():
+    """On CUDA the trainer times logging steps only, waiting for the GPU at each mark (`sync`); other steps leave
+    the shares untouched."""
+    from trainer.metrics import StepTimer
+
+    syncs = []
+    timer = StepTimer(sync=lambda: syncs.append(1))
+    timer.start(active=False)
+    timer.mark("forward")
+    timer.move(1.0, "forward", "communication")
+    assert timer.totals == {} and syncs == []
+    timer.start(active=True)
+    timer.mark("forward")
+    timer.mark("backward")
+    assert set(timer.totals) == {"forward", "backward"} and len(syncs) == 3  # start and both marks
+    assert abs(sum(timer.shares().values()) - 1.0) < 1e-9

@@ -1,5 +1,5 @@
-"""MASTER_ADDR that does not resolve (torchrun advertising a hostname nobody can look up, as in `docker run
---network none`): one node falls back to loopback, several nodes are refused at once instead of hanging."""
+"""Process setup under torchrun: a MASTER_ADDR that does not resolve (torchrun advertising a hostname nobody can
+look up, as in `docker run --network none`) and more local ranks than GPUs."""
 
 import pytest
 
@@ -34,3 +34,18 @@ def test_several_nodes_are_refused_naming_the_fix(monkeypatch, local_world):
     torchrun_env(monkeypatch, "nowhere.invalid", 4, local_world)
     with pytest.raises(ConfigError, match=r"MASTER_ADDR 'nowhere.invalid' does not resolve.*--local-addr"):
         resolve_master_addr()
+
+
+def test_more_local_ranks_than_gpus_is_refused(monkeypatch):
+    """A node showing 2 GPUs and a third local rank: NCCL would fail on a shared GPU; the trainer says why."""
+    import torch
+
+    from trainer.distributed import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda", 1) == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="local rank 2 has no GPU of its own.*--nproc-per-node"):
+        pick_device("cuda", 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a GPU per process (CUDA_VISIBLE_DEVICES)
+    assert pick_device("cuda", 3) == torch.device("cuda", 0)
