@@ -227,6 +227,10 @@ class LocalTables(nn.Module):
             return self.frozen
         return self.bags[name].weight.detach()
 
+    def full_rows_on_main(self, name: str) -> torch.Tensor:
+        """The whole table for the export (RowWiseTables gathers it to rank 0 only; here every rank has it)."""
+        return self.full_rows(name)
+
     def rows_of(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of a table, float32 in host memory (the projector's few words): picked where the table lives,
         so a GPU table is not copied to the host whole."""

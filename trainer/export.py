@@ -55,8 +55,8 @@ def _save_without_crc(obj: dict, path: Path) -> None:
 
 def export_model(folder: Path, model: TextClassifier, vocab: Vocabulary, frozen: torch.Tensor, cfg: Config,
                  specs: list[TableSpec], fingerprints: dict, info: DistInfo) -> None:
-    # every rank takes part: row-wise tables gather their shards here
-    tables = {s.name: model.tables.full_rows(s.name) for s in specs if s.trainable}
+    # every rank takes part: row-wise tables gather their shards to rank 0 here
+    tables = {s.name: model.tables.full_rows_on_main(s.name) for s in specs if s.trainable}
     if not info.is_main:
         return
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")

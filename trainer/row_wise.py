@@ -414,6 +414,24 @@ class RowWiseTables(nn.Module):
         dist.all_reduce(out, group=host_group())
         return out
 
+    def full_rows_on_main(self, name: str) -> torch.Tensor | None:
+        """The whole table in rank 0's host memory, None on the other ranks (the export, which only rank 0 writes).
+        Collective for the sharded tables: a gather, not `full_rows`' all-gather, so a node with 8 ranks holds one
+        copy of a table too big for one device, not 8."""
+        if name in self.replicated_tables:
+            return self.bags[name].weight.detach().cpu() if self.rank == 0 else None
+        local = self.frozen if name == "pretrained" else self.bags[name].weight.detach()
+        num_rows = self.specs[name].num_rows
+        chunk = rows_per_rank(num_rows, self.world_size)
+        padded = torch.zeros(chunk, self.dim, dtype=local.dtype)
+        padded[: local.shape[0]] = local.cpu()
+        if self.rank != 0:
+            dist.gather(padded, None, dst=0, group=host_group())
+            return None
+        gathered = torch.empty(self.world_size, chunk, self.dim, dtype=local.dtype)
+        dist.gather(padded, list(gathered.unbind(0)), dst=0, group=host_group())
+        return gathered.view(-1, self.dim)[:num_rows]
+
     def full_rows(self, name: str) -> torch.Tensor:
         """The whole table on every rank, in host memory (export, neighbours, projector). Collective for the
         sharded tables: every rank calls it (a table whole on every rank is returned as it is). Gathered on the

@@ -338,14 +338,19 @@ def _pooled_edge_cases(info: DistInfo) -> dict:
                 entry["grad_err"] = float((full_rw - summed).abs().max()) if summed.numel() else 0.0
                 entry["grad_is_sparse"] = rw.bags[spec.name].weight.grad.is_sparse
             out[label, spec.name] = entry
-        out[label, "full_rows"] = all(
+        # lists, not generators: every rank makes every collective call even after a mismatch
+        out[label, "full_rows"] = all([
             torch.equal(rw.full_rows(s.name).reshape(-1), local.full_rows(s.name).reshape(-1)) for s in sp
-        )
+        ])
         # a few rows (the projector's words): the same ids on every rank, repeats and every owner's rows included
         picks = {s.name: torch.randint(0, s.num_rows, (7,), generator=torch.Generator().manual_seed(5))
                  if s.num_rows else torch.zeros(0, dtype=torch.long) for s in sp}
-        out[label, "rows_of"] = all(torch.equal(rw.rows_of(n, ids).reshape(-1), local.rows_of(n, ids).reshape(-1))
-                                    for n, ids in picks.items())
+        out[label, "full_rows_on_main"] = all([
+            (rw.full_rows_on_main(s.name) is None) if info.rank else
+            torch.equal(rw.full_rows_on_main(s.name).reshape(-1), local.full_rows(s.name).reshape(-1)) for s in sp
+        ])
+        out[label, "rows_of"] = all([torch.equal(rw.rows_of(n, ids).reshape(-1), local.rows_of(n, ids).reshape(-1))
+                                     for n, ids in picks.items()])
     return out
 
 
@@ -562,7 +567,7 @@ def test_pooled_edge_cases(runs, world_size):
     """Zero segments, zero ids, an empty shard and a table without rows, forward and backward, on every rank."""
     for rank, result in enumerate(runs[world_size]):
         for key, entry in result["pooled"].items():
-            if key[1] in ("full_rows", "rows_of"):
+            if key[1] in ("full_rows", "full_rows_on_main", "rows_of"):
                 assert entry, f"rank {rank}: {key[1]} of {key[0]} differ from LocalTables"
                 continue
             assert entry["shape"] == entry["expected_shape"], (rank, key)
