@@ -5,6 +5,7 @@ on CPU, with a finite timeout so a rank that died makes the others fail instead 
 """
 
 import datetime
+import ipaddress
 import logging
 import os
 import socket
@@ -121,6 +122,7 @@ def init_distributed(device: str = "auto", timeout_s: int = 600, pin_cores: bool
     local_rank = int(os.environ["LOCAL_RANK"])
     dev = pick_device(device, local_rank)
     resolve_master_addr()
+    check_gloo_address()
     if pin_cores and dev.type == "cpu":
         pin_to_cores(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -171,6 +173,46 @@ def resolve_master_addr() -> str:
         f"MASTER_ADDR {addr!r} does not resolve on this node ({reason}): torchrun takes it from the node that runs "
         "rank 0 (its hostname, or its --local-addr). Give torchrun --local-addr with an address every node can "
         "reach (PET_LOCAL_ADDR in the environment), or make that hostname resolvable (DNS, /etc/hosts)")
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def check_gloo_address() -> None:
+    """Across nodes, refuse at once a node whose gloo groups would listen on a loopback address.
+
+    Why: gloo (the CPU backend, and the host-side groups under NCCL) listens on the address this node's hostname
+    resolves to, or on loopback when it resolves to none. Debian and Ubuntu map the hostname to 127.0.1.1 in
+    /etc/hosts, so on such hosts every rank announced an address no other node can reach, and the group waited
+    for the process-group timeout. GLOO_SOCKET_IFNAME names the interface to use instead. Skipped on one node,
+    when GLOO_SOCKET_IFNAME is set, and when MASTER_ADDR is itself a loopback address (every "node" is then this
+    host, as in a test of two torchrun invocations on one machine)."""
+    if os.environ.get("GLOO_SOCKET_IFNAME") or os.environ.get("LOCAL_WORLD_SIZE") == os.environ["WORLD_SIZE"]:
+        return
+    try:
+        master = {info[4][0] for info in socket.getaddrinfo(os.environ["MASTER_ADDR"], None)}
+    except (socket.gaierror, UnicodeError):
+        return  # resolve_master_addr has refused it already
+    if all(_is_loopback(a) for a in master):
+        return
+    host = socket.gethostname()
+    try:
+        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
+    except (socket.gaierror, UnicodeError):
+        addresses = []
+    if addresses and not all(_is_loopback(a) for a in addresses):
+        return
+    from trainer.config import ConfigError
+
+    found = f"resolves only to {', '.join(addresses)}" if addresses else "does not resolve"
+    raise ConfigError(
+        f"this node's hostname {host!r} {found}: gloo would listen on loopback, which the other nodes cannot reach. "
+        "Set GLOO_SOCKET_IFNAME to the network interface the nodes share (e.g. GLOO_SOCKET_IFNAME=eth0), or map "
+        "the hostname to that interface's address in /etc/hosts")
 
 
 def _restart_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:

@@ -49,3 +49,43 @@ def test_more_local_ranks_than_gpus_is_refused(monkeypatch):
         pick_device("cuda", 2)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a GPU per process (CUDA_VISIBLE_DEVICES)
     assert pick_device("cuda", 3) == torch.device("cuda", 0)
+
+
+def fake_resolver(monkeypatch, table: dict[str, list[str]], hostname: str = "node-a") -> None:
+    import socket
+
+    import trainer.distributed as distributed
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host not in table:
+            raise socket.gaierror(-2, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0)) for a in table[host]]
+
+    monkeypatch.setattr(distributed.socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(distributed.socket, "gethostname", lambda: hostname)
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+
+
+@pytest.mark.parametrize("node_a", [["127.0.1.1"], [], ["::1"]], ids=["debian-hosts", "unresolved", "ipv6-loopback"])
+def test_a_node_that_gloo_would_bind_to_loopback_is_refused_across_nodes(monkeypatch, node_a):
+    from trainer.distributed import check_gloo_address
+
+    fake_resolver(monkeypatch, {"master": ["10.0.0.1"], **({"node-a": node_a} if node_a else {})})
+    torchrun_env(monkeypatch, "master", 4, 2)
+    with pytest.raises(ConfigError, match="hostname 'node-a' .*GLOO_SOCKET_IFNAME"):
+        check_gloo_address()
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth0")  # the fix it names
+    check_gloo_address()
+
+
+def test_gloo_address_checks_pass_where_loopback_is_right_or_the_host_resolves(monkeypatch):
+    from trainer.distributed import check_gloo_address
+
+    fake_resolver(monkeypatch, {"master": ["10.0.0.1"], "node-a": ["10.0.0.2"], "localhost": ["127.0.0.1"]})
+    torchrun_env(monkeypatch, "master", 4, 2)
+    check_gloo_address()  # the hostname has a routable address
+    fake_resolver(monkeypatch, {"master": ["10.0.0.1"], "node-a": ["127.0.1.1"], "localhost": ["127.0.0.1"]})
+    torchrun_env(monkeypatch, "master", 2, 2)
+    check_gloo_address()  # one node: loopback reaches every rank
+    torchrun_env(monkeypatch, "localhost", 4, 2)
+    check_gloo_address()  # a loopback master: every "node" is this host
