@@ -184,6 +184,18 @@ if numba is not None:
 
             logging.getLogger(__name__).warning("numba kernel seed %s not copied to %s: %s", _SEED, CACHE_DIR, e)
 
+    # numba.np.arraymath, which numba imports when a process loads its first kernel, checks once whether scipy's BLAS
+    # imports (for np.vdot-style inner products in jitted code, which these kernels do not use); where scipy is
+    # installed that imports all of scipy.linalg, 0.19 s of every process start, the data cache's child included.
+    # Blocked for that one check: arraymath then takes its own loop for those products, and everything else that
+    # wants scipy's BLAS later (numba's np.dot and np.linalg ask again; scipy itself) imports it normally.
+    if "numba.np.arraymath" not in sys.modules and "scipy.linalg.cython_blas" not in sys.modules:
+        sys.modules["scipy.linalg.cython_blas"] = None  # type: ignore[assignment]  # makes its import fail
+        try:
+            import numba.np.arraymath  # noqa: F401
+        finally:
+            del sys.modules["scipy.linalg.cython_blas"]
+
     # Prefer the OpenMP layer: measured here it runs beside torch's own OpenMP pool without stalls, while numba's
     # default choice (tbb when present, else workqueue) made every torch op in the step 3-10x slower.
     if os.environ.get("NUMBA_THREADING_LAYER") is None:
