@@ -191,24 +191,22 @@ def check_gloo_address() -> None:
     for the process-group timeout. GLOO_SOCKET_IFNAME names the interface to use instead. Skipped on one node,
     when GLOO_SOCKET_IFNAME is set, and when MASTER_ADDR is itself a loopback address (every "node" is then this
     host, as in a test of two torchrun invocations on one machine)."""
-    if os.environ.get("GLOO_SOCKET_IFNAME") or os.environ.get("LOCAL_WORLD_SIZE") == os.environ["WORLD_SIZE"]:
-        return
-    try:
-        master = {info[4][0] for info in socket.getaddrinfo(os.environ["MASTER_ADDR"], None)}
-    except (socket.gaierror, UnicodeError):
-        return  # resolve_master_addr has refused it already
-    if all(_is_loopback(a) for a in master):
+    local_world = os.environ.get("LOCAL_WORLD_SIZE")
+    if os.environ.get("GLOO_SOCKET_IFNAME") or local_world is None or local_world == os.environ["WORLD_SIZE"]:
+        return  # (without LOCAL_WORLD_SIZE, e.g. a hand-made launch, nothing says there are other nodes)
+    master = os.environ["MASTER_ADDR"]
+    if master == "localhost" or _is_loopback(master):  # the literal: node 0's own hostname may map to 127.0.1.1
         return
     host = socket.gethostname()
     try:
-        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
+        addresses = [info[4][0] for info in socket.getaddrinfo(host, None)]
     except (socket.gaierror, UnicodeError):
         addresses = []
-    if addresses and not all(_is_loopback(a) for a in addresses):
+    if addresses and not _is_loopback(addresses[0]):  # gloo takes the first address it can bind
         return
     from trainer.config import ConfigError
 
-    found = f"resolves only to {', '.join(addresses)}" if addresses else "does not resolve"
+    found = f"resolves first to {addresses[0]}" if addresses else "does not resolve"
     raise ConfigError(
         f"this node's hostname {host!r} {found}: gloo would listen on loopback, which the other nodes cannot reach. "
         "Set GLOO_SOCKET_IFNAME to the network interface the nodes share (e.g. GLOO_SOCKET_IFNAME=eth0), or map "
@@ -246,7 +244,9 @@ def barrier(info: DistInfo, group=None) -> None:
     """Every rank waits here for the others, on `group` (default: `host_group()`: on the CPU, so under NCCL the
     waiting ranks neither launch GPU work nor spin on it)."""
     if info.is_distributed:
-        dist.barrier(group=group if group is not None else host_group())
+        # an all-reduce of a CPU tensor rather than dist.barrier: on a gloo subgroup of an NCCL run, barrier would
+        # be dispatched for the run's CUDA device (groups inherit its bound device)
+        dist.all_reduce(torch.zeros(1), group=group if group is not None else host_group())
 
 
 def all_reduce_(tensor: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tensor:

@@ -404,6 +404,8 @@ class RowWiseTables(nn.Module):
         sharded tables: each rank fills the rows it owns and a sum over the host group (gloo under NCCL) completes
         them, so only the asked rows travel, not whole tables."""
         ids = ids.cpu()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.specs[name].num_rows):
+            raise IndexError(f"rows_of({name!r}): ids outside [0, {self.specs[name].num_rows})")
         if name in self.replicated_tables:
             return self.bags[name].weight.detach()[ids.to(self.bags[name].weight.device)].float().cpu()
         local = self.frozen if name == "pretrained" else self.bags[name].weight.detach()

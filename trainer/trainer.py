@@ -326,6 +326,7 @@ class Trainer:
                 return finished
             log.info("resumed from step %d (saved by world size %d, %s); %d steps remain", step,
                      resumed["world_size"], resumed["sharding"], self.total_steps - step)
+        if resumed or (self.run_dir / "metrics.jsonl").exists():  # also an attempt killed before its first save
             self.logger.resumed(step)
         # only now that the run folder is known to be ours (a refused resume leaves it untouched)
         if info.is_main:

@@ -343,8 +343,14 @@ def _pooled_edge_cases(info: DistInfo) -> dict:
             torch.equal(rw.full_rows(s.name).reshape(-1), local.full_rows(s.name).reshape(-1)) for s in sp
         ])
         # a few rows (the projector's words): the same ids on every rank, repeats and every owner's rows included
-        picks = {s.name: torch.randint(0, s.num_rows, (7,), generator=torch.Generator().manual_seed(5))
-                 if s.num_rows else torch.zeros(0, dtype=torch.long) for s in sp}
+        def pick(num_rows: int) -> torch.Tensor:
+            if not num_rows:
+                return torch.zeros(0, dtype=torch.long)
+            firsts = torch.tensor(sorted({shard_rows(num_rows, info.world_size, r)[0] for r in range(info.world_size)
+                                          if shard_rows(num_rows, info.world_size, r)[0] < num_rows}))
+            return torch.cat([firsts, torch.randint(0, num_rows, (7,), generator=torch.Generator().manual_seed(5))])
+
+        picks = {s.name: pick(s.num_rows) for s in sp}
         out[label, "full_rows_on_main"] = all([
             (rw.full_rows_on_main(s.name) is None) if info.rank else
             torch.equal(rw.full_rows_on_main(s.name).reshape(-1), local.full_rows(s.name).reshape(-1)) for s in sp

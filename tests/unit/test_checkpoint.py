@@ -422,6 +422,20 @@ def test_projector_rows_are_the_chosen_words_vectors(quick_config, encoder):
     assert np.array_equal(rows, vectors[[index[word] for word, _, _ in labels]])
 
 
+def test_a_run_started_again_without_a_checkpoint_marks_step_zero(quick_config):
+    """An attempt killed before its first save leaves rows but no checkpoint: the next one starts at step 0, says
+    so in metrics.jsonl, and the report keeps only its rows (the old rule, "a step lower than the row before",
+    missed an attempt that had logged step 1 alone)."""
+    path = quick_config("again", checkpoint={"enabled": False}, metrics={"log_every_steps": 1})
+    run = Path(tomllib.loads(path.read_text())["run"]["dir"])
+    make_trainer(path, "--train.max_steps", "1").fit()  # as the killed attempt: it logged step 1 only
+    make_trainer(path).fit()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if RESUMED_AT_STEP in r] == [0]
+    logged = [r["step"] for r in read_metrics(run / "metrics.jsonl")[0] if "loss/train" in r]
+    assert logged == [1, 2, 3, 4]
+
+
 def test_disabled_checkpoints_write_and_load_nothing_and_refuse_a_folder_that_has_some(quick_config):
     """checkpoint.enabled = false: no step folder, the model is still exported; a run folder that already holds
     checkpoints is refused (starting over beside them, a later run would resume from the old timeline)."""

@@ -78,6 +78,28 @@ def test_a_node_that_gloo_would_bind_to_loopback_is_refused_across_nodes(monkeyp
     check_gloo_address()
 
 
+def test_node_zero_named_by_its_own_loopback_hostname_is_refused(monkeypatch):
+    """MASTER_ADDR is usually node 0's hostname (torchrun's c10d rendezvous, slurm.sbatch): on a Debian node 0 it
+    resolves to 127.0.1.1 too, and node 0 is exactly the node whose gloo would listen there."""
+    from trainer.distributed import check_gloo_address
+
+    fake_resolver(monkeypatch, {"node-a": ["127.0.1.1"]})
+    torchrun_env(monkeypatch, "node-a", 4, 2)
+    with pytest.raises(ConfigError, match="GLOO_SOCKET_IFNAME"):
+        check_gloo_address()
+
+
+def test_gloo_takes_the_first_address_so_the_check_does(monkeypatch):
+    from trainer.distributed import check_gloo_address
+
+    torchrun_env(monkeypatch, "master", 4, 2)
+    fake_resolver(monkeypatch, {"master": ["10.0.0.1"], "node-a": ["127.0.1.1", "10.0.0.2"]})
+    with pytest.raises(ConfigError, match="resolves first to 127.0.1.1"):
+        check_gloo_address()
+    fake_resolver(monkeypatch, {"master": ["10.0.0.1"], "node-a": ["10.0.0.2", "127.0.1.1"]})
+    check_gloo_address()
+
+
 def test_gloo_address_checks_pass_where_loopback_is_right_or_the_host_resolves(monkeypatch):
     from trainer.distributed import check_gloo_address
 
@@ -89,3 +111,7 @@ def test_gloo_address_checks_pass_where_loopback_is_right_or_the_host_resolves(m
     check_gloo_address()  # one node: loopback reaches every rank
     torchrun_env(monkeypatch, "localhost", 4, 2)
     check_gloo_address()  # a loopback master: every "node" is this host
+    torchrun_env(monkeypatch, "master", 4, 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    check_gloo_address()  # a launch without LOCAL_WORLD_SIZE: nothing says there are other nodes
+
