@@ -6,7 +6,9 @@
 #   run:            mkdir -p runs && docker run --rm --user "$(id -u):$(id -g)" --stop-timeout 180 \
 #                       -v "$PWD/data:/data:ro" -v "$PWD/runs:/runs" trainer:0.1.0
 #                   (--user: /runs must be writable by the container's user; --stop-timeout: `docker stop` waits
-#                   for the checkpoint instead of its default 10 s)
+#                   for the checkpoint instead of its default 10 s; `--network none` works: nothing is downloaded,
+#                   and the ranks of one container find each other on 127.0.0.1)
+#   2 processes:    add -e PET_NPROC_PER_NODE=2 (torchrun reads its options from PET_* variables)
 #
 # Build arguments:
 #   BASE_IMAGE   any image with Python >= 3.11 and pip (the CUDA wheels carry their own CUDA libraries; the GPU
