@@ -188,15 +188,7 @@ class LoadedModel:
 
 def word_vectors(model: TextClassifier, vocab: Vocabulary) -> np.ndarray:
     """Each vocabulary word's effective row: (E(w) + correction(w)) * M(w) for every word in the vocabulary."""
-    t = model.tables
-    p = vocab.num_pretrained
-    pre = t.full_rows("pretrained").float().cpu()
-    if t.has("pretrained_delta") and model.delta_active:
-        pre = pre + t.full_rows("pretrained_delta").cpu()[: pre.shape[0]]
-    rows = torch.cat([pre[:p], t.full_rows("oov").cpu()])
-    if t.has("mask"):
-        rows = rows * t.full_rows("mask").cpu()[: rows.shape[0]]
-    return rows.numpy()
+    return chosen_word_vectors(model, torch.arange(vocab.num_pretrained + vocab.num_oov), vocab.num_pretrained)
 
 
 def projector_rows(model: TextClassifier, vocab: Vocabulary, n: int, info: DistInfo):
@@ -220,7 +212,8 @@ def projector_rows(model: TextClassifier, vocab: Vocabulary, n: int, info: DistI
 
 
 def chosen_word_vectors(model: TextClassifier, ids: torch.Tensor, num_pretrained: int) -> np.ndarray:
-    """`word_vectors` for the vocabulary ids `ids` only (pretrained ids below `num_pretrained`, then OOV)."""
+    """(E(w) + correction(w)) * M(w) for the vocabulary ids `ids` (pretrained ids below `num_pretrained`, then OOV),
+    reading only those rows. Collective for row-wise tables (`rows_of`)."""
     t = model.tables
     is_pre = ids < num_pretrained
     pre_ids, oov_ids = ids[is_pre], ids[~is_pre] - num_pretrained
