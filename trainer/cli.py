@@ -5,6 +5,7 @@ the file, line or flag, and exit 2; no traceback. Everything else is a bug and k
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -229,6 +230,10 @@ def run() -> None:
     except KeyboardInterrupt:
         traceback.print_exc()
         code = 130  # what a shell reports for a process ended by SIGINT
+    except BrokenPipeError:  # stdout's reader left (`trainer report | head`): nothing more to say, and no traceback
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        code = 141  # what a shell reports for a process ended by SIGPIPE
     except BaseException:  # noqa: BLE001 - reported as Python would, then the same exit path
         traceback.print_exc()
         code = 1

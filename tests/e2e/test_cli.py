@@ -417,3 +417,19 @@ def test_predict_reads_a_pipe_given_as_input(tiny_config, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert len(jsonl(out)) == 1
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tiny_config, tmp_path):
+    """`trainer predict ... | head -1`: the reader leaves while predictions are still coming; the command ends
+    with the shell's SIGPIPE status and no traceback (it printed a BrokenPipeError's before)."""
+    config = tiny_config("cut", train={"max_steps": 2}, metrics={"tensorboard": False, "projector_words": 0})
+    ok(cli("train", "--config", config, *FAST))
+    lines = tmp_path / "lines.txt"
+    lines.write_text("the ball and the goal\n" * 5000)  # far more output than a pipe holds
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "predict", "--run", str(run_dir_of(config)),
+                             "--input", str(lines)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` exits
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert json.loads(first)["label"] and "Traceback" not in err and "BrokenPipe" not in err
