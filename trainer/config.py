@@ -97,9 +97,10 @@ class EmbeddingsConfig:
     freeze_pretrained: bool = True
     # Late fine-tuning: from this step on, learn a correction to the pretrained rows at optim.pretrained_lr; -1 never.
     unfreeze_after_steps: int = -1
-    # Initial std of trainable OOV-word and n-gram rows, as a fraction of the pretrained rows' std (0 starts them at
-    # zero). Small on purpose: a rare feature's row barely trains, and a large random initial value in it is noise
-    # wherever the feature reappears at test time (demo: 1.0 gave test accuracy 0.809, 0.01 gave 0.815).
+    # Initial std of trainable OOV-word rows, as a fraction of the pretrained rows' std (0 starts them at zero; hashed
+    # n-gram rows always start at zero, see embeddings.build_table_specs). Small on purpose: a rare feature's row barely
+    # trains, and a large random initial value in it is noise wherever the feature reappears at test time (demo: 1.0
+    # gave test accuracy 0.809, 0.01 gave 0.815).
     init_scale: float = 0.01
     # Materialise the whole pretrained table instead of only the rows the vocabulary needs.
     full_pretrained: bool = False

@@ -147,7 +147,7 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
     vocab = build_vocabulary(
         counts,
         train.labels,
-        pretrained.index() if pretrained is not None else None,
+        None if pretrained is None else pretrained.index() if e.full_pretrained else pretrained.index_of(counts),
         min_freq=e.min_freq,
         max_vocab=e.max_vocab,
         full_pretrained_rows=pretrained.num_rows if (pretrained is not None and e.full_pretrained) else 0,

@@ -1,9 +1,9 @@
 """The exported model: one self-contained folder `RUN_DIR/model/` that eval, predict and neighbors load.
 
-Contents: `weights.pt` (every trainable table, whole, and the dense state), `frozen.npy` (the pretrained rows the
-vocabulary uses), `vocab/`, `config.toml`, `model.json` (labels, table shapes, fingerprints). Written to a
-temporary folder and renamed into place, so a crash never leaves a half model. DCP checkpoints are for resuming;
-this folder is the release format.
+Contents: `weights.pt` (every trainable table, whole or, when zero-initialised and mostly untouched, as its nonzero
+rows; and the dense state), `frozen.npy` (the pretrained rows the vocabulary uses), `vocab/`, `config.toml`,
+`model.json` (labels, table shapes, fingerprints). Written to a temporary folder and renamed into place, so a crash
+never leaves a half model. DCP checkpoints are for resuming; this folder is the release format.
 """
 
 import json
@@ -53,6 +53,48 @@ def _save_without_crc(obj: dict, path: Path) -> None:
         serialization.set_crc32_options(before)
 
 
+SPARSE_PREFIX = "tables_sparse."
+# A zero-initialised table is stored as its nonzero rows when at most this share of its rows is nonzero. Why: the
+# hashed n-gram tables start at zero and a short run touches a part of them (the demo's 2 epochs: 50% of 1M bigram
+# buckets), and the export of the whole table was the largest fixed cost of a short run (0.24-0.6 s of 200 MB here).
+SPARSE_MAX_SHARE = 0.75
+
+
+def _nonzero_rows(table: torch.Tensor, block: int = 65536) -> torch.Tensor:
+    """Ids of the rows with an element != 0 (NaN counts), in order; in blocks, so no table-sized temporary."""
+    found = [table[lo : lo + block].ne(0).any(dim=1).nonzero().squeeze(1) + lo for lo in range(0, table.shape[0], block)]
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.int64)
+
+
+def _table_entries(spec: TableSpec, table: torch.Tensor) -> dict[str, torch.Tensor]:
+    """weights.pt's entries for one trainable table: `tables.NAME` whole, or, for a zero-initialised table that is
+    mostly still zero, `tables_sparse.NAME.rows` and `.values` (its nonzero rows; the loader fills in the zeros)."""
+    if spec.init == "zeros" and table.shape[0] > 0:
+        rows = _nonzero_rows(table)
+        if rows.shape[0] <= SPARSE_MAX_SHARE * table.shape[0]:
+            return {f"{SPARSE_PREFIX}{spec.name}.rows": rows, f"{SPARSE_PREFIX}{spec.name}.values": table[rows]}
+    return {f"tables.{spec.name}": table.contiguous()}
+
+
+def _dense_tables(weights: dict[str, torch.Tensor], specs: list[TableSpec], path: Path) -> dict[str, torch.Tensor]:
+    """Every table of weights.pt as a whole tensor, the sparse-stored ones (`_table_entries`) rebuilt."""
+    tables = {k.removeprefix("tables."): v for k, v in weights.items() if k.startswith("tables.")}
+    by_name = {s.name: s for s in specs}
+    for key in weights:
+        if not (key.startswith(SPARSE_PREFIX) and key.endswith(".rows")):
+            continue
+        name = key.removeprefix(SPARSE_PREFIX).removesuffix(".rows")
+        rows, values, spec = weights[key], weights.get(f"{SPARSE_PREFIX}{name}.values"), by_name.get(name)
+        if (spec is None or values is None or rows.dim() != 1 or tuple(values.shape) != (rows.shape[0], spec.dim)
+                or (rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= spec.num_rows))):
+            raise ModelFolderError(f"{path}: the stored rows of table {name} do not fit its shape "
+                                   f"({spec.num_rows if spec else '?'} x {spec.dim if spec else '?'} in model.json)")
+        table = torch.zeros(spec.num_rows, spec.dim, dtype=values.dtype)
+        table[rows] = values
+        tables[name] = table
+    return tables
+
+
 def export_model(folder: Path, model: TextClassifier, vocab: Vocabulary, frozen: torch.Tensor, cfg: Config,
                  specs: list[TableSpec], fingerprints: dict, info: DistInfo) -> None:
     # every rank takes part: row-wise tables gather their shards to rank 0 here
@@ -62,7 +104,10 @@ def export_model(folder: Path, model: TextClassifier, vocab: Vocabulary, frozen:
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {f"tables.{k}": v.detach().cpu().contiguous() for k, v in tables.items()}
+    weights = {}
+    for spec in specs:
+        if spec.trainable:
+            weights.update(_table_entries(spec, tables[spec.name].detach().cpu()))
     weights.update({f"dense.{k}": v.detach().cpu() for k, v in _dense_module(model).state_dict().items()})
     weights.update({f"wide_idf.{k}": v.cpu() for k, v in model.wide_idf.items()})
     _save_without_crc(weights, tmp / "weights.pt")
@@ -114,7 +159,7 @@ class LoadedModel:
         weights = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
         frozen = torch.from_numpy(np.load(folder / "frozen.npy"))
         specs = [TableSpec(**t) for t in self.meta["table_specs"]]
-        tables_w = {k.removeprefix("tables."): v for k, v in weights.items() if k.startswith("tables.")}
+        tables_w = _dense_tables(weights, specs, folder / "weights.pt")
         self.wide_idf = {k.removeprefix("wide_idf."): v for k, v in weights.items() if k.startswith("wide_idf.")}
         self.num_extended = 0
         if extend_pretrained:

@@ -29,6 +29,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Container
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,15 @@ class PretrainedVectors:
             found = dict(zip(self.words, range(len(self.words)), strict=True))
             object.__setattr__(self, "_index", found)
         return found
+
+    def index_of(self, words: Container[str]) -> dict[str, int]:
+        """word -> row for the pretrained words in `words` (a set or dict). Why not `index()`: a pass over the
+        source's words with a membership test (0.03 s for 400K words) is cheaper than building the whole index
+        (0.08-0.1 s), and a data-cache build needs only its training words' rows."""
+        found = self.__dict__.get("_index")
+        if found is not None:
+            return {w: found[w] for w in words if w in found}
+        return {w: i for i, w in enumerate(self.words) if w in words}
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """A float32 C-contiguous copy of just these rows: only what the vocabulary needs leaves the mmap."""

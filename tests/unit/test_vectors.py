@@ -179,6 +179,16 @@ def test_duplicates_first_wins(tmp_path, writer):
         assert pv.num_duplicates == 2
 
 
+def test_index_of_is_the_index_restricted_to_the_words_asked(tmp_path):
+    words = ["the", "a", "of", "cat", "zebra"]
+    pv = load(write_glove(tmp_path / "g.txt", words, np.ones((5, 2), dtype=np.float32)), tmp_path)
+    asked = {"cat": 3, "the": 9, "unknown": 1}  # a training-count dict, as the data-cache build passes
+    assert pv.index_of(asked) == {"the": 0, "cat": 3}
+    assert pv.index_of(set()) == {}
+    assert pv.index() == {w: i for i, w in enumerate(words)}
+    assert pv.index_of(asked) == {"the": 0, "cat": 3}  # the same from the built index
+
+
 def test_non_utf8_words_survive(tmp_path):
     glove = tmp_path / "latin1.txt"
     glove.write_bytes(b"caf\xe9 1 2\nok 3 4\nna\xefve 5 6\n")
