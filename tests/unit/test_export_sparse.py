@@ -57,3 +57,12 @@ def test_stored_rows_that_do_not_fit_the_table_are_refused(damage):
     specs = [] if damage == "unknown_table" else [spec]
     with pytest.raises(ModelFolderError, match=r"weights.pt: the stored rows of table bigram do not fit its shape"):
         _dense_tables(entries, specs, Path("weights.pt"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_nonzero_rows_in_any_float_type(dtype):
+    from trainer.export import _nonzero_rows
+
+    table = torch.zeros(10, 3, dtype=dtype)
+    table[2, 1], table[4, 0], table[6, 2], table[8, 0] = 1e-30, -0.0, float("nan"), -2.0
+    assert _nonzero_rows(table, block=4).tolist() == [2, 6, 8]  # blocks of 4: rows 8-9 are a partial block
