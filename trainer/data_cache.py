@@ -142,6 +142,7 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
     tokenizer = Tokenizer(cfg.data.token_pattern, cfg.data.lowercase, cfg.data.tokenizer_version)
     workers = resolve_workers(cfg.data.workers)
     tokenized_train = tokenize(train.texts, tokenizer, cfg.data.max_tokens_per_doc, workers)  # once: counts, encoding
+    num_train_docs, train.texts = len(train.texts), []  # the texts are done with: their memory goes before encoding
     counts = tokenized_train.word_counts()
     e = cfg.embeddings
     vocab = build_vocabulary(
@@ -165,7 +166,7 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
         if not e.full_pretrained:
             np.save(tmp / "frozen.npy", pretrained.take(vocab.pretrained_rows))
     featurizer = make_featurizer(cfg, vocab, workers)
-    stats = {"train_docs": len(train.texts), "train_skipped_empty": train.num_skipped_empty,
+    stats = {"train_docs": num_train_docs, "train_skipped_empty": train.num_skipped_empty,
              "train_tokens": int(sum(counts.values()))}
     featurizer.encode_tokenized(tokenized_train, train.labels).save(tmp / "train")
     for split in ("valid", "test"):

@@ -162,6 +162,21 @@ def _char_bucket_runs(words: Sequence[str], minn: int, maxn: int, num_buckets: i
     return (np.concatenate(per_word).astype(np.int64, copy=False) if per_word else np.zeros(0, np.int64)), counts
 
 
+# Tokens per block of `Featurizer.encode_tokenized`: its temporaries (hashes, pairs, masks) are 8-24 bytes a token
+# for one block; over a whole 120M-token split they took the data-cache build to 8.4 GiB of resident memory.
+ENCODE_BLOCK_TOKENS = 1 << 22
+
+
+def document_blocks(doc_offsets: np.ndarray, block_tokens: int) -> list[tuple[int, int]]:
+    """[da, db) ranges of whole documents, in order, each ending at the first document that reaches the next
+    multiple of `block_tokens` tokens (so a block holds one document at least; empty documents included)."""
+    num_docs = len(doc_offsets) - 1
+    total = int(doc_offsets[-1]) if num_docs > 0 else 0
+    cuts = np.searchsorted(doc_offsets[1:], np.arange(block_tokens, total, block_tokens), "left") + 1
+    bounds = [0, *sorted({int(c) for c in cuts if 0 < c < num_docs}), num_docs]
+    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
 class Featurizer:
     """Turns texts into EncodedDocs for one vocabulary and n-gram configuration."""
 
@@ -187,47 +202,60 @@ class Featurizer:
     def encode(self, texts: Sequence[str], labels: Sequence[str] | None = None) -> EncodedDocs:
         return self.encode_tokenized(tokenize(texts, self.tokenizer, self.max_tokens, self.workers), labels)
 
-    def encode_tokenized(self, tokenized: TokenizedDocs, labels: Sequence[str] | None = None) -> EncodedDocs:
+    def encode_tokenized(self, tokenized: TokenizedDocs, labels: Sequence[str] | None = None,
+                         block_tokens: int = ENCODE_BLOCK_TOKENS) -> EncodedDocs:
+        """The documents' ids, computed over blocks of whole documents of about `block_tokens` tokens
+        (ENCODE_BLOCK_TOKENS) written into arrays sized beforehand, so the temporaries are a block's."""
         types, type_words, doc_lengths = tokenized.types, tokenized.type_words, tokenized.doc_lengths
         num_docs = len(doc_lengths)
         type_word_id = np.array([self.vocab.index.get(w, -1) for w in type_words], dtype=np.int64)
         doc_offsets = np.zeros(num_docs + 1, dtype=np.int64)
         np.cumsum(doc_lengths, out=doc_offsets[1:])
+        # tokens kept: words in the vocabulary; with char n-grams every token (an unknown word keeps its grams)
+        keep_type = np.ones(len(type_words), dtype=bool) if self.char_buckets else type_word_id >= 0
+        type_counts = np.bincount(types, minlength=len(type_words))
 
+        bigram_offsets = np.zeros(num_docs + 1, dtype=np.int64)
         if self.ngram_buckets:
             type_hash = word_hashes(type_words, self.workers)
-            pair_ids = bigram_buckets(type_hash[types], self.ngram_buckets)
-            # pair i joins tokens i and i+1; drop pairs that straddle two documents
-            pair_valid = np.ones(len(pair_ids), dtype=bool)
-            starts = doc_offsets[1:-1]
-            pair_valid[starts[(starts > 0) & (starts <= len(pair_ids))] - 1] = False
-            bigram_ids = pair_ids[pair_valid]
-            bigram_offsets = np.zeros(num_docs + 1, dtype=np.int64)
             np.cumsum(np.maximum(doc_lengths - 1, 0), out=bigram_offsets[1:])
-        else:
-            bigram_ids = np.zeros(0, dtype=np.int64)
-            bigram_offsets = np.zeros(num_docs + 1, dtype=np.int64)
+        bigram_ids = np.empty(int(bigram_offsets[-1]), dtype=np.int64)
 
-        token_word = type_word_id[types]
-        keep = token_word >= 0 if not self.char_buckets else np.ones(len(types), dtype=bool)
-        kept_doc = np.repeat(np.arange(num_docs), doc_lengths)[keep]
         token_offsets = np.zeros(num_docs + 1, dtype=np.int64)
-        np.cumsum(np.bincount(kept_doc, minlength=num_docs), out=token_offsets[1:])
-        token_ids = token_word[keep]
-
+        token_ids = np.empty(int(type_counts[keep_type].sum()), dtype=np.int64)
+        char_offsets = np.zeros(num_docs + 1, dtype=np.int64)
+        char_token_counts = np.zeros(len(token_ids), dtype=np.int64)
         if self.char_buckets:
             type_char_ids, type_char_counts = char_bucket_runs(type_words, self.char_minn, self.char_maxn,
                                                                self.char_buckets, self.workers)
             type_char_offsets = np.zeros(len(type_words) + 1, dtype=np.int64)
             np.cumsum(type_char_counts, out=type_char_offsets[1:])
-            char_ids, char_token_counts = gather_csr(type_char_offsets, type_char_ids, types[keep])
-            char_offsets = np.zeros(num_docs + 1, dtype=np.int64)
-            np.cumsum(np.bincount(kept_doc, weights=char_token_counts, minlength=num_docs).astype(np.int64),
-                      out=char_offsets[1:])
+            char_ids = np.empty(int((type_counts * type_char_counts)[keep_type].sum()), dtype=np.int64)
         else:
             char_ids = np.zeros(0, dtype=np.int64)
-            char_token_counts = np.zeros(len(token_ids), dtype=np.int64)
-            char_offsets = np.zeros(num_docs + 1, dtype=np.int64)
+
+        for da, db in document_blocks(doc_offsets, block_tokens):
+            block = types[doc_offsets[da] : doc_offsets[db]]
+            lengths = doc_lengths[da:db]
+            if self.ngram_buckets:
+                pair_ids = bigram_buckets(type_hash[block], self.ngram_buckets)
+                # pair i joins tokens i and i+1; drop pairs that straddle two documents
+                pair_valid = np.ones(len(pair_ids), dtype=bool)
+                starts = doc_offsets[da + 1 : db] - doc_offsets[da]
+                pair_valid[starts[(starts > 0) & (starts <= len(pair_ids))] - 1] = False
+                bigram_ids[bigram_offsets[da] : bigram_offsets[db]] = pair_ids[pair_valid]
+            keep = keep_type[block]
+            kept_doc = np.repeat(np.arange(db - da), lengths)[keep]
+            np.cumsum(np.bincount(kept_doc, minlength=db - da), out=token_offsets[da + 1 : db + 1])
+            token_offsets[da + 1 : db + 1] += token_offsets[da]
+            token_ids[token_offsets[da] : token_offsets[db]] = type_word_id[block[keep]]
+            if self.char_buckets:
+                block_char_ids, block_char_counts = gather_csr(type_char_offsets, type_char_ids, block[keep])
+                per_doc = np.bincount(kept_doc, weights=block_char_counts, minlength=db - da).astype(np.int64)
+                np.cumsum(per_doc, out=char_offsets[da + 1 : db + 1])
+                char_offsets[da + 1 : db + 1] += char_offsets[da]
+                char_ids[char_offsets[da] : char_offsets[db]] = block_char_ids
+                char_token_counts[token_offsets[da] : token_offsets[db]] = block_char_counts
 
         label_ids = np.full(num_docs, -1, dtype=np.int64)
         if labels is not None:

@@ -22,9 +22,9 @@ ALPHABET = list("aZ09_'’ \n\t.,-") + ["é", "e\u0301", "\u212a", "İ", "\ud800
 TEXTS = st.lists(st.lists(st.sampled_from(ALPHABET), max_size=40).map("".join), max_size=12)
 
 
-def assert_same(texts, tokenizer, max_tokens):
+def assert_same(texts, tokenizer, max_tokens, block_chars=fast_tokenize.BLOCK_CHARS):
     expected = _tokenize_chunk(texts, tokenizer, max_tokens)
-    got = fast_tokenize.tokenize_default_pattern(texts, tokenizer, max_tokens)
+    got = fast_tokenize.tokenize_default_pattern(texts, tokenizer, max_tokens, block_chars=block_chars)
     assert got.type_words == expected.type_words
     assert np.array_equal(got.types, expected.types)
     assert got.types.dtype == expected.types.dtype == np.int64
@@ -35,6 +35,24 @@ def assert_same(texts, tokenizer, max_tokens):
 @given(texts=TEXTS, lowercase=st.booleans(), version=st.sampled_from([1, 2]), max_tokens=st.sampled_from([1, 3, 20000]))
 def test_random_text_tokenizes_as_python_does(texts, lowercase, version, max_tokens):
     assert_same(texts, Tokenizer(DEFAULT_TOKEN_PATTERN, lowercase, version), max_tokens)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts=TEXTS, block_chars=st.integers(1, 100))
+def test_text_tokenized_in_blocks_numbers_its_words_as_in_one_piece(texts, block_chars):
+    """Blocks of a few characters: many blocks, words first seen in a later block, blocks of one document, empty
+    documents at a block's edge."""
+    assert_same(texts, Tokenizer(DEFAULT_TOKEN_PATTERN, True, 2), 20000, block_chars)
+
+
+def test_blocks_end_where_the_text_reaches_each_multiple_of_block_chars(monkeypatch):
+    seen = []
+    real = fast_tokenize._tokenize_block
+    monkeypatch.setattr(fast_tokenize, "_tokenize_block", lambda texts, *a: seen.append(list(texts)) or real(texts, *a))
+    texts = ["aaaa", "bb", "cccc", "d", "eeeeeeeeeeee", "f"]  # text ends at 4, 6, 10, 11, 23, 24
+    got = fast_tokenize.tokenize_default_pattern(texts, Tokenizer(DEFAULT_TOKEN_PATTERN, True), 100, block_chars=5)
+    assert seen == [["aaaa", "bb"], ["cccc"], ["d", "eeeeeeeeeeee"], ["f"]]
+    assert got.type_words == texts and got.types.tolist() == [0, 1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("text", [
@@ -56,6 +74,7 @@ def test_many_types_and_dense_tokens_grow_every_buffer():
     texts += ["Ünïcode " + t for t in texts[:20]]  # documents on the Python path among them
     assert_same(texts, Tokenizer(DEFAULT_TOKEN_PATTERN, True), 20000)
     assert_same(texts, Tokenizer(DEFAULT_TOKEN_PATTERN, True), 150)
+    assert_same(texts, Tokenizer(DEFAULT_TOKEN_PATTERN, True), 150, block_chars=20_000)  # 33 blocks
 
 
 def test_tokenize_takes_the_kernel_for_large_input_and_keeps_its_result(monkeypatch):

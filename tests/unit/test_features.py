@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from trainer.batch import collate
 from trainer.config import DataConfig
@@ -118,6 +120,36 @@ def test_encode_empty_inputs():
     docs = featurizer(ngram_buckets=10, char_buckets=10).encode(["", "..."])
     assert docs.token_offsets.tolist() == [0, 0, 0]
     assert docs.bigram_offsets.tolist() == [0, 0, 0] and docs.char_offsets.tolist() == [0, 0, 0]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts=st.lists(st.lists(st.sampled_from(["the", "cat", "zork", "blip", "dog", "x"]), max_size=7).map(" ".join),
+                      max_size=9),
+       ngram_buckets=st.sampled_from([0, 13]), char_buckets=st.sampled_from([0, 11]), max_tokens=st.sampled_from([2, 100]))
+def test_encoding_in_blocks_of_documents_gives_the_one_block_arrays(texts, ngram_buckets, char_buckets, max_tokens):
+    """Blocks of 1-5 tokens: documents split into blocks of their own, empty documents at a block's edge, unknown
+    words (kept for their char n-grams, or dropped), bigrams that would straddle two blocks."""
+    f = featurizer(ngram_buckets, char_buckets, max_tokens)
+    tokenized = tokenize(texts, f.tokenizer, max_tokens)
+    whole = f.encode_tokenized(tokenized, ["pos"] * len(texts), block_tokens=10**9)
+    for block_tokens in (1, 2, 5):
+        blocked = f.encode_tokenized(tokenized, ["pos"] * len(texts), block_tokens=block_tokens)
+        for name, array in vars(whole).items():
+            got = getattr(blocked, name)
+            assert got.dtype == array.dtype == np.int64 and np.array_equal(got, array), (name, block_tokens)
+
+
+@pytest.mark.parametrize(("lengths", "block", "expected"), [
+    ([], 4, []),
+    ([3], 1, [(0, 1)]),
+    ([2, 0, 2, 5, 0, 1], 4, [(0, 3), (3, 4), (4, 6)]),  # tokens end at 2, 2, 4, 9, 9, 10
+    ([0, 0], 1, [(0, 2)]),
+])
+def test_document_blocks(lengths, block, expected):
+    from trainer.features import document_blocks
+
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    assert document_blocks(offsets, block) == expected
 
 
 # ---------------------------------------------------------------- save / load
