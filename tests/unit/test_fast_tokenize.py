@@ -22,9 +22,9 @@ ALPHABET = list("aZ09_'’ \n\t.,-") + ["é", "e\u0301", "\u212a", "İ", "\ud800
 TEXTS = st.lists(st.lists(st.sampled_from(ALPHABET), max_size=40).map("".join), max_size=12)
 
 
-def assert_same(texts, tokenizer, max_tokens, block_chars=fast_tokenize.BLOCK_CHARS):
+def assert_same(texts, tokenizer, max_tokens, block_chars=fast_tokenize.BLOCK_CHARS, workers=1):
     expected = _tokenize_chunk(texts, tokenizer, max_tokens)
-    got = fast_tokenize.tokenize_default_pattern(texts, tokenizer, max_tokens, block_chars=block_chars)
+    got = fast_tokenize.tokenize_default_pattern(texts, tokenizer, max_tokens, workers, block_chars=block_chars)
     assert got.type_words == expected.type_words
     assert np.array_equal(got.types, expected.types)
     assert got.types.dtype == expected.types.dtype == np.int64
@@ -75,6 +75,8 @@ def test_many_types_and_dense_tokens_grow_every_buffer():
     assert_same(texts, Tokenizer(DEFAULT_TOKEN_PATTERN, True), 20000)
     assert_same(texts, Tokenizer(DEFAULT_TOKEN_PATTERN, True), 150)
     assert_same(texts, Tokenizer(DEFAULT_TOKEN_PATTERN, True), 150, block_chars=20_000)  # 33 blocks
+    # the blocks shared by 3 forked workers, 11 each (test_parallel.py covers a worker that dies)
+    assert_same(texts, Tokenizer(DEFAULT_TOKEN_PATTERN, True), 150, block_chars=20_000, workers=3)
 
 
 def test_tokenize_takes_the_kernel_for_large_input_and_keeps_its_result(monkeypatch):
