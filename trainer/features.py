@@ -238,12 +238,8 @@ class Featurizer:
             block = types[doc_offsets[da] : doc_offsets[db]]
             lengths = doc_lengths[da:db]
             if self.ngram_buckets:
-                pair_ids = bigram_buckets(type_hash[block], self.ngram_buckets)
-                # pair i joins tokens i and i+1; drop pairs that straddle two documents
-                pair_valid = np.ones(len(pair_ids), dtype=bool)
-                starts = doc_offsets[da + 1 : db] - doc_offsets[da]
-                pair_valid[starts[(starts > 0) & (starts <= len(pair_ids))] - 1] = False
-                bigram_ids[bigram_offsets[da] : bigram_offsets[db]] = pair_ids[pair_valid]
+                document_bigrams(type_hash, block, doc_offsets[da : db + 1] - doc_offsets[da], self.ngram_buckets,
+                                 bigram_ids[bigram_offsets[da] : bigram_offsets[db]])
             keep = keep_type[block]
             kept_doc = np.repeat(np.arange(db - da), lengths)[keep]
             np.cumsum(np.bincount(kept_doc, minlength=db - da), out=token_offsets[da + 1 : db + 1])
@@ -288,6 +284,50 @@ if jit.numba is not None:
                     last[i] = d
                     df[i] += 1
         return df
+
+
+# Fewer pairs than this go through numpy (`vocab.bigram_buckets`) unless the numba kernels are loaded already
+# (`fast_tokenize._warm`): a process's first numba call costs ~0.4 s (a few lines of `trainer predict`).
+PAIRS_MIN_FOR_NUMBA = 2_000_000
+
+
+def document_bigrams(type_hash: np.ndarray, types: np.ndarray, offsets: np.ndarray, num_buckets: int,
+                     out: np.ndarray) -> None:
+    """`vocab.bigram_buckets` of each document's consecutive tokens (CSR `offsets` into `types`, from 0), no pair
+    across two documents, written into `out`. Why the kernel: numpy's version makes a dozen temporaries per pair
+    and a 64-bit division; 7 s of the 11 s encoding of a 120M-token split, and 75 ms of the demo's."""
+    if jit.numba is not None and (fast_tokenize._warm or len(types) >= PAIRS_MIN_FOR_NUMBA):
+        written = _document_bigrams_kernel(type_hash, types, offsets, np.uint64(num_buckets), out)
+        assert written == len(out), "document_bigrams: output sized for another set of documents"
+        return
+    pair_ids = bigram_buckets(type_hash[types], num_buckets)
+    # pair i joins tokens i and i+1; drop pairs that straddle two documents
+    pair_valid = np.ones(len(pair_ids), dtype=bool)
+    starts = offsets[1:-1]
+    pair_valid[starts[(starts > 0) & (starts <= len(pair_ids))] - 1] = False
+    out[:] = pair_ids[pair_valid]
+
+
+if jit.numba is not None:
+
+    @jit.numba.njit(cache=jit._CACHE, nogil=True, inline="always")
+    def _splitmix64(x):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+    @jit.numba.njit(cache=jit._CACHE, nogil=True)
+    def _document_bigrams_kernel(type_hash, types, offsets, num_buckets, out):
+        """`vocab.bigram_buckets`' arithmetic, pair by pair, in uint64 (wrapping as numpy's does)."""
+        k = 0
+        for d in range(offsets.shape[0] - 1):
+            for i in range(offsets[d], offsets[d + 1] - 1):
+                left = _splitmix64(type_hash[types[i]])
+                mixed = _splitmix64(left * np.uint64(31) + type_hash[types[i + 1]])
+                out[k] = np.int64(mixed % num_buckets)
+                k += 1
+        return k
 
 
 def document_frequency(ids: np.ndarray, offsets: np.ndarray, rows: int) -> np.ndarray:

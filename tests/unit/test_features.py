@@ -6,6 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from trainer import jit
 from trainer.batch import collate
 from trainer.config import DataConfig
 from trainer.features import EncodedDocs, Featurizer, tokenize
@@ -137,6 +138,28 @@ def test_encoding_in_blocks_of_documents_gives_the_one_block_arrays(texts, ngram
         for name, array in vars(whole).items():
             got = getattr(blocked, name)
             assert got.dtype == array.dtype == np.int64 and np.array_equal(got, array), (name, block_tokens)
+
+
+@pytest.mark.skipif(jit.numba is None, reason="numba is not installed: numpy makes the pairs")
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(0, 6), max_size=10), buckets=st.sampled_from([1, 7, 1_000_003, 2**40 + 5]),
+       seed=st.integers(0, 2**32 - 1))
+def test_document_bigrams_kernel_gives_numpys_buckets(monkeypatch, lengths, buckets, seed):
+    """The monkeypatched settings are set anew in every example, so sharing the fixture between them is safe."""
+    from trainer import features
+
+    rng = np.random.default_rng(seed)
+    type_hash = rng.integers(0, 2**64, size=20, dtype=np.uint64, endpoint=False)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    types = rng.integers(0, 20, size=int(offsets[-1]))
+    size = int(np.maximum(np.array(lengths, dtype=np.int64) - 1, 0).sum())
+    got = {}
+    for threshold in (0, 10**9):  # the kernel, then numpy
+        monkeypatch.setattr(features, "PAIRS_MIN_FOR_NUMBA", threshold)
+        monkeypatch.setattr(features.fast_tokenize, "_warm", False)
+        got[threshold] = np.full(size, -1, dtype=np.int64)
+        features.document_bigrams(type_hash, types, offsets, buckets, got[threshold])
+    assert np.array_equal(got[0], got[10**9]) and (got[0] >= 0).all() and (got[0] < buckets).all()
 
 
 @pytest.mark.parametrize(("lengths", "block", "expected"), [
