@@ -176,6 +176,17 @@ def test_document_blocks(lengths, block, expected):
 
 
 # ---------------------------------------------------------------- save / load
+@pytest.mark.parametrize("n", [0, 1, 5, 20_000])
+def test_ids_saved_in_chunks_are_np_saves_bytes(tmp_path, n):
+    from trainer.features import _save_converted
+
+    ids = np.random.default_rng(n).integers(-1, 2**31 - 2, size=n)
+    np.save(tmp_path / "whole.npy", ids.astype(np.int32))
+    _save_converted(tmp_path / "chunks.npy", ids, np.dtype(np.int32), chunk=777)
+    assert (tmp_path / "chunks.npy").read_bytes() == (tmp_path / "whole.npy").read_bytes()
+    assert np.array_equal(np.load(tmp_path / "chunks.npy", mmap_mode="r"), ids)
+
+
 def test_encoded_docs_save_load_memmap(tmp_path):
     docs = featurizer(ngram_buckets=1000, char_buckets=1000).encode(TEXTS, LABELS)
     docs.save(tmp_path / "enc")
