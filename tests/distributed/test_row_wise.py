@@ -546,11 +546,11 @@ def test_frozen_table_hygiene(runs, world_size):
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_untouched_rows_are_bit_identical(runs, reference, world_size):
-    """Pretrained row P-1 (hence its mask and correction rows) and bigram row BIGRAMS-1 are never looked up."""
+    """Pretrained row P-1 (hence its mask and correction rows) and bigram row BIGRAMS-1 are never looked up. The
+    tables start as one process would start them, whatever the sharding: OOV rows drawn, bigram rows zero."""
     untouched = {"bigram": BIGRAMS - 1, "mask": P - 1, "pretrained_delta": P - 1}
-    spec = TableSpec("bigram", BIGRAMS, DIM, True, "normal", 0.3)
-    init = torch.empty(BIGRAMS, DIM)
-    init_rows_(init, spec, torch.Generator().manual_seed(0))
+    init = torch.empty(OOV, DIM)
+    init_rows_(init, TableSpec("oov", OOV, DIM, True, "normal", 0.3), torch.Generator().manual_seed(0))
     checked = 0
     for (case, mode), got in runs[world_size][0]["oracle"].items():
         for name, row in untouched.items():
@@ -561,7 +561,8 @@ def test_untouched_rows_are_bit_identical(runs, reference, world_size):
                     name,
                 )
                 checked += 1
-        assert torch.equal(got["initial"]["tables"]["bigram"], init)
+        assert torch.equal(got["initial"]["tables"]["oov"], init) and init.abs().sum() > 0
+        assert torch.equal(got["initial"]["tables"]["bigram"], torch.zeros(BIGRAMS, DIM))
         # and the rows that were touched did move
         assert not torch.equal(got["tables"]["oov"], got["initial"]["tables"]["oov"]), (case, mode)
     assert checked >= 3 * len(CASES)
