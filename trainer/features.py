@@ -59,10 +59,13 @@ class EncodedDocs:
         return len(self.labels)
 
     def save(self, folder: Path) -> None:
-        """One .npy per array (ids stored as int32 where they fit) so loads can memory-map them."""
+        """One .npy per array (ids stored as int32 where they fit) so loads can memory-map them. Without char
+        n-grams `char_token_counts` is all zeros, 8 bytes a token: not written (`load` makes the zeros)."""
         folder.mkdir(parents=True, exist_ok=True)
         for f in fields(self):
             array = getattr(self, f.name)
+            if f.name == "char_token_counts" and not array.any():
+                continue
             if f.name.endswith("_ids") and (len(array) == 0 or array.max(initial=0) < 2**31 - 1):
                 _save_converted(folder / f"{f.name}.npy", array, np.dtype(np.int32))
             else:
@@ -70,7 +73,13 @@ class EncodedDocs:
 
     @classmethod
     def load(cls, folder: Path) -> "EncodedDocs":
-        return cls(**{f.name: np.load(folder / f"{f.name}.npy", mmap_mode="r") for f in fields(cls)})
+        arrays = {f.name: np.load(folder / f"{f.name}.npy", mmap_mode="r") for f in fields(cls)
+                  if f.name != "char_token_counts" or (folder / f"{f.name}.npy").exists()}
+        if "char_token_counts" not in arrays:  # saved all zeros; np.zeros takes no memory until read
+            zeros = np.zeros(len(arrays["token_ids"]), dtype=np.int64)
+            zeros.flags.writeable = False  # read-only, as the memory-mapped arrays beside it
+            arrays["char_token_counts"] = zeros
+        return cls(**arrays)
 
 
 def _save_converted(path: Path, array: np.ndarray, dtype: np.dtype, chunk: int = 1 << 22) -> None:

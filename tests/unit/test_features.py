@@ -215,6 +215,23 @@ def test_encoded_docs_save_load_memmap(tmp_path):
             assert torch.equal(x, y)
 
 
+def test_zero_char_counts_are_not_written_and_load_as_zeros(tmp_path):
+    """Without char n-grams every token's count is 0: 8 bytes a token on disk for nothing. A cache written before
+    this (with the file) loads as it did."""
+    docs = featurizer(ngram_buckets=1000).encode(TEXTS, LABELS)
+    docs.save(tmp_path / "enc")
+    assert not (tmp_path / "enc" / "char_token_counts.npy").exists()
+    back = EncodedDocs.load(tmp_path / "enc")
+    assert back.char_token_counts.dtype == np.int64 and np.array_equal(back.char_token_counts, docs.char_token_counts)
+    assert len(back.char_token_counts) == len(back.token_ids) > 0
+    rows = np.array([3, 0, 1])
+    for fused in (False, True):
+        a, b = collate(docs, rows, P, False, fused=fused), collate(back, rows, P, False, fused=fused)
+        assert all(torch.equal(x, y) for name in a.tables for x, y in zip(a.tables[name], b.tables[name], strict=True))
+    np.save(tmp_path / "enc" / "char_token_counts.npy", docs.char_token_counts)  # the earlier layout
+    assert np.array_equal(EncodedDocs.load(tmp_path / "enc").char_token_counts, docs.char_token_counts)
+
+
 # ---------------------------------------------------------------- collate
 def test_collate_bag_mode_by_hand():
     docs = featurizer(ngram_buckets=1 << 40).encode(TEXTS, ["pos", "neg", "neg", "pos"])
