@@ -77,8 +77,9 @@ def _source_key(spec: str) -> str:
 
 
 # Bump when the cache's layout or contents change, so old caches are never misread.
-CACHE_FORMAT = "5"  # 3: vocabulary ids in hashed order within each block; 4: vocabulary fingerprint v2;
-# 5: label text normalised like typed labels (tabular: "1.0" -> "1", "True" -> "true")
+CACHE_FORMAT = "6"  # 3: vocabulary ids in hashed order within each block; 4: vocabulary fingerprint v2;
+# 5: label text normalised like typed labels (tabular: "1.0" -> "1", "True" -> "true"); 6: char_token_counts.npy
+# left out when all zero (features.EncodedDocs.save), which an earlier checkout sharing the folder could not load
 
 
 def _cache_key(cfg: Config, *parts: str) -> str:

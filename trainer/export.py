@@ -57,7 +57,13 @@ SPARSE_PREFIX = "tables_sparse."
 # A zero-initialised table is stored as its nonzero rows when at most this share of its rows is nonzero. Why: the
 # hashed n-gram tables start at zero and a short run touches a part of them (the demo's 2 epochs: 50% of 1M bigram
 # buckets), and the export of the whole table was the largest fixed cost of a short run (0.24-0.6 s of 200 MB here).
+# The cost: rank 0 copies the nonzero rows to save them (up to this share of the table, beside the table), and a
+# load holds them beside the rebuilt table.
 SPARSE_MAX_SHARE = 0.75
+# model.json's "weights_format": 1 (absent) every table whole; 2 zero-initialised tables may be stored sparse. A
+# loader refuses a format above its own with a message (a checkout from before format 2 reports the sparse tables as
+# missing instead).
+WEIGHTS_FORMAT = 2
 
 
 def _nonzero_rows(table: torch.Tensor, block: int = 65536) -> torch.Tensor:
@@ -126,6 +132,7 @@ def export_model(folder: Path, model: TextClassifier, vocab: Vocabulary, frozen:
         "labels": vocab.labels,
         "table_specs": [{"name": s.name, "num_rows": s.num_rows, "dim": s.dim, "trainable": s.trainable, "init": s.init,
                     "init_std": s.init_std} for s in specs],
+        "weights_format": WEIGHTS_FORMAT,
         "delta_active": bool(model.delta_active) or cfg.pretrained_trainable,
         # sizes checked at load: a truncated copy (a full disk, an interrupted transfer) fails with a message
         "file_bytes": {name: (tmp / name).stat().st_size for name in ("weights.pt", "frozen.npy")},
@@ -163,6 +170,10 @@ class LoadedModel:
             if found != size:
                 raise ModelFolderError(f"{folder / name}: {'missing' if found is None else f'{found:,} bytes'}, the "
                                  f"export wrote {size:,}; the model folder is incomplete (copy it again)")
+        found_format = self.meta.get("weights_format", 1)
+        if not isinstance(found_format, int) or found_format > WEIGHTS_FORMAT:
+            raise ModelFolderError(f"{folder / 'model.json'}: weights format {found_format!r}, from a newer trainer; "
+                                   f"this one reads formats up to {WEIGHTS_FORMAT} (upgrade the trainer package)")
         self.vocab = Vocabulary.load(folder / "vocab")
         weights = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
         frozen = torch.from_numpy(np.load(folder / "frozen.npy"))

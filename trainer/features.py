@@ -76,6 +76,9 @@ class EncodedDocs:
         arrays = {f.name: np.load(folder / f"{f.name}.npy", mmap_mode="r") for f in fields(cls)
                   if f.name != "char_token_counts" or (folder / f"{f.name}.npy").exists()}
         if "char_token_counts" not in arrays:  # saved all zeros; np.zeros takes no memory until read
+            if len(arrays["char_ids"]):  # the counts sum to len(char_ids): a file is missing, not left out
+                raise FileNotFoundError(f"{folder / 'char_token_counts.npy'}: missing beside {len(arrays['char_ids'])} "
+                                        "char n-gram ids; the cache folder is incomplete")
             zeros = np.zeros(len(arrays["token_ids"]), dtype=np.int64)
             zeros.flags.writeable = False  # read-only, as the memory-mapped arrays beside it
             arrays["char_token_counts"] = zeros
@@ -316,6 +319,7 @@ def document_bigrams(type_hash: np.ndarray, types: np.ndarray, offsets: np.ndarr
     """`vocab.bigram_buckets` of each document's consecutive tokens (CSR `offsets` into `types`, from 0), no pair
     across two documents, written into `out`. Why the kernel: numpy's version makes a dozen temporaries per pair
     and a 64-bit division; 7 s of the 11 s encoding of a 120M-token split, and 75 ms of the demo's."""
+    type_hash = type_hash.astype(np.uint64, copy=False)  # numba would mix int64 with uint64 through float64
     if jit.numba is not None and (fast_tokenize._warm or len(types) >= PAIRS_MIN_FOR_NUMBA):
         written = _document_bigrams_kernel(type_hash, types, offsets, np.uint64(num_buckets), out)
         assert written == len(out), "document_bigrams: output sized for another set of documents"

@@ -126,6 +126,9 @@ def neighbors(run: str, word: str, k: int = 10) -> list[dict]:
     elif model.tables.has("char"):
         ids = char_ngram_buckets(query, cfg.embeddings.char_minn, cfg.embeddings.char_maxn, cfg.embeddings.char_ngrams)
         q = model.tables.full_rows("char").cpu().numpy()[ids].sum(0)
+        if not q.any():  # its n-gram rows never trained: they are still at zero, every score would be 0
+            raise KeyError(f"{word!r} is not in the vocabulary, and none of its character n-grams was seen in "
+                           "training")
     else:
         raise KeyError(f"{word!r} is not in the vocabulary and the model has no character n-grams")
     norms = np.linalg.norm(vectors, axis=1) * (np.linalg.norm(q) or 1.0)

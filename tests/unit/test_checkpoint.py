@@ -508,6 +508,39 @@ def test_a_truncated_or_missing_model_file_is_refused_with_its_size(quick_config
     assert LoadedModel(good).meta["labels"]
 
 
+def test_a_model_from_a_newer_weights_format_is_refused_and_the_current_one_is_recorded(quick_config):
+    import json
+
+    from trainer.export import WEIGHTS_FORMAT, LoadedModel, ModelFolderError
+
+    path = quick_config("fmt")
+    make_trainer(path).fit()
+    model = Path(tomllib.loads(path.read_text())["run"]["dir"]) / "model"
+    meta = json.loads((model / "model.json").read_text())
+    assert meta["weights_format"] == WEIGHTS_FORMAT == 2
+    meta["weights_format"] = WEIGHTS_FORMAT + 1
+    (model / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelFolderError, match=r"weights format 3, from a newer trainer; this one reads formats up to 2"):
+        LoadedModel(model)
+    del meta["weights_format"]  # a model exported before the field: format 1, every table whole
+    (model / "model.json").write_text(json.dumps(meta))
+    assert LoadedModel(model).meta["labels"]
+
+
+def test_neighbors_of_a_word_whose_char_ngrams_never_trained_is_a_clear_error(quick_config):
+    """The n-gram rows start at zero: an unseen word made only of untrained n-grams has a zero vector, whose
+    neighbours would be the first k words at score 0."""
+    from trainer.inference import neighbors
+
+    path = quick_config("near", embeddings={"char_ngrams": 1_000_003})  # few collisions with trained grams
+    make_trainer(path).fit()
+    run = tomllib.loads(path.read_text())["run"]["dir"]
+    with pytest.raises(KeyError, match="none of its character n-grams was seen in training"):
+        neighbors(run, "жжжж", 3)
+    near = neighbors(run, "soccerball", 3)  # unseen, but its n-grams were trained
+    assert len(near) == 3 and all(n["score"] != 0 for n in near)
+
+
 def test_run_files_are_utf8_whatever_the_locale(tmp_path):
     """Labels and the token pattern are not ASCII; under a non-UTF-8 locale the vocabulary and exported config
     were written in the locale's encoding (or failed to be)."""

@@ -160,6 +160,10 @@ def test_document_bigrams_kernel_gives_numpys_buckets(monkeypatch, lengths, buck
         got[threshold] = np.full(size, -1, dtype=np.int64)
         features.document_bigrams(type_hash, types, offsets, buckets, got[threshold])
     assert np.array_equal(got[0], got[10**9]) and (got[0] >= 0).all() and (got[0] < buckets).all()
+    signed = np.full(size, -1, dtype=np.int64)  # the same hashes as int64: the kernel must not mix them as floats
+    monkeypatch.setattr(features, "PAIRS_MIN_FOR_NUMBA", 0)
+    features.document_bigrams(type_hash.view(np.int64), types, offsets, buckets, signed)
+    assert np.array_equal(signed, got[0])
 
 
 @pytest.mark.parametrize(("lengths", "block", "expected"), [
@@ -230,6 +234,11 @@ def test_zero_char_counts_are_not_written_and_load_as_zeros(tmp_path):
         assert all(torch.equal(x, y) for name in a.tables for x, y in zip(a.tables[name], b.tables[name], strict=True))
     np.save(tmp_path / "enc" / "char_token_counts.npy", docs.char_token_counts)  # the earlier layout
     assert np.array_equal(EncodedDocs.load(tmp_path / "enc").char_token_counts, docs.char_token_counts)
+    with_chars = featurizer(char_buckets=50).encode(TEXTS, LABELS)
+    with_chars.save(tmp_path / "chars")
+    (tmp_path / "chars" / "char_token_counts.npy").unlink()  # a damaged copy: counts needed, file gone
+    with pytest.raises(FileNotFoundError, match="char_token_counts.npy: missing beside .* char n-gram ids"):
+        EncodedDocs.load(tmp_path / "chars")
 
 
 # ---------------------------------------------------------------- collate
