@@ -20,7 +20,7 @@ per token of spans and hashes); the result is 8 bytes per token.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import partial
 
 import numpy as np
@@ -194,6 +194,8 @@ def tokenize_default_pattern(texts: Sequence[str], tokenizer: Tokenizer, max_tok
     """`features._tokenize_chunk(texts, tokenizer, max_tokens)`, computed by the kernels above (see the module
     docstring); needs `applies(...)`. `workers`: processes for the non-ASCII documents (`parallel.chunked_map`).
     The documents go in blocks of about `block_chars` characters (BLOCK_CHARS)."""
+    from trainer.features import TokenizedDocs  # features imports this module
+
     num_chars = sum(map(len, texts))
     if workers > 1 and num_chars >= 2 * block_chars:
         # more than one block: the blocks go to forked workers, a contiguous share each (`parallel.chunked_map`),
@@ -201,34 +203,21 @@ def tokenize_default_pattern(texts: Sequence[str], tokenizer: Tokenizer, max_tok
         docs_per_worker = max(1, len(texts) * block_chars // num_chars)
         parts = chunked_map(partial(_tokenize_blocks, tokenizer=tokenizer, max_tokens=max_tokens, workers=1,
                                     block_chars=block_chars), texts, workers, docs_per_worker)
-        return parts[0] if len(parts) == 1 else _joined(parts)
+        return parts[0] if len(parts) == 1 else TokenizedDocs.joined(parts)
     return _tokenize_blocks(texts, tokenizer, max_tokens, workers, block_chars)
 
 
 def _tokenize_blocks(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int, workers: int, block_chars: int):
+    from trainer.features import TokenizedDocs
+
     ends = np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)))
     # a block ends after the first document that reaches the next multiple of block_chars
     cuts = np.searchsorted(ends, np.arange(block_chars, int(ends[-1]) if len(ends) else 0, block_chars), "left") + 1
     bounds = [0, *sorted({int(c) for c in cuts if 0 < c < len(texts)}), len(texts)]
     if len(bounds) <= 2:
         return _tokenize_block(texts, tokenizer, max_tokens, workers)
-    return _joined(_tokenize_block(texts[a:b], tokenizer, max_tokens, workers) for a, b in itertools.pairwise(bounds))
-
-
-def _joined(parts: Iterable):
-    """One TokenizedDocs from the parts of consecutive documents, words numbered in order of first appearance."""
-    from trainer.features import TokenizedDocs
-
-    type_index: dict[str, int] = {}
-    types, doc_lengths = [], []
-    for part in parts:
-        # a word's number is given at its first part; setdefault keeps it for later parts
-        global_ids = np.fromiter((type_index.setdefault(w, len(type_index)) for w in part.type_words),
-                                 dtype=np.int64, count=len(part.type_words))
-        types.append(global_ids[part.types])
-        doc_lengths.append(part.doc_lengths)
-        del part
-    return TokenizedDocs(np.concatenate(types), list(type_index), np.concatenate(doc_lengths))
+    return TokenizedDocs.joined(_tokenize_block(texts[a:b], tokenizer, max_tokens, workers)
+                                for a, b in itertools.pairwise(bounds))
 
 
 def _tokenize_block(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int, workers: int):

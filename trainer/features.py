@@ -9,7 +9,7 @@ cache is built in a process that does not import it (trainer/data_cache.py).
 
 import itertools
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -108,6 +108,20 @@ class TokenizedDocs:
         return dict(zip(self.type_words, np.bincount(self.types, minlength=len(self.type_words)).tolist(),
                         strict=True))
 
+    @staticmethod
+    def joined(parts: Iterable["TokenizedDocs"]) -> "TokenizedDocs":
+        """The parts of consecutive documents as one, words renumbered in order of first appearance over all of
+        them: what tokenizing them in one piece gives."""
+        type_index: dict[str, int] = {}
+        types, doc_lengths = [], []
+        for part in parts:
+            # a word's number is given at its first part; setdefault keeps it for later parts
+            global_ids = np.fromiter((type_index.setdefault(w, len(type_index)) for w in part.type_words),
+                                     dtype=np.int64, count=len(part.type_words))
+            types.append(global_ids[part.types])
+            doc_lengths.append(part.doc_lengths)
+        return TokenizedDocs(np.concatenate(types), list(type_index), np.concatenate(doc_lengths))
+
 
 # Smallest share of a forked worker (trainer.parallel.chunked_map), each about 0.2 s of work on these machines:
 # 10K documents of the demo's ~65 tokens, 200K word hashes, 20K words' char n-grams (~10 grams a word).
@@ -129,17 +143,7 @@ def tokenize(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int, worker
         return fast_tokenize.tokenize_default_pattern(texts, tokenizer, max_tokens, workers)
     parts = chunked_map(partial(_tokenize_chunk, tokenizer=tokenizer, max_tokens=max_tokens), texts, workers,
                         TOKENIZE_MIN_DOCS_PER_WORKER)
-    if len(parts) == 1:
-        return parts[0]
-    type_index: dict[str, int] = {}
-    renumbered = []
-    for part in parts:
-        # a word's global index is assigned at its first chunk; dict.setdefault keeps it for later chunks
-        global_ids = np.fromiter((type_index.setdefault(w, len(type_index)) for w in part.type_words),
-                                 dtype=np.int64, count=len(part.type_words))
-        renumbered.append(global_ids[part.types])
-    return TokenizedDocs(np.concatenate(renumbered), list(type_index),
-                         np.concatenate([part.doc_lengths for part in parts]))
+    return parts[0] if len(parts) == 1 else TokenizedDocs.joined(parts)
 
 
 def _tokenize_chunk(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int) -> TokenizedDocs:
