@@ -208,16 +208,14 @@ def tokenize_default_pattern(texts: Sequence[str], tokenizer: Tokenizer, max_tok
 
 
 def _tokenize_blocks(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int, workers: int, block_chars: int):
-    from trainer.features import TokenizedDocs
+    from trainer.features import TokenizedDocs, document_blocks
 
-    ends = np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)))
-    # a block ends after the first document that reaches the next multiple of block_chars
-    cuts = np.searchsorted(ends, np.arange(block_chars, int(ends[-1]) if len(ends) else 0, block_chars), "left") + 1
-    bounds = [0, *sorted({int(c) for c in cuts if 0 < c < len(texts)}), len(texts)]
-    if len(bounds) <= 2:
+    char_offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)), out=char_offsets[1:])
+    blocks = document_blocks(char_offsets, block_chars)
+    if len(blocks) <= 1:
         return _tokenize_block(texts, tokenizer, max_tokens, workers)
-    return TokenizedDocs.joined(_tokenize_block(texts[a:b], tokenizer, max_tokens, workers)
-                                for a, b in itertools.pairwise(bounds))
+    return TokenizedDocs.joined(_tokenize_block(texts[a:b], tokenizer, max_tokens, workers) for a, b in blocks)
 
 
 def _tokenize_block(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int, workers: int):

@@ -11,7 +11,7 @@ import itertools
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -104,9 +104,13 @@ class TokenizedDocs:
     type_words: list[str]  # distinct words in order of first appearance
     doc_lengths: np.ndarray  # (N,) tokens per document (after max_tokens)
 
+    @cached_property
+    def type_counts(self) -> np.ndarray:
+        """Tokens of each word type (one pass over every token; vocabulary counting and encoding both need it)."""
+        return np.bincount(self.types, minlength=len(self.type_words))
+
     def word_counts(self) -> dict[str, int]:
-        return dict(zip(self.type_words, np.bincount(self.types, minlength=len(self.type_words)).tolist(),
-                        strict=True))
+        return dict(zip(self.type_words, self.type_counts.tolist(), strict=True))
 
     @staticmethod
     def joined(parts: Iterable["TokenizedDocs"]) -> "TokenizedDocs":
@@ -240,7 +244,7 @@ class Featurizer:
         np.cumsum(doc_lengths, out=doc_offsets[1:])
         # tokens kept: words in the vocabulary; with char n-grams every token (an unknown word keeps its grams)
         keep_type = np.ones(len(type_words), dtype=bool) if self.char_buckets else type_word_id >= 0
-        type_counts = np.bincount(types, minlength=len(type_words))
+        type_counts = tokenized.type_counts
 
         bigram_offsets = np.zeros(num_docs + 1, dtype=np.int64)
         if self.ngram_buckets:
