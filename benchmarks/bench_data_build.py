@@ -6,8 +6,8 @@
 The file is the demo's training CSV repeated `--times` times (built once in the work folder, untimed). The build
 runs in a child process (so its peak resident memory is its own), through `data_cache.build_cache` with the
 config's settings and `data.train` pointed at the big file; each step of it (reading, tokenizing, counting, the
-vocabulary, encoding, writing) is wrapped to print its seconds and the resident memory after it. Needs the demo
-data (`python -m trainer data debian --out data/debian`).
+vocabulary, encoding and writing: one step since the encoder writes as it goes, `save` before) is wrapped to print
+its seconds and the resident memory after it. Needs the demo data (`python -m trainer data debian --out data/debian`).
 """
 
 from __future__ import annotations

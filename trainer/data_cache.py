@@ -169,13 +169,17 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
     featurizer = make_featurizer(cfg, vocab, workers)
     stats = {"train_docs": num_train_docs, "train_skipped_empty": train.num_skipped_empty,
              "train_tokens": int(sum(counts.values()))}
-    featurizer.encode_tokenized(tokenized_train, train.labels).save(tmp / "train")
+    # written to the cache a block at a time, never held whole (encoded.FolderSink); the tokenized split goes after
+    featurizer.encode_tokenized(tokenized_train, train.labels, folder=tmp / "train")
+    del tokenized_train
     for split in ("valid", "test"):
         spec = getattr(cfg.data, split)
         if not spec:
             continue
         table = _read(spec, cfg, split)
-        encoded = featurizer.encode(table.texts, table.labels)
+        tokenized = tokenize(table.texts, featurizer.tokenizer, featurizer.max_tokens, featurizer.workers)
+        encoded = featurizer.encode_tokenized(tokenized, table.labels, folder=tmp / split)
+        del tokenized
         unseen = sorted({y for y in table.labels if y not in vocab.label_index})
         stats[f"{split}_docs"] = len(table.texts)
         stats[f"{split}_skipped_empty"] = table.num_skipped_empty
@@ -183,7 +187,6 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
         if unseen:
             log.warning("%s: %d documents have labels never seen in training (%s); they count as errors",
                         table.source, stats[f"{split}_unseen_label_docs"], ", ".join(unseen[:10]))
-        encoded.save(tmp / split)
     meta = {"coverage": coverage(vocab, counts), "stats": stats, "init_std": init_std}
     (tmp / "done.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
 

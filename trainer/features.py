@@ -9,14 +9,15 @@ cache is built in a process that does not import it (trainer/data_cache.py).
 
 import itertools
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
 
 from trainer import blake2b, fast_tokenize, jit
+from trainer.encoded import EncodedDocs, FolderSink, MemorySink
 from trainer.parallel import chunked_map
 from trainer.vocab import Tokenizer, Vocabulary, bigram_buckets, char_ngram_buckets, stable_hash64
 
@@ -42,89 +43,53 @@ def exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class EncodedDocs:
-    """All documents of a split as flat arrays (CSR: `*_offsets[d]:*_offsets[d+1]` is document d's slice)."""
-
-    token_ids: np.ndarray  # int64 global word id per kept token, -1 = unknown word (kept only for its char n-grams)
-    token_offsets: np.ndarray  # (N+1,)
-    raw_tokens: np.ndarray  # (N,) tokenizer tokens per document before dropping unknown words (throughput counts)
-    bigram_ids: np.ndarray  # int64 bucket ids
-    bigram_offsets: np.ndarray  # (N+1,)
-    char_ids: np.ndarray  # int64 bucket ids, grouped by token
-    char_token_counts: np.ndarray  # (num kept tokens,) char n-grams of each kept token
-    char_offsets: np.ndarray  # (N+1,) per document
-    labels: np.ndarray  # (N,) int64 label id, -1 for a label unseen in training
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def save(self, folder: Path) -> None:
-        """One .npy per array (ids stored as int32 where they fit) so loads can memory-map them. Without char
-        n-grams `char_token_counts` is all zeros, 8 bytes a token: not written (`load` makes the zeros)."""
-        folder.mkdir(parents=True, exist_ok=True)
-        for f in fields(self):
-            array = getattr(self, f.name)
-            if f.name == "char_token_counts" and not array.any():
-                continue
-            if f.name.endswith("_ids") and (len(array) == 0 or array.max(initial=0) < 2**31 - 1):
-                _save_converted(folder / f"{f.name}.npy", array, np.dtype(np.int32))
-            else:
-                np.save(folder / f"{f.name}.npy", array)
-
-    @classmethod
-    def load(cls, folder: Path) -> "EncodedDocs":
-        arrays = {f.name: np.load(folder / f"{f.name}.npy", mmap_mode="r") for f in fields(cls)
-                  if f.name != "char_token_counts" or (folder / f"{f.name}.npy").exists()}
-        if "char_token_counts" not in arrays:  # saved all zeros; np.zeros takes no memory until read
-            if len(arrays["char_ids"]):  # the counts sum to len(char_ids): a file is missing, not left out
-                raise FileNotFoundError(f"{folder / 'char_token_counts.npy'}: missing beside {len(arrays['char_ids'])} "
-                                        "char n-gram ids; the cache folder is incomplete")
-            zeros = np.zeros(len(arrays["token_ids"]), dtype=np.int64)
-            zeros.flags.writeable = False  # read-only, as the memory-mapped arrays beside it
-            arrays["char_token_counts"] = zeros
-        return cls(**arrays)
-
-
-def _save_converted(path: Path, array: np.ndarray, dtype: np.dtype, chunk: int = 1 << 22) -> None:
-    """`np.save(path, array.astype(dtype))`, the same bytes, converted a chunk at a time: no whole converted copy
-    (450 MB for the ids of a 120M-token split)."""
-    with open(path, "wb") as out:
-        np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(dtype),
-                                                   "fortran_order": False, "shape": array.shape})
-        for lo in range(0, len(array), chunk):
-            out.write(array[lo : lo + chunk].astype(dtype).tobytes())
-
-
-@dataclass
 class TokenizedDocs:
     """Documents as runs of word-type indices: the one Python-bound pass over the text, shared by vocabulary
     counting and encoding so the training split is tokenized once."""
 
-    types: np.ndarray  # (num tokens,) int64 index into type_words, documents concatenated
+    types: np.ndarray  # (num tokens,) int32 (`type_dtype`) index into type_words, documents concatenated
     type_words: list[str]  # distinct words in order of first appearance
     doc_lengths: np.ndarray  # (N,) tokens per document (after max_tokens)
 
     @cached_property
     def type_counts(self) -> np.ndarray:
-        """Tokens of each word type (one pass over every token; vocabulary counting and encoding both need it)."""
-        return np.bincount(self.types, minlength=len(self.type_words))
+        """Tokens of each word type (one pass over every token; vocabulary counting and encoding both need it).
+        In chunks: np.bincount converts int32 input to int64 first, a whole copy (1 GB and 1.5 s for 120M tokens)."""
+        counts = np.zeros(len(self.type_words), dtype=np.int64)
+        for lo in range(0, len(self.types), ENCODE_BLOCK_TOKENS):
+            counts += np.bincount(self.types[lo : lo + ENCODE_BLOCK_TOKENS], minlength=len(self.type_words))
+        return counts
 
     def word_counts(self) -> dict[str, int]:
         return dict(zip(self.type_words, self.type_counts.tolist(), strict=True))
 
     @staticmethod
-    def joined(parts: Iterable["TokenizedDocs"]) -> "TokenizedDocs":
+    def joined(parts: list["TokenizedDocs"]) -> "TokenizedDocs":
         """The parts of consecutive documents as one, words renumbered in order of first appearance over all of
-        them: what tokenizing them in one piece gives."""
+        them: what tokenizing them in one piece gives. Consumes `parts` (the list is empty afterwards): their types
+        are copied into one array a part at a time and each part is dropped once copied, so the copy adds about one
+        part's memory, not the whole's (with the caller's references gone)."""
         type_index: dict[str, int] = {}
-        types, doc_lengths = [], []
+        part_ids = []
         for part in parts:
             # a word's number is given at its first part; setdefault keeps it for later parts
-            global_ids = np.fromiter((type_index.setdefault(w, len(type_index)) for w in part.type_words),
-                                     dtype=np.int64, count=len(part.type_words))
-            types.append(global_ids[part.types])
-            doc_lengths.append(part.doc_lengths)
-        return TokenizedDocs(np.concatenate(types), list(type_index), np.concatenate(doc_lengths))
+            part_ids.append(np.fromiter((type_index.setdefault(w, len(type_index)) for w in part.type_words),
+                                        dtype=np.int64, count=len(part.type_words)))
+        types = np.empty(sum(len(p.types) for p in parts), dtype=type_dtype(len(type_index)))
+        doc_lengths = np.concatenate([p.doc_lengths for p in parts]) if parts else np.zeros(0, np.int64)
+        at = 0
+        parts.reverse()  # popped from the end, in document order
+        for global_ids in part_ids:
+            local = parts.pop().types
+            types[at : at + len(local)] = global_ids[local]
+            at += len(local)
+        return TokenizedDocs(types, list(type_index), doc_lengths)
+
+
+def type_dtype(num_types: int) -> np.dtype:
+    """Word-type indices are int32 (4 bytes a token of the tokenized split, held through the build) unless there
+    are more types than that counts."""
+    return np.dtype(np.int32 if num_types <= 2**31 - 1 else np.int64)
 
 
 # Smallest share of a forked worker (trainer.parallel.chunked_map), each about 0.2 s of work on these machines:
@@ -161,7 +126,7 @@ def _tokenize_chunk(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int)
         tokens = tokenizer(text)[:max_tokens]
         doc_lengths[d] = len(tokens)
         flat_types.extend(map(lookup, tokens))
-    return TokenizedDocs(np.asarray(flat_types, dtype=np.int64), list(type_index), doc_lengths)
+    return TokenizedDocs(np.asarray(flat_types, dtype=type_dtype(len(type_index))), list(type_index), doc_lengths)
 
 
 def word_hashes(words: list[str], workers: int) -> np.ndarray:
@@ -234,9 +199,11 @@ class Featurizer:
         return self.encode_tokenized(tokenize(texts, self.tokenizer, self.max_tokens, self.workers), labels)
 
     def encode_tokenized(self, tokenized: TokenizedDocs, labels: Sequence[str] | None = None,
-                         block_tokens: int = ENCODE_BLOCK_TOKENS) -> EncodedDocs:
+                         block_tokens: int = ENCODE_BLOCK_TOKENS, folder: Path | None = None) -> EncodedDocs:
         """The documents' ids, computed over blocks of whole documents of about `block_tokens` tokens
-        (ENCODE_BLOCK_TOKENS) written into arrays sized beforehand, so the temporaries are a block's."""
+        (ENCODE_BLOCK_TOKENS), so the temporaries are a block's. The per-token arrays are sized beforehand and
+        filled a block at a time: in memory (int64), or with `folder`, appended to the split's files there (as
+        `EncodedDocs.save` writes them) and returned memory-mapped, so the encoded split is never held whole."""
         types, type_words, doc_lengths = tokenized.types, tokenized.type_words, tokenized.doc_lengths
         num_docs = len(doc_lengths)
         type_word_id = np.array([self.vocab.index.get(w, -1) for w in type_words], dtype=np.int64)
@@ -250,54 +217,54 @@ class Featurizer:
         if self.ngram_buckets:
             type_hash = word_hashes(type_words, self.workers)
             np.cumsum(np.maximum(doc_lengths - 1, 0), out=bigram_offsets[1:])
-        bigram_ids = np.empty(int(bigram_offsets[-1]), dtype=np.int64)
-
         token_offsets = np.zeros(num_docs + 1, dtype=np.int64)
-        token_ids = np.empty(int(type_counts[keep_type].sum()), dtype=np.int64)
         char_offsets = np.zeros(num_docs + 1, dtype=np.int64)
-        char_token_counts = np.zeros(len(token_ids), dtype=np.int64)
+        num_kept = int(type_counts[keep_type].sum())
+        sizes = {"token_ids": num_kept, "bigram_ids": int(bigram_offsets[-1]), "char_ids": 0,
+                 "char_token_counts": num_kept}
         if self.char_buckets:
             type_char_ids, type_char_counts = char_bucket_runs(type_words, self.char_minn, self.char_maxn,
                                                                self.char_buckets, self.workers)
             type_char_offsets = np.zeros(len(type_words) + 1, dtype=np.int64)
             np.cumsum(type_char_counts, out=type_char_offsets[1:])
-            char_ids = np.empty(int((type_counts * type_char_counts)[keep_type].sum()), dtype=np.int64)
+            sizes["char_ids"] = int((type_counts * type_char_counts)[keep_type].sum())
+        if folder is None:
+            sink = MemorySink(sizes)
         else:
-            char_ids = np.zeros(0, dtype=np.int64)
+            bounds = {"token_ids": int(type_word_id.max(initial=-1)) + 1, "bigram_ids": self.ngram_buckets,
+                      "char_ids": self.char_buckets}
+            sink = FolderSink(folder, sizes, bounds, char_ngrams=bool(self.char_buckets))
 
-        for da, db in document_blocks(doc_offsets, block_tokens):
-            block = types[doc_offsets[da] : doc_offsets[db]]
-            lengths = doc_lengths[da:db]
-            if self.ngram_buckets:
-                document_bigrams(type_hash, block, doc_offsets[da : db + 1] - doc_offsets[da], self.ngram_buckets,
-                                 bigram_ids[bigram_offsets[da] : bigram_offsets[db]])
-            keep = keep_type[block]
-            kept_doc = np.repeat(np.arange(db - da), lengths)[keep]
-            np.cumsum(np.bincount(kept_doc, minlength=db - da), out=token_offsets[da + 1 : db + 1])
-            token_offsets[da + 1 : db + 1] += token_offsets[da]
-            token_ids[token_offsets[da] : token_offsets[db]] = type_word_id[block[keep]]
-            if self.char_buckets:
-                block_char_ids, block_char_counts = gather_csr(type_char_offsets, type_char_ids, block[keep])
-                per_doc = np.bincount(kept_doc, weights=block_char_counts, minlength=db - da).astype(np.int64)
-                np.cumsum(per_doc, out=char_offsets[da + 1 : db + 1])
-                char_offsets[da + 1 : db + 1] += char_offsets[da]
-                char_ids[char_offsets[da] : char_offsets[db]] = block_char_ids
-                char_token_counts[token_offsets[da] : token_offsets[db]] = block_char_counts
+        try:
+            for da, db in document_blocks(doc_offsets, block_tokens):
+                block = types[doc_offsets[da] : doc_offsets[db]]
+                lengths = doc_lengths[da:db]
+                if self.ngram_buckets:
+                    document_bigrams(type_hash, block, doc_offsets[da : db + 1] - doc_offsets[da], self.ngram_buckets,
+                                     sink.span("bigram_ids", bigram_offsets[da], bigram_offsets[db]))
+                keep = keep_type[block]
+                kept_doc = np.repeat(np.arange(db - da), lengths)[keep]
+                np.cumsum(np.bincount(kept_doc, minlength=db - da), out=token_offsets[da + 1 : db + 1])
+                token_offsets[da + 1 : db + 1] += token_offsets[da]
+                kept_types = block[keep]
+                sink.span("token_ids", token_offsets[da], token_offsets[db])[:] = type_word_id[kept_types]
+                if self.char_buckets:
+                    block_char_ids, block_char_counts = gather_csr(type_char_offsets, type_char_ids, kept_types)
+                    per_doc = np.bincount(kept_doc, weights=block_char_counts, minlength=db - da).astype(np.int64)
+                    np.cumsum(per_doc, out=char_offsets[da + 1 : db + 1])
+                    char_offsets[da + 1 : db + 1] += char_offsets[da]
+                    sink.span("char_ids", char_offsets[da], char_offsets[db])[:] = block_char_ids
+                    sink.span("char_token_counts", token_offsets[da], token_offsets[db])[:] = block_char_counts
+                sink.end_block()
 
-        label_ids = np.full(num_docs, -1, dtype=np.int64)
-        if labels is not None:
-            label_ids = np.array([self.vocab.label_index.get(str(y), -1) for y in labels], dtype=np.int64)
-        return EncodedDocs(
-            token_ids=token_ids.astype(np.int64, copy=False),
-            token_offsets=token_offsets,
-            raw_tokens=doc_lengths,
-            bigram_ids=bigram_ids.astype(np.int64, copy=False),
-            bigram_offsets=bigram_offsets,
-            char_ids=char_ids.astype(np.int64, copy=False),
-            char_token_counts=char_token_counts.astype(np.int64, copy=False),
-            char_offsets=char_offsets,
-            labels=label_ids,
-        )
+            label_ids = np.full(num_docs, -1, dtype=np.int64)
+            if labels is not None:
+                label_ids = np.array([self.vocab.label_index.get(str(y), -1) for y in labels], dtype=np.int64)
+            return sink.finish(token_offsets=token_offsets, raw_tokens=doc_lengths.astype(np.int64, copy=False),
+                               bigram_offsets=bigram_offsets, char_offsets=char_offsets, labels=label_ids)
+        finally:
+            if folder is not None:
+                sink.close()
 
 
 if jit.numba is not None:

@@ -27,7 +27,7 @@ def assert_same(texts, tokenizer, max_tokens, block_chars=fast_tokenize.BLOCK_CH
     got = fast_tokenize.tokenize_default_pattern(texts, tokenizer, max_tokens, workers, block_chars=block_chars)
     assert got.type_words == expected.type_words
     assert np.array_equal(got.types, expected.types)
-    assert got.types.dtype == expected.types.dtype == np.int64
+    assert got.types.dtype == expected.types.dtype == np.int32  # features.type_dtype
     assert np.array_equal(got.doc_lengths, expected.doc_lengths)
 
 

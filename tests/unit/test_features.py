@@ -1,5 +1,8 @@
 """Featurizer.encode, EncodedDocs save/load and collate, checked by hand on tiny documents."""
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -138,6 +141,26 @@ def test_encoding_in_blocks_of_documents_gives_the_one_block_arrays(texts, ngram
         for name, array in vars(whole).items():
             got = getattr(blocked, name)
             assert got.dtype == array.dtype == np.int64 and np.array_equal(got, array), (name, block_tokens)
+        assert_folder_encoding_is_saves(f, tokenized, whole, block_tokens)
+
+
+def assert_folder_encoding_is_saves(f, tokenized, whole, block_tokens):
+    """Encoded straight into a folder (encoded.FolderSink: pieces appended block by block) = the in-memory
+    arrays saved (`EncodedDocs.save`): the same files, byte for byte, and the same arrays loaded."""
+    with tempfile.TemporaryDirectory() as tmp:
+        whole.save(Path(tmp) / "saved")
+        streamed = f.encode_tokenized(tokenized, ["pos"] * len(whole), block_tokens=block_tokens,
+                                      folder=Path(tmp) / "streamed")
+        saved = {p.name: p.read_bytes() for p in (Path(tmp) / "saved").iterdir()}
+        written = {p.name: p.read_bytes() for p in (Path(tmp) / "streamed").iterdir()}
+        if f.char_buckets and "char_token_counts.npy" not in saved:  # all zero: save leaves it out, the sink not
+            assert not np.load(Path(tmp) / "streamed" / "char_token_counts.npy").any()
+            del written["char_token_counts.npy"]
+        assert written == saved, block_tokens
+        for name, array in vars(whole).items():
+            got = getattr(streamed, name)
+            assert isinstance(got, np.memmap) or name == "char_token_counts", name
+            assert np.array_equal(got, array), (name, block_tokens)
 
 
 @pytest.mark.skipif(jit.numba is None, reason="numba is not installed: numpy makes the pairs")
@@ -182,7 +205,7 @@ def test_document_blocks(lengths, block, expected):
 # ---------------------------------------------------------------- save / load
 @pytest.mark.parametrize("n", [0, 1, 5, 20_000])
 def test_ids_saved_in_chunks_are_np_saves_bytes(tmp_path, n):
-    from trainer.features import _save_converted
+    from trainer.encoded import _save_converted
 
     ids = np.random.default_rng(n).integers(-1, 2**31 - 2, size=n)
     np.save(tmp_path / "whole.npy", ids.astype(np.int32))
@@ -351,3 +374,43 @@ def test_collate_is_a_row_selection(token_level):
     for name in both.tables:
         assert torch.equal(both.tables[name][0], torch.cat([a.tables[name][0], b.tables[name][0]]))
     assert torch.equal(both.lengths, torch.cat([a.lengths, b.lengths]))
+
+
+# ---------------------------------------------------------------- streamed encoding: guards
+def test_folder_sink_keeps_large_bucket_ids_in_int64_and_refuses_pieces_out_of_order(tmp_path):
+    from trainer.encoded import FolderSink
+
+    sizes = {"token_ids": 3, "bigram_ids": 2, "char_ids": 0, "char_token_counts": 3}
+    sink = FolderSink(tmp_path / "a", sizes, {"token_ids": 10, "bigram_ids": 2**31, "char_ids": 0}, char_ngrams=False)
+    sink.span("token_ids", 0, 2)[:] = [4, 5]
+    sink.span("bigram_ids", 0, 2)[:] = [2**31 - 1, 7]  # bucket 2**31 - 1 exists: 4 bytes would not hold every id
+    sink.span("char_token_counts", 0, 2)[:] = 0  # without char n-grams: never written
+    sink.end_block()
+    sink.span("token_ids", 2, 3)[:] = [-1]
+    docs = sink.finish(token_offsets=np.array([0, 3]), raw_tokens=np.array([3]), bigram_offsets=np.array([0, 2]),
+                       char_offsets=np.array([0, 0]), labels=np.array([1]))
+    assert docs.token_ids.dtype == np.int32 and docs.token_ids.tolist() == [4, 5, -1]
+    assert docs.bigram_ids.dtype == np.int64 and docs.bigram_ids.tolist() == [2**31 - 1, 7]
+    assert not (tmp_path / "a" / "char_token_counts.npy").exists() and docs.char_token_counts.tolist() == [0, 0, 0]
+
+    sink = FolderSink(tmp_path / "b", sizes, {"token_ids": 10, "bigram_ids": 5, "char_ids": 0}, char_ngrams=False)
+    sink.span("token_ids", 1, 3)
+    with pytest.raises(AssertionError, match="token_ids piece at 1, 0 written so far"):
+        sink.end_block()
+    sink.close()
+    sink = FolderSink(tmp_path / "c", sizes, {"token_ids": 10, "bigram_ids": 5, "char_ids": 0}, char_ngrams=False)
+    sink.span("token_ids", 0, 2)
+    with pytest.raises(AssertionError, match="not filled"):
+        sink.finish(token_offsets=np.array([0, 3]))
+
+
+def test_joined_parts_are_int32_and_consumed():
+    from trainer.features import TokenizedDocs
+
+    a = TokenizedDocs(np.array([0, 1, 0], dtype=np.int32), ["x", "y"], np.array([2, 1]))
+    b = TokenizedDocs(np.array([0, 1], dtype=np.int32), ["z", "x"], np.array([2]))
+    parts = [a, b]
+    joined = TokenizedDocs.joined(parts)
+    assert parts == []  # each part is dropped once copied
+    assert joined.types.dtype == np.int32 and joined.types.tolist() == [0, 1, 0, 2, 0]
+    assert joined.type_words == ["x", "y", "z"] and joined.doc_lengths.tolist() == [2, 1, 2]
