@@ -23,15 +23,17 @@ import shutil
 import signal
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from trainer import jit
+from trainer import fast_tokenize, jit
 from trainer.config import Config
-from trainer.features import Featurizer, tokenize
+from trainer.features import Featurizer, TokenizedDocs, tokenize
 from trainer.parallel import can_fork, resolve_workers
-from trainer.tabular import DataError, TextTable, local_format, read_table
+from trainer.tabular import DataError, local_format
+from trainer.tabular_stream import read_chunks
 from trainer.vectors import PACKAGE_NAME, PretrainedVectors, VectorFileError, load_vectors
 from trainer.vocab import Tokenizer, Vocabulary, build_vocabulary, coverage
 
@@ -95,10 +97,37 @@ def _cache_key(cfg: Config, *parts: str) -> str:
 HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 
 
-def _read(spec: str, cfg: Config, role: str = "train") -> TextTable:
+@dataclass
+class TokenizedSplit:
+    tokenized: TokenizedDocs
+    labels: list[str]
+    source: str
+    num_skipped_empty: int
+
+
+def _read_tokenized(spec: str, cfg: Config, role: str, tokenizer: Tokenizer, workers: int) -> TokenizedSplit:
+    """A split read a chunk at a time (`tabular_stream.read_chunks`) and tokenized as it comes, about `workers`
+    tokenizer blocks of text at a time (so that forked workers share each), into what tokenizing the whole file
+    at once gives (`TokenizedDocs.joined`). Memory holds one batch of texts, not the file's: 800 MB of CSV as
+    Python strings took 1.2 GiB."""
     if local_format(spec) is not None and not Path(spec).exists():  # say which setting named it
         raise DataError(f"{spec}: file not found (data.{role}{_relative_to_cwd(spec)})")
-    return read_table(spec, cfg.data.text_column, cfg.data.label_column, split=HUB_SPLITS[role])
+    max_tokens, budget = cfg.data.max_tokens_per_doc, max(1, workers) * fast_tokenize.BLOCK_CHARS
+    parts, labels, texts, chars, skipped, source = [], [], [], 0, 0, spec
+    for chunk in read_chunks(spec, cfg.data.text_column, cfg.data.label_column, split=HUB_SPLITS[role]):
+        source, skipped = chunk.source, skipped + chunk.num_skipped_empty
+        texts += chunk.texts
+        labels += chunk.labels
+        chars += sum(map(len, chunk.texts))
+        del chunk
+        if chars >= budget:
+            parts.append(tokenize(texts, tokenizer, max_tokens, workers))
+            texts, chars = [], 0
+    if texts or not parts:
+        parts.append(tokenize(texts, tokenizer, max_tokens, workers))
+    del texts
+    tokenized = parts[0] if len(parts) == 1 else TokenizedDocs.joined(parts)
+    return TokenizedSplit(tokenized, labels, source, skipped)
 
 
 def _relative_to_cwd(spec: str) -> str:
@@ -138,12 +167,11 @@ def build_cache(cfg: Config, pretrained: PretrainedVectors | None, folder: Path)
 
 
 def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) -> None:
-    train = _read(cfg.data.train, cfg)
-    log.info("read %s: %d documents (%d empty skipped)", train.source, len(train.texts), train.num_skipped_empty)
     tokenizer = Tokenizer(cfg.data.token_pattern, cfg.data.lowercase, cfg.data.tokenizer_version)
     workers = resolve_workers(cfg.data.workers)
-    tokenized_train = tokenize(train.texts, tokenizer, cfg.data.max_tokens_per_doc, workers)  # once: counts, encoding
-    num_train_docs, train.texts = len(train.texts), []  # the texts are done with: their memory goes before encoding
+    train = _read_tokenized(cfg.data.train, cfg, "train", tokenizer, workers)  # once: counts, encoding
+    tokenized_train, num_train_docs = train.tokenized, len(train.labels)
+    log.info("read %s: %d documents (%d empty skipped)", train.source, num_train_docs, train.num_skipped_empty)
     counts = tokenized_train.word_counts()
     e = cfg.embeddings
     vocab = build_vocabulary(
@@ -171,17 +199,15 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
              "train_tokens": int(sum(counts.values()))}
     # written to the cache a block at a time, never held whole (encoded.FolderSink); the tokenized split goes after
     featurizer.encode_tokenized(tokenized_train, train.labels, folder=tmp / "train")
-    del tokenized_train
+    del tokenized_train, train
     for split in ("valid", "test"):
         spec = getattr(cfg.data, split)
         if not spec:
             continue
-        table = _read(spec, cfg, split)
-        tokenized = tokenize(table.texts, featurizer.tokenizer, featurizer.max_tokens, featurizer.workers)
-        encoded = featurizer.encode_tokenized(tokenized, table.labels, folder=tmp / split)
-        del tokenized
+        table = _read_tokenized(spec, cfg, split, featurizer.tokenizer, featurizer.workers)
+        encoded = featurizer.encode_tokenized(table.tokenized, table.labels, folder=tmp / split)
         unseen = sorted({y for y in table.labels if y not in vocab.label_index})
-        stats[f"{split}_docs"] = len(table.texts)
+        stats[f"{split}_docs"] = len(table.labels)
         stats[f"{split}_skipped_empty"] = table.num_skipped_empty
         stats[f"{split}_unseen_label_docs"] = int((encoded.labels < 0).sum())
         if unseen:

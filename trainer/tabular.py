@@ -78,13 +78,7 @@ def read_table(spec: str, text_column: str, label_column: str, split: str | None
             raise DataError(f"{spec}: unsupported file type; expected {_supported()}")
         name, _, spec_split = spec.partition(":")
         return _read_hub(name, spec_split or split or "train", text_column, label_column)
-    path = Path(spec)
-    if not path.exists():
-        raise DataError(f"{spec}: file not found")
-    if path.is_dir():
-        raise DataError(f"{spec}: is a directory, not a {fmt} file")
-    if path.stat().st_size == 0:
-        raise DataError(f"{spec}: empty file")
+    path = _local_path(spec, fmt)
     reader = {"csv": _read_csv, "tsv": _read_csv, "parquet": _read_parquet}.get(fmt, _read_json)
     texts, labels, locate = reader(path, fmt, text_column, label_column)
     # the Arrow buffers are Python strings now; pyarrow's allocator keeps freed memory for reuse unless told (an 800
@@ -93,6 +87,18 @@ def read_table(spec: str, text_column: str, label_column: str, split: str | None
     if not texts:
         raise DataError(f"{spec}: no data rows")
     return _finish(str(path), texts, labels, text_column, label_column, locate)
+
+
+def _local_path(spec: str, fmt: str) -> Path:
+    """The file `spec` names, checked to be one that is not empty."""
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"{spec}: file not found")
+    if path.is_dir():
+        raise DataError(f"{spec}: is a directory, not a {fmt} file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{spec}: empty file")
+    return path
 
 
 def local_format(spec: str) -> str | None:
@@ -136,15 +142,7 @@ def _read_csv(path: Path, fmt: str, text_column: str, label_column: str) -> _Rea
     """pyarrow's multi-threaded reader, with every column read as string so labels stay verbatim."""
     import pyarrow.csv as pacsv
 
-    delimiter = "\t" if fmt == "tsv" else ","
-    _check_columns(path, _csv_header(path, delimiter), text_column, label_column)
-    parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
-    convert = pacsv.ConvertOptions(
-        column_types={text_column: pa.string(), label_column: pa.string()},
-        include_columns=[text_column, label_column],
-        null_values=[""],
-        strings_can_be_null=True,
-    )
+    delimiter, parse, convert = _csv_options(path, fmt, text_column, label_column)
     # A single row longer than a block fails ("straddling object"): grow the block until the
     # largest row fits, which terminates because a row can never exceed the file's size.
     block = _CSV_BLOCK
@@ -170,6 +168,22 @@ def _read_csv(path: Path, fmt: str, text_column: str, label_column: str) -> _Rea
     )
 
 
+def _csv_options(path: Path, fmt: str, text_column: str, label_column: str) -> tuple[str, Any, Any]:
+    """The delimiter and pyarrow's parse and convert options, once the header is known to name both columns."""
+    import pyarrow.csv as pacsv
+
+    delimiter = "\t" if fmt == "tsv" else ","
+    _check_columns(path, _csv_header(path, delimiter), text_column, label_column)
+    parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+    convert = pacsv.ConvertOptions(
+        column_types={text_column: pa.string(), label_column: pa.string()},
+        include_columns=[text_column, label_column],
+        null_values=[""],
+        strings_can_be_null=True,
+    )
+    return delimiter, parse, convert
+
+
 def _csv_stream(path: Path) -> IO[Any]:
     """The file's decompressed bytes for pyarrow, which infers compression only from lower-case .gz / .bz2 names
     and has no .xz codec."""
@@ -179,19 +193,26 @@ def _csv_stream(path: Path) -> IO[Any]:
     return pa.input_stream(str(path), compression={".gz": "gzip", ".bz2": "bz2"}.get(suffix))
 
 
-def _warn_tabs_in_text(path: Path, texts: pa.ChunkedArray) -> None:
-    """A tab inside a TSV text field can only come from quoting, and a stray quote at the start of a field
-    (common in TSV files written without quoting) swallows every row up to the next quote: say where."""
+def _warn_tabs_in_text(path: Path, texts: pa.ChunkedArray | pa.Array) -> None:
+    _warn_tabs(path, *_tabs_in(texts), len(texts))
+
+
+def _tabs_in(texts: pa.ChunkedArray | pa.Array) -> tuple[int, int]:
+    """How many text fields hold a tab, and the index of the first (-1 if none)."""
     import pyarrow.compute as pc
 
     has_tab = pc.fill_null(pc.match_substring(texts, "\t"), False)
     count = pc.sum(has_tab).as_py() or 0
+    return count, (pc.index(has_tab, True).as_py() if count else -1)
+
+
+def _warn_tabs(path: Path, count: int, first: int, rows: int) -> None:
+    """A tab inside a TSV text field can only come from quoting, and a stray quote at the start of a field
+    (common in TSV files written without quoting) swallows every row up to the next quote: say where."""
     if count:
-        first = pc.index(has_tab, True).as_py()
         log.warning(
             "%s: %d text field(s) hold a tab, the first in data row %d: a quoted field, or a stray '\"' at the "
-            "start of a field that merged the rows after it into one (%d rows read)", path, count, first + 1,
-            len(texts),
+            "start of a field that merged the rows after it into one (%d rows read)", path, count, first + 1, rows,
         )
 
 
@@ -423,17 +444,26 @@ def _label_str(value: Any) -> str | None:
     raise TypeError(type(value).__name__)
 
 
-def _finish(
-    source: str, texts: list[Any], labels: list[Any], text_column: str, label_column: str,
-    locate: Callable[[int], str],
-) -> TextTable:
-    out_texts: list[str] = []
-    out_labels: list[str] = []
-    bad: list[int] = []
-    skipped = 0
-    for i, (text, label) in enumerate(zip(texts, labels, strict=True)):
+@dataclass
+class _Rows:
+    """Rows of a table (or of a chunk of one) cleaned: kept texts and labels, empty texts skipped, null labels."""
+
+    texts: list[str]
+    labels: list[str]
+    skipped: int
+    bad: list[int]  # indices (as `locate` takes them) of kept rows with a null or empty label
+
+
+def _clean_rows(
+    source: str, texts: list[Any], labels: list[Any], label_column: str, locate: Callable[[int], str], start: int = 0,
+) -> _Rows:
+    """Rows `start`, `start + 1`, ... of `source`: the conventions of the module docstring. Label strings are shared
+    among equal labels (one object per distinct label, not one per row)."""
+    out = _Rows([], [], 0, [])
+    shared: dict[str, str] = {}
+    for i, (text, label) in enumerate(zip(texts, labels, strict=True), start):
         if text is None or (isinstance(text, str) and not text.strip()):
-            skipped += 1
+            out.skipped += 1
             continue
         if not isinstance(text, str):
             if isinstance(text, list | dict | bytes):
@@ -446,14 +476,28 @@ def _finish(
                 f"{source}: {locate(i)}: label in column {label_column!r} is a {exc}, expected a scalar"
             ) from None
         if label_str is None:
-            bad.append(i)
+            out.bad.append(i)
             continue
-        out_texts.append(text)
-        out_labels.append(label_str)
-    if bad:
-        more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
+        out.texts.append(text)
+        out.labels.append(shared.setdefault(label_str, label_str))
+    return out
+
+
+def _check_rows(source: str, kept: int, skipped: int, bad: list[int], num_bad: int, text_column: str,
+                label_column: str, locate: Callable[[int], str]) -> None:
+    """The whole table's checks: no null labels among kept rows (the first named, `num_bad` in all), some text."""
+    if num_bad:
+        more = f" (and {num_bad - 1} more rows)" if num_bad > 1 else ""
         raise DataError(f"{source}: {locate(bad[0])}: null or empty label in column {label_column!r}{more}")
-    if not out_texts:  # an evaluation would report accuracy 0 over n = 0 and exit 0
+    if not kept:  # an evaluation would report accuracy 0 over n = 0 and exit 0
         raise DataError(f"{source}: no rows with text: all {skipped} texts in column {text_column!r} are null, empty "
                         "or whitespace")
-    return TextTable(out_texts, out_labels, os.fspath(source), skipped)
+
+
+def _finish(
+    source: str, texts: list[Any], labels: list[Any], text_column: str, label_column: str,
+    locate: Callable[[int], str],
+) -> TextTable:
+    rows = _clean_rows(source, texts, labels, label_column, locate)
+    _check_rows(source, len(rows.texts), rows.skipped, rows.bad, len(rows.bad), text_column, label_column, locate)
+    return TextTable(rows.texts, rows.labels, os.fspath(source), rows.skipped)

@@ -1,0 +1,121 @@
+"""tabular_stream.read_chunks: the rows (and errors) of tabular.read_table, a chunk at a time."""
+
+import csv
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trainer.tabular import DataError, read_table
+from trainer.tabular_stream import read_chunks
+
+ROWS = [
+    ("a first text", "pos"),
+    ("", "neg"),  # empty text: skipped
+    ("multi\nline, with a comma", "1.0"),
+    ("   ", "x"),  # whitespace only: skipped
+    ("café naïve", "True"),
+    ("x" * 5000, "neg"),  # longer than the tiny blocks below: pyarrow's "straddling object" path
+    ("last", "pos"),
+]
+
+
+def write(path, rows, fmt="csv"):
+    if fmt == "parquet":
+        pq.write_table(pa.table({"text": [t for t, _ in rows], "label": [y for _, y in rows]}), path,
+                       row_group_size=2)
+        return path
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter="\t" if fmt == "tsv" else ",")
+        w.writerow(["text", "label"])
+        w.writerows(rows)
+    return path
+
+
+def joined(spec, chunk_bytes):
+    chunks = list(read_chunks(str(spec), "text", "label", chunk_bytes=chunk_bytes))
+    texts = [t for c in chunks for t in c.texts]
+    labels = [y for c in chunks for y in c.labels]
+    return texts, labels, sum(c.num_skipped_empty for c in chunks), len(chunks)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "parquet"])
+@pytest.mark.parametrize("chunk_bytes", [1, 64, 1 << 20])
+def test_chunks_join_into_read_tables_rows(tmp_path, fmt, chunk_bytes):
+    path = write(tmp_path / f"d.{fmt}", ROWS, fmt)
+    whole = read_table(str(path), "text", "label")
+    texts, labels, skipped, num_chunks = joined(path, chunk_bytes)
+    assert (texts, labels, skipped) == (whole.texts, whole.labels, whole.num_skipped_empty)
+    assert labels == ["pos", "1", "true", "neg", "pos"] and skipped == 2
+    if chunk_bytes == 1 and fmt != "tsv":  # several chunks (pyarrow's CSV blocks have a floor of 1 KiB here)
+        assert num_chunks > 1
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(st.text(st.characters(codec="utf-8", exclude_characters="\r\x00"), max_size=300),
+                               st.sampled_from(["a", "b", "7", "2.0"])), min_size=1, max_size=40),
+       chunk_bytes=st.sampled_from([1, 300, 5000]))
+def test_random_csv_reads_the_same_in_chunks(tmp_path, rows, chunk_bytes):
+    path = write(tmp_path / "r.csv", rows)
+    try:
+        whole = read_table(str(path), "text", "label")
+    except DataError as e:
+        with pytest.raises(DataError) as got:
+            joined(path, chunk_bytes)
+        assert str(got.value) == str(e)
+        return
+    assert joined(path, chunk_bytes)[:3] == (whole.texts, whole.labels, whole.num_skipped_empty)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_errors_are_read_tables(tmp_path, fmt):
+    """The first null label by its row number in the file, and how many more, although later chunks hold them."""
+    cases = {
+        "labels": ROWS + [("no label", ""), ("a", "b"), ("another", "")],
+        "all_empty": [("", "a"), (" ", "b")],
+    }
+    for name, rows in cases.items():
+        path = write(tmp_path / f"{name}.{fmt}", rows, fmt)
+        with pytest.raises(DataError) as whole:
+            read_table(str(path), "text", "label")
+        with pytest.raises(DataError) as chunked:
+            joined(path, 1)
+        assert str(chunked.value) == str(whole.value), name
+    assert "null or empty label" in str(chunked.value) or "no rows with text" in str(chunked.value)
+    header_only = tmp_path / "h.csv"
+    header_only.write_text("text,label\n")
+    with pytest.raises(DataError, match="no data rows"):
+        joined(header_only, 1)
+    with pytest.raises(DataError, match="no text column 'body'"):
+        list(read_chunks(str(write(tmp_path / f"c.{fmt}", ROWS, fmt)), "body", "label"))
+
+
+def test_tabs_in_tsv_text_are_reported_once_with_the_first_row_in_the_file(tmp_path, caplog):
+    path = write(tmp_path / "t.tsv", [("plain", "a")] * 30 + [("with\ttab", "b"), ("again\there", "a")], "tsv")
+    with caplog.at_level(logging.WARNING, logger="trainer.tabular"):
+        joined(path, 1)
+    warnings = [r.getMessage() for r in caplog.records if "hold a tab" in r.getMessage()]
+    assert len(warnings) == 1 and "2 text field(s)" in warnings[0] and "data row 31" in warnings[0]
+
+
+def test_other_formats_come_whole(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "one", "label": 1}\n{"text": "two", "label": 2}\n')
+    chunks = list(read_chunks(str(path), "text", "label", chunk_bytes=1))
+    assert len(chunks) == 1 and chunks[0].texts == ["one", "two"] and chunks[0].labels == ["1", "2"]
+
+
+def test_a_row_longer_than_the_block_rereads_with_a_larger_block_skipping_the_rows_given(tmp_path, monkeypatch):
+    import pyarrow.csv as pacsv
+
+    blocks = []
+    open_csv = pacsv.open_csv
+    monkeypatch.setattr(pacsv, "open_csv", lambda *a, **k: blocks.append(a[1].block_size) or open_csv(*a, **k))
+    rows = [(f"row {i}", "a") for i in range(200)] + [("y" * 20_000, "b")] + [(f"after {i}", "c") for i in range(50)]
+    path = write(tmp_path / "long.csv", rows)
+    texts, labels, _, num_chunks = joined(path, 1)
+    assert blocks == [1024, 8192, 65536] and num_chunks > 2  # two rereads: 8 KiB is still too small
+    assert texts == [t for t, _ in rows] and labels == [y for _, y in rows]

@@ -1,0 +1,125 @@
+"""Labelled text read a chunk of rows at a time, so that a training file need not fit in memory as Python strings.
+
+`read_chunks` yields the rows `tabular.read_table` would return, in order, as consecutive `TextTable`s of about
+`chunk_bytes` of file each: CSV and TSV through pyarrow's streaming CSV reader, Parquet batch by batch. The checks
+`read_table` makes of the whole table (no data rows, no row with text, null labels: the first such row by its
+number in the file and how many there are) are made as the last chunk has been read, so a file gives the same
+errors either way; a bad file may therefore fail after most of it was read. Other inputs (JSON, JSON Lines, the
+hub) come as one chunk, read whole. Why: the data-cache build tokenizes each chunk as it arrives, and 800 MB of CSV
+held as Python strings took 1.2 GiB (about 10 bytes a token of the demo's text).
+"""
+
+from __future__ import annotations
+
+import lzma
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+
+from trainer.tabular import (
+    _CSV_BLOCK,
+    _MAX_BLOCK,
+    DataError,
+    TextTable,
+    _check_columns,
+    _check_rows,
+    _clean_rows,
+    _csv_error,
+    _csv_options,
+    _csv_stream,
+    _local_path,
+    _tabs_in,
+    _warn_tabs,
+    local_format,
+    read_table,
+)
+
+CHUNK_BYTES = _CSV_BLOCK  # about this much file per chunk (pyarrow's CSV block; Parquet rows of about this much text)
+
+
+def read_chunks(spec: str, text_column: str, label_column: str, split: str | None = None,
+                chunk_bytes: int = CHUNK_BYTES) -> Iterator[TextTable]:
+    """`read_table(spec, text_column, label_column, split)`'s rows as consecutive tables (each one's
+    `num_skipped_empty` counts its own skipped rows; a chunk may hold none of the kept rows)."""
+    fmt = local_format(spec)
+    if fmt not in ("csv", "tsv", "parquet"):
+        yield read_table(spec, text_column, label_column, split)
+        return
+    path = _local_path(spec, fmt)
+    source = str(path)
+    if fmt == "parquet":
+        batches, locate = _parquet_batches(path, text_column, label_column, chunk_bytes), lambda i: f"row {i + 1}"
+    else:
+        batches, locate = _csv_batches(path, fmt, text_column, label_column, chunk_bytes), lambda i: f"data row {i + 1}"
+    rows = kept = skipped = num_bad = 0
+    first_bad: list[int] = []
+    tabs, first_tab = 0, -1
+    for texts, labels in batches:
+        if fmt == "tsv":
+            count, first = _tabs_in(texts)
+            if count and not tabs:
+                first_tab = rows + first
+            tabs += count
+        chunk = _clean_rows(source, texts.to_pylist(), labels.to_pylist(), label_column, locate, start=rows)
+        rows += len(texts)
+        kept, skipped, num_bad = kept + len(chunk.texts), skipped + chunk.skipped, num_bad + len(chunk.bad)
+        first_bad = first_bad or chunk.bad[:1]
+        del texts, labels
+        yield TextTable(chunk.texts, chunk.labels, source, chunk.skipped)
+    pa.default_memory_pool().release_unused()  # see read_table
+    if not rows:
+        raise DataError(f"{spec}: no data rows")
+    _warn_tabs(path, tabs, first_tab, rows)
+    _check_rows(source, kept, skipped, first_bad, num_bad, text_column, label_column, locate)
+
+
+def _csv_batches(path: Path, fmt: str, text_column: str, label_column: str,
+                 block: int) -> Iterator[tuple[pa.Array, pa.Array]]:
+    """(texts, labels) of each block of rows. A row longer than a block fails in pyarrow ("straddling object"):
+    the file is then read again with 8 times the block, skipping the rows already given, as `_read_csv` grows its
+    block (which terminates: a row never exceeds the file)."""
+    import pyarrow.csv as pacsv
+
+    delimiter, parse, convert = _csv_options(path, fmt, text_column, label_column)
+    block = max(block, 1 << 10)
+    given = 0
+    while True:
+        skip = given
+        try:
+            with _csv_stream(path) as stream:
+                for batch in pacsv.open_csv(stream, pacsv.ReadOptions(block_size=block), parse, convert):
+                    if skip >= batch.num_rows:
+                        skip -= batch.num_rows
+                        continue
+                    batch, skip = batch.slice(skip), 0
+                    given += batch.num_rows
+                    yield batch.column(text_column), batch.column(label_column)
+            return
+        except pa.ArrowInvalid as exc:
+            if "straddl" in str(exc) and block < _MAX_BLOCK:
+                block = min(block * 8, _MAX_BLOCK)
+                continue
+            raise _csv_error(path, delimiter, exc) from None
+        except (OSError, EOFError, lzma.LZMAError) as exc:  # a truncated or corrupt compressed file
+            raise DataError(f"{path}: cannot read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")\
+                from None
+
+
+def _parquet_batches(path: Path, text_column: str, label_column: str,
+                     chunk_bytes: int) -> Iterator[tuple[pa.Array, pa.Array]]:
+    """(texts, labels) of batches of rows holding about `chunk_bytes` of text each, by the file's average."""
+    import pyarrow.parquet as pq
+
+    try:
+        reader = pq.ParquetFile(path)
+        _check_columns(path, reader.schema_arrow.names, text_column, label_column)
+        meta = reader.metadata
+        text_bytes = sum(chunk.total_uncompressed_size for g in range(meta.num_row_groups)
+                         for chunk in map(meta.row_group(g).column, range(meta.num_columns))
+                         if chunk.path_in_schema == text_column)
+        rows_per_batch = max(1, chunk_bytes * max(1, meta.num_rows) // max(1, text_bytes))
+        for batch in reader.iter_batches(batch_size=rows_per_batch, columns=[text_column, label_column]):
+            yield batch.column(text_column), batch.column(label_column)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a valid Parquet file: {str(exc).splitlines()[0]}") from None
