@@ -39,9 +39,11 @@ CHUNK_BYTES = _CSV_BLOCK  # about this much file per chunk (pyarrow's CSV block;
 
 
 def read_chunks(spec: str, text_column: str, label_column: str, split: str | None = None,
-                chunk_bytes: int = CHUNK_BYTES) -> Iterator[TextTable]:
+                chunk_bytes: int | None = None) -> Iterator[TextTable]:
     """`read_table(spec, text_column, label_column, split)`'s rows as consecutive tables (each one's
-    `num_skipped_empty` counts its own skipped rows; a chunk may hold none of the kept rows)."""
+    `num_skipped_empty` counts its own skipped rows; a chunk may hold none of the kept rows). `chunk_bytes`:
+    default CHUNK_BYTES."""
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     fmt = local_format(spec)
     if fmt not in ("csv", "tsv", "parquet"):
         yield read_table(spec, text_column, label_column, split)
