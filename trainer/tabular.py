@@ -27,7 +27,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -389,6 +389,26 @@ def _read_parquet(path: Path, fmt: str, text_column: str, label_column: str) -> 
 
 def _read_hub(name: str, split: str, text_column: str, label_column: str) -> TextTable:
     """``datasets.load_dataset(name, split=split)``; needs the network unless already cached."""
+    source = f"hf:{name}:{split}"
+    texts: list[Any] = []
+    labels: list[Any] = []
+    for batch_texts, batch_labels in hub_batches(name, split, text_column, label_column, chunk_bytes=None):
+        texts += batch_texts
+        labels += batch_labels
+    if not texts:
+        raise DataError(f"{source}: no data rows")
+    return _finish(source, texts, labels, text_column, label_column, row_name)
+
+
+def row_name(i: int) -> str:
+    return f"row {i + 1}"
+
+
+def hub_batches(name: str, split: str, text_column: str, label_column: str,
+                chunk_bytes: int | None) -> Iterator[tuple[list[Any], list[Any]]]:
+    """The split's (texts, labels) as Python lists, in batches of rows of about `chunk_bytes` of Arrow data by the
+    table's average (None: all at once); ClassLabel columns give their names. The dataset itself is datasets'
+    memory-mapped Arrow files: a batch is what is held."""
     import datasets
 
     source = f"hf:{name}:{split}"
@@ -404,14 +424,16 @@ def _read_hub(name: str, split: str, text_column: str, label_column: str) -> Tex
         ) from None
     _check_columns(source, ds.column_names, text_column, label_column)
     arrow = ds.with_format("arrow")  # honours any indices mapping, unlike ds.data
-    texts = arrow[text_column].to_pylist()
-    labels = arrow[label_column].to_pylist()
     feature = ds.features.get(label_column)
-    if isinstance(feature, datasets.ClassLabel):  # names are what a human (and the report) wants
-        labels = [None if v is None or v < 0 else feature.int2str(v) for v in labels]
-    if not texts:
-        raise DataError(f"{source}: no data rows")
-    return _finish(source, texts, labels, text_column, label_column, lambda i: f"row {i + 1}")
+    table = ds.data  # the Arrow table under any indices mapping: for the average row size
+    step = len(arrow) if chunk_bytes is None else chunk_bytes * table.num_rows // max(1, table.nbytes)
+    step = max(1, step)
+    for lo in range(0, len(arrow), step):
+        batch = arrow[lo : lo + step]
+        texts, labels = batch[text_column].to_pylist(), batch[label_column].to_pylist()
+        if isinstance(feature, datasets.ClassLabel):  # names are what a human (and the report) wants
+            labels = [None if v is None or v < 0 else feature.int2str(v) for v in labels]
+        yield texts, labels
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,9 +4,10 @@
 `chunk_bytes` of file each: CSV and TSV through pyarrow's streaming CSV reader, Parquet batch by batch. The checks
 `read_table` makes of the whole table (no data rows, no row with text, null labels: the first such row by its
 number in the file and how many there are) are made as the last chunk has been read, so a file gives the same
-errors either way; a bad file may therefore fail after most of it was read. Other inputs (JSON, JSON Lines, the
-hub) come as one chunk, read whole. Why: the data-cache build tokenizes each chunk as it arrives, and 800 MB of CSV
-held as Python strings took 1.2 GiB (about 10 bytes a token of the demo's text).
+errors either way; a bad file may therefore fail after most of it was read. Hub datasets come in batches of rows
+from datasets' memory-mapped Arrow files; JSON and JSON Lines come as one chunk, read whole. Why: the data-cache
+build tokenizes each chunk as it arrives, and 800 MB of CSV held as Python strings took 1.2 GiB (about 10 bytes a
+token of the demo's text).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from trainer.tabular import (
     _local_path,
     _tabs_in,
     _warn_tabs,
+    hub_batches,
     local_format,
     read_table,
+    row_name,
 )
 
 CHUNK_BYTES = _CSV_BLOCK  # about this much file per chunk (pyarrow's CSV block; Parquet rows of about this much text)
@@ -45,15 +48,22 @@ def read_chunks(spec: str, text_column: str, label_column: str, split: str | Non
     default CHUNK_BYTES."""
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     fmt = local_format(spec)
-    if fmt not in ("csv", "tsv", "parquet"):
+    if fmt is None and not Path(spec).is_file():  # a hub dataset, read from datasets' memory-mapped files
+        name, _, spec_split = spec.partition(":")
+        source = f"hf:{name}:{spec_split or split or 'train'}"
+        batches = hub_batches(name, spec_split or split or "train", text_column, label_column, chunk_bytes)
+        locate, empty_name = row_name, source
+    elif fmt in ("csv", "tsv", "parquet"):
+        path = _local_path(spec, fmt)
+        source, empty_name = str(path), spec
+        if fmt == "parquet":
+            batches, locate = _parquet_batches(path, text_column, label_column, chunk_bytes), row_name
+        else:
+            batches = _csv_batches(path, fmt, text_column, label_column, chunk_bytes)
+            locate = lambda i: f"data row {i + 1}"  # noqa: E731 - read_table's wording
+    else:  # JSON, JSON Lines, or a file of an unsupported type (read_table says so)
         yield read_table(spec, text_column, label_column, split)
         return
-    path = _local_path(spec, fmt)
-    source = str(path)
-    if fmt == "parquet":
-        batches, locate = _parquet_batches(path, text_column, label_column, chunk_bytes), lambda i: f"row {i + 1}"
-    else:
-        batches, locate = _csv_batches(path, fmt, text_column, label_column, chunk_bytes), lambda i: f"data row {i + 1}"
     rows = kept = skipped = num_bad = 0
     first_bad: list[int] = []
     tabs, first_tab = 0, -1
@@ -63,7 +73,9 @@ def read_chunks(spec: str, text_column: str, label_column: str, split: str | Non
             if count and not tabs:
                 first_tab = rows + first
             tabs += count
-        chunk = _clean_rows(source, texts.to_pylist(), labels.to_pylist(), label_column, locate, start=rows)
+        if not isinstance(texts, list):
+            texts, labels = texts.to_pylist(), labels.to_pylist()
+        chunk = _clean_rows(source, texts, labels, label_column, locate, start=rows)
         rows += len(texts)
         kept, skipped, num_bad = kept + len(chunk.texts), skipped + chunk.skipped, num_bad + len(chunk.bad)
         first_bad = first_bad or chunk.bad[:1]
@@ -71,8 +83,9 @@ def read_chunks(spec: str, text_column: str, label_column: str, split: str | Non
         yield TextTable(chunk.texts, chunk.labels, source, chunk.skipped)
     pa.default_memory_pool().release_unused()  # see read_table
     if not rows:
-        raise DataError(f"{spec}: no data rows")
-    _warn_tabs(path, tabs, first_tab, rows)
+        raise DataError(f"{empty_name}: no data rows")
+    if fmt == "tsv":
+        _warn_tabs(path, tabs, first_tab, rows)
     _check_rows(source, kept, skipped, first_bad, num_bad, text_column, label_column, locate)
 
 

@@ -475,3 +475,18 @@ def test_the_data_cache_key_changes_when_a_copy_restores_the_old_mtime(tmp_path)
     shutil.copy2(replacement, path)  # what cp -p does: new contents, the old file's size and mtime
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (old.st_size, old.st_mtime_ns)
     assert _source_key(str(path)) != before
+
+
+def test_hub_datasets_stream_in_batches_of_read_tables_rows(fake_hub: list[tuple[str, str]]) -> None:
+    from trainer.tabular_stream import read_chunks
+
+    whole = read_table("ag_news:test", "text", "label")
+    chunks = list(read_chunks("ag_news:test", "text", "label", chunk_bytes=1))  # one row a batch
+    assert len(chunks) == 3 and {c.source for c in chunks} == {"hf:ag_news:test"}
+    assert [t for c in chunks for t in c.texts] == whole.texts == ["bad", "good"]
+    assert [y for c in chunks for y in c.labels] == whole.labels == ["neg", "pos"]  # ClassLabel names
+    assert sum(c.num_skipped_empty for c in chunks) == whole.num_skipped_empty == 1
+    list(read_chunks("user/ds", "text", "label", split="validation"))
+    assert fake_hub[-1] == ("user/ds", "validation")
+    with pytest.raises(DataError, match="hf:missing/ds:train: not a local file"):
+        list(read_chunks("missing/ds", "text", "label"))
