@@ -52,7 +52,7 @@ def wrap(owner, name):
         return out
     setattr(owner, name, timed)
 
-for name in ("_read", "_read_tokenized", "tokenize", "build_vocabulary"):  # whichever this checkout has
+for name in ("_read", "read_tokenized", "tokenize", "build_vocabulary"):  # whichever this checkout has
     if hasattr(data_cache, name):
         wrap(data_cache, name)
 wrap(F.TokenizedDocs, "word_counts")

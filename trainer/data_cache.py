@@ -105,13 +105,15 @@ class TokenizedSplit:
     num_skipped_empty: int
 
 
-def _read_tokenized(spec: str, cfg: Config, role: str, tokenizer: Tokenizer, workers: int) -> TokenizedSplit:
+def read_tokenized(spec: str, cfg: Config, role: str, tokenizer: Tokenizer, workers: int,
+                   setting: str | None = None) -> TokenizedSplit:
     """A split read a chunk at a time (`tabular_stream.read_chunks`) and tokenized as it comes, about `workers`
     tokenizer blocks of text at a time (so that forked workers share each), into what tokenizing the whole file
     at once gives (`TokenizedDocs.joined`). Memory holds one batch of texts, not the file's: 800 MB of CSV as
-    Python strings took 1.2 GiB."""
+    Python strings took 1.2 GiB. `role`: train, valid or test (a bare hub name's split); `setting`: the flag that
+    named `spec`, for messages (default `data.ROLE`)."""
     if local_format(spec) is not None and not Path(spec).exists():  # say which setting named it
-        raise DataError(f"{spec}: file not found (data.{role}{_relative_to_cwd(spec)})")
+        raise DataError(f"{spec}: file not found ({setting or 'data.' + role}{_relative_to_cwd(spec)})")
     max_tokens, budget = cfg.data.max_tokens_per_doc, max(1, workers) * fast_tokenize.BLOCK_CHARS
     parts, labels, texts, chars, skipped, source = [], [], [], 0, 0, spec
     for chunk in read_chunks(spec, cfg.data.text_column, cfg.data.label_column, split=HUB_SPLITS[role]):
@@ -169,7 +171,7 @@ def build_cache(cfg: Config, pretrained: PretrainedVectors | None, folder: Path)
 def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) -> None:
     tokenizer = Tokenizer(cfg.data.token_pattern, cfg.data.lowercase, cfg.data.tokenizer_version)
     workers = resolve_workers(cfg.data.workers)
-    train = _read_tokenized(cfg.data.train, cfg, "train", tokenizer, workers)  # once: counts, encoding
+    train = read_tokenized(cfg.data.train, cfg, "train", tokenizer, workers)  # once: counts, encoding
     tokenized_train, num_train_docs = train.tokenized, len(train.labels)
     log.info("read %s: %d documents (%d empty skipped)", train.source, num_train_docs, train.num_skipped_empty)
     counts = tokenized_train.word_counts()
@@ -204,7 +206,7 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
         spec = getattr(cfg.data, split)
         if not spec:
             continue
-        table = _read_tokenized(spec, cfg, split, featurizer.tokenizer, featurizer.workers)
+        table = read_tokenized(spec, cfg, split, featurizer.tokenizer, featurizer.workers)
         encoded = featurizer.encode_tokenized(table.tokenized, table.labels, folder=tmp / split)
         unseen = sorted({y for y in table.labels if y not in vocab.label_index})
         stats[f"{split}_docs"] = len(table.labels)

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -11,11 +12,10 @@ import numpy as np
 import torch
 
 from trainer.batch import collate
-from trainer.data_cache import make_featurizer
+from trainer.data_cache import make_featurizer, read_tokenized
 from trainer.distributed import DistInfo
 from trainer.evaluation import evaluate, per_class_table
 from trainer.export import LoadedModel, word_vectors
-from trainer.tabular import read_table
 from trainer.vocab import char_ngram_buckets
 
 
@@ -48,10 +48,17 @@ def run_eval(run: str, data: str, device: str = "cpu", extend: bool = True) -> t
     folder = model_folder(run)
     loaded = LoadedModel(folder, device, extend_pretrained=extend)
     cfg = loaded.cfg
-    table = read_table(data, cfg.data.text_column, cfg.data.label_column, split="test")  # a bare hub name: its test split
-    docs = make_featurizer(cfg, loaded.vocab).encode(table.texts, table.labels)
-    metrics = evaluate(loaded.model, docs, loaded.vocab.num_pretrained, cfg.model.encoder == "lstm",
-                       len(loaded.vocab.labels), _local_info(loaded.device))
+    featurizer = make_featurizer(cfg, loaded.vocab)
+    # read and tokenized a chunk at a time, encoded into files beside the results and memory-mapped, as the data
+    # cache is built: a large evaluation file is never held whole (a bare hub name: its test split)
+    table = read_tokenized(data, cfg, "test", featurizer.tokenizer, featurizer.workers, setting="--data")
+    out_dir = folder.parent / "eval"
+    out_dir.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".encoded-", dir=out_dir) as encoded:
+        docs = featurizer.encode_tokenized(table.tokenized, table.labels, folder=Path(encoded))
+        metrics = evaluate(loaded.model, docs, loaded.vocab.num_pretrained, cfg.model.encoder == "lstm",
+                           len(loaded.vocab.labels), _local_info(loaded.device))
+        del docs
     metrics["skipped_empty"] = table.num_skipped_empty
     metrics["extended_words"] = loaded.num_extended
     unseen = sorted({y for y in table.labels if y not in loaded.vocab.label_index})
@@ -60,8 +67,6 @@ def run_eval(run: str, data: str, device: str = "cpu", extend: bool = True) -> t
     if unseen:
         text += f"\n{metrics['unseen_label_docs']} documents have labels never seen in training (counted as errors): " \
                 f"{', '.join(unseen[:20])}"
-    out_dir = folder.parent / "eval"
-    out_dir.mkdir(exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data).name)
     _write_atomic(out_dir / f"{name}.per_class.txt", text + "\n")
     _write_atomic(out_dir / f"{name}.json", json.dumps(metrics))

@@ -440,12 +440,12 @@ def test_hub_errors(fake_hub: list[tuple[str, str]]) -> None:
 def test_each_data_role_reads_its_own_split_of_a_bare_hub_name(fake_hub: list[tuple[str, str]]) -> None:
     """data.valid = "name" must not validate on the train split (read_table's default)."""
     from trainer.config import Config
-    from trainer.data_cache import _read_tokenized
+    from trainer.data_cache import read_tokenized
     from trainer.vocab import Tokenizer
 
     for role in ("train", "valid", "test"):
-        _read_tokenized("user/ds", Config(), role, Tokenizer(r"\w+", True), 1)
-    _read_tokenized("user/ds:dev", Config(), "valid", Tokenizer(r"\w+", True), 1)
+        read_tokenized("user/ds", Config(), role, Tokenizer(r"\w+", True), 1)
+    read_tokenized("user/ds:dev", Config(), "valid", Tokenizer(r"\w+", True), 1)
     assert fake_hub == [("user/ds", "train"), ("user/ds", "validation"), ("user/ds", "test"), ("user/ds", "dev")]
 
 
