@@ -11,6 +11,9 @@ full table (`--dense dense_adam dense_adamw`: torch Adam / AdamW over a dense gr
 `nn.Embedding` + AdamW setup does) are timed on tables up to `--dense-max-rows` (at 2M a step takes seconds and
 the table, its gradient and two moments need 9.6 GB).
 
+Beside the optimizer step alone, the embedding part of a whole training step is timed in the same runs: the
+lookup (forward), its backward and the step together, the part of a step that touches the table.
+
 Reading the ratio: a 20K x 300 table (24 MB, 72 MB with Adam state) largely sits in cache, a 2M one does not, so
 even a perfectly row-proportional step pays more per random row at 2M. `--rows 200000 2000000` compares two
 out-of-cache sizes. Process CPU time is printed next to wall time because on a shared machine the wall time of
@@ -72,14 +75,16 @@ def make_gradient(emb: torch.nn.Embedding, ids: torch.Tensor, source: str) -> No
 def time_steps(
     emb: torch.nn.Embedding, opt: torch.optim.Optimizer, ids: torch.Tensor, warmup: int, repeats: int,
     source: str = "lookup",
-) -> tuple[list[float], list[float]]:
-    """Wall and process-CPU seconds per `opt.step()`; forward/backward (which makes the gradient) is not timed.
+) -> tuple[list[float], list[float], list[float]]:
+    """Wall and process-CPU seconds per `opt.step()`, and wall seconds of the embedding part of a whole training
+    step: the lookup, its backward (which makes the gradient) and `opt.step()` together.
 
     CPU time is reported too because on a shared VM the wall time of memory-bound steps swings several-fold
     with host contention, while the CPU time the step itself needs does not.
     """
-    wall, cpu = [], []
+    wall, cpu, whole = [], [], []
     for i in range(warmup + repeats):
+        t_lookup = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         make_gradient(emb, ids, source)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -87,8 +92,9 @@ def time_steps(
         if i >= warmup:
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
+            whole.append(time.perf_counter() - t_lookup)
     opt.zero_grad(set_to_none=True)
-    return wall, cpu
+    return wall, cpu, whole
 
 
 def bench_one(name: str, emb: torch.nn.Embedding, ids: torch.Tensor, args: argparse.Namespace) -> dict:
@@ -103,7 +109,7 @@ def bench_one(name: str, emb: torch.nn.Embedding, ids: torch.Tensor, args: argpa
     t0 = time.perf_counter()
     init_optimizer_state(opt)
     init_s = time.perf_counter() - t0
-    times, cpu = time_steps(emb, opt, ids, args.warmup, args.repeats, args.gradient)
+    times, cpu, whole = time_steps(emb, opt, ids, args.warmup, args.repeats, args.gradient)
     row = {
         "optimizer": name,
         "optimizer_class": type(opt).__name__,
@@ -113,6 +119,7 @@ def bench_one(name: str, emb: torch.nn.Embedding, ids: torch.Tensor, args: argpa
         "min_ms": min(times) * 1e3,
         "max_ms": max(times) * 1e3,
         "cpu_median_ms": statistics.median(cpu) * 1e3,
+        "lookup_step_median_ms": statistics.median(whole) * 1e3,
         "init_s": init_s,
         "state_mb": state_bytes(opt) / 2**20,
         "times_ms": [t * 1e3 for t in times],
@@ -197,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
                 ratios[name] = {k: b[k] / a[k] for k in ("median_ms", "min_ms", "cpu_median_ms")}
                 q = ratios[name]
                 print(f"  {name:<42} {q['median_ms']:5.2f}x {q['min_ms']:5.2f}x {q['cpu_median_ms']:5.2f}x")
+        print("the embedding part of a training step (lookup + backward + optimizer step), the same runs: median ms")
+        for name in [*args.optimizers, *args.dense]:
+            if (name, lo) in by_key and (name, hi) in by_key:
+                a, b = by_key[(name, lo)]["lookup_step_median_ms"], by_key[(name, hi)]["lookup_step_median_ms"]
+                ratios[name]["lookup_step_median_ms"] = b / a
+                print(f"  {name:<28} {a:8.2f} -> {b:8.2f} ms  {b / a:5.2f}x")
     if args.json:
         payload = {
             "config": vars(args),
