@@ -32,8 +32,8 @@ from trainer import fast_tokenize, jit
 from trainer.config import Config
 from trainer.features import Featurizer, TokenizedDocs, tokenize
 from trainer.parallel import can_fork, resolve_workers
-from trainer.tabular import DataError, local_format
-from trainer.tabular_stream import read_chunks
+from trainer.tabular import DataError, TextTable, local_format
+from trainer.tabular_stream import read_all_chunks
 from trainer.vectors import PACKAGE_NAME, PretrainedVectors, VectorFileError, load_vectors
 from trainer.vocab import Tokenizer, Vocabulary, build_vocabulary, coverage
 
@@ -107,29 +107,65 @@ class TokenizedSplit:
 
 def read_tokenized(spec: str, cfg: Config, role: str, tokenizer: Tokenizer, workers: int,
                    setting: str | None = None) -> TokenizedSplit:
-    """A split read a chunk at a time (`tabular_stream.read_chunks`) and tokenized as it comes, about `workers`
-    tokenizer blocks of text at a time (so that forked workers share each), into what tokenizing the whole file
-    at once gives (`TokenizedDocs.joined`). Memory holds one batch of texts, not the file's: 800 MB of CSV as
-    Python strings took 1.2 GiB. `role`: train, valid or test (a bare hub name's split); `setting`: the flag that
-    named `spec`, for messages (default `data.ROLE`)."""
+    """A split read a chunk at a time (`tabular_stream`) and tokenized as it comes, a batch of texts at a time
+    (`tokenizing_batch`), into what tokenizing the whole file at once gives (`TokenizedDocs.joined`). Memory
+    holds one batch of texts, not the file's: 800 MB of CSV as Python strings took 1.2 GiB. `role`: train, valid
+    or test (a bare hub name's split); `setting`: the flag that named `spec`, for messages (default `data.ROLE`)."""
     if local_format(spec) is not None and not Path(spec).exists():  # say which setting named it
         raise DataError(f"{spec}: file not found ({setting or 'data.' + role}{_relative_to_cwd(spec)})")
-    max_tokens, budget = cfg.data.max_tokens_per_doc, max(1, workers) * fast_tokenize.BLOCK_CHARS
-    parts, labels, texts, chars, skipped, source = [], [], [], 0, 0, spec
-    for chunk in read_chunks(spec, cfg.data.text_column, cfg.data.label_column, split=HUB_SPLITS[role]):
-        source, skipped = chunk.source, skipped + chunk.num_skipped_empty
-        texts += chunk.texts
-        labels += chunk.labels
-        chars += sum(map(len, chunk.texts))
-        del chunk
-        if chars >= budget:
-            parts.append(tokenize(texts, tokenizer, max_tokens, workers))
-            texts, chars = [], 0
-    if texts or not parts:
-        parts.append(tokenize(texts, tokenizer, max_tokens, workers))
-    del texts
-    tokenized = parts[0] if len(parts) == 1 else TokenizedDocs.joined(parts)
-    return TokenizedSplit(tokenized, labels, source, skipped)
+    split = _SplitTokenizer(tokenizer, cfg.data.max_tokens_per_doc, workers, spec)
+    read_all_chunks(spec, cfg.data.text_column, cfg.data.label_column, HUB_SPLITS[role], split.start, split.take)
+    return split.finish()
+
+
+class _SplitTokenizer:
+    """Chunks of a split in, `TokenizedSplit` out: texts gathered into batches (`tokenizing_batch`), each batch
+    tokenized as it fills and dropped, the parts joined at the end."""
+
+    def __init__(self, tokenizer: Tokenizer, max_tokens: int, workers: int, source: str) -> None:
+        self.tokenizer, self.max_tokens, self.workers, self.first_source = tokenizer, max_tokens, workers, source
+        self.batch_chars, self.block_chars = tokenizing_batch(workers)
+
+    def start(self) -> None:
+        """(Again, when the file must be read again: tabular_stream.ReadAgain.)"""
+        self.parts: list[TokenizedDocs] = []
+        self.labels: list[str] = []
+        self.texts: list[str] = []
+        self.chars = self.skipped = 0
+        self.source = self.first_source
+
+    def take(self, chunk: TextTable) -> None:
+        self.source, self.skipped = chunk.source, self.skipped + chunk.num_skipped_empty
+        self.texts += chunk.texts
+        self.labels += chunk.labels
+        self.chars += sum(map(len, chunk.texts))
+        if self.chars >= self.batch_chars:
+            self._tokenize_batch()
+
+    def _tokenize_batch(self) -> None:
+        texts, self.texts, self.chars = self.texts, [], 0
+        self.parts.append(tokenize(texts, self.tokenizer, self.max_tokens, self.workers, self.block_chars))
+
+    def finish(self) -> TokenizedSplit:
+        if self.texts or not self.parts:
+            self._tokenize_batch()
+        parts = self.parts
+        tokenized = parts[0] if len(parts) == 1 else TokenizedDocs.joined(parts)
+        return TokenizedSplit(tokenized, self.labels, self.source, self.skipped)
+
+
+# Texts tokenized at a time by the data-cache build: at most this many tokenizer blocks (fast_tokenize.BLOCK_CHARS)
+# of text, whatever data.workers is. Why a cap: with a batch of `workers` blocks, 16 workers meant 1G characters,
+# more than the whole 800 MB benchmark file, held as Python strings.
+BATCH_MAX_BLOCKS = 4
+
+
+def tokenizing_batch(workers: int) -> tuple[int, int]:
+    """(characters of text per tokenizing batch, characters per tokenizer block): a block for each worker, so the
+    forked workers share each batch (at least 2 blocks for them to fork), at most BATCH_MAX_BLOCKS full blocks."""
+    workers = max(1, workers)
+    batch = min(workers, BATCH_MAX_BLOCKS) * fast_tokenize.BLOCK_CHARS
+    return batch, min(fast_tokenize.BLOCK_CHARS, max(1, batch // workers))
 
 
 def _relative_to_cwd(spec: str) -> str:

@@ -100,14 +100,16 @@ class FolderSink:
 
     Each file's header is written first (the encoder knows every length before its first block), then each block's
     piece converted to the file's dtype: int32 for ids whose bound (`id_bounds`, one past the largest possible id)
-    fits, as `save` stores any ids that do; `char_token_counts` only with char n-grams (`save` leaves all zeros
-    out, and `load` makes them)."""
+    fits. As `save` decides by the ids themselves, ids written as int64 (a bound past int32, e.g. 2**31 buckets)
+    whose largest turns out to fit are converted at `finish`, and an all-zero `char_token_counts` is removed then
+    (`load` makes the zeros), so the files are `save`'s in every case."""
 
     def __init__(self, folder: Path, sizes: dict[str, int], id_bounds: dict[str, int], char_ngrams: bool) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.files, self.dtypes, self.written, self.sizes = {}, {}, {}, sizes
         self.pending: list[tuple[str, int, np.ndarray]] = []
+        self.largest: dict[str, int] = {}  # per file: the largest value written (for `save`'s dtype and zeros rules)
         for name in PER_TOKEN:
             if name == "char_token_counts" and not char_ngrams:
                 continue
@@ -131,6 +133,8 @@ class FolderSink:
                 raise AssertionError(f"FolderSink: {name} piece at {lo}, {self.written[name]} written so far")
             self.files[name].write(buffer.astype(self.dtypes[name], copy=False).tobytes())
             self.written[name] += len(buffer)
+            if len(buffer):
+                self.largest[name] = max(self.largest.get(name, 0), int(buffer.max()))
         self.pending.clear()
 
     def finish(self, **per_document: np.ndarray) -> EncodedDocs:
@@ -139,6 +143,13 @@ class FolderSink:
         self.close()
         if short:
             raise AssertionError(f"FolderSink: arrays not filled (written, size): {short}")
+        for name, dtype in self.dtypes.items():
+            path = self.folder / f"{name}.npy"
+            if name == "char_token_counts" and self.largest.get(name, 0) == 0:  # counts are >= 0: all zero
+                path.unlink()
+            elif name.endswith("_ids") and dtype == np.int64 and self.largest.get(name, 0) < INT32_MAX:
+                _save_converted(path.with_suffix(".int32"), np.load(path, mmap_mode="r"), np.dtype(np.int32))
+                path.with_suffix(".int32").replace(path)
         for name, array in per_document.items():
             np.save(self.folder / f"{name}.npy", array)
         return EncodedDocs.load(self.folder)

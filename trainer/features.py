@@ -102,14 +102,17 @@ CHARS_MIN_WORDS_PER_WORKER = 20_000
 BLAKE2B_MIN_STRINGS = 100_000
 
 
-def tokenize(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int, workers: int = 1) -> TokenizedDocs:
+def tokenize(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int, workers: int = 1,
+             block_chars: int | None = None) -> TokenizedDocs:
     """`texts` as runs of word-type indices, types numbered in order of first appearance. `workers` > 1 tokenizes
     contiguous chunks in forked processes (trainer.parallel) and renumbers their types in chunk order, which is
     the order of first appearance over all texts: the result is the one-process result, array for array. The
     default pattern over much text (or any text once that has run in the process) runs in numba instead, with the
-    same result (trainer.fast_tokenize); its non-ASCII documents still use `workers`."""
+    same result (trainer.fast_tokenize); its non-ASCII documents still use `workers`, and its blocks are
+    `block_chars` characters (default fast_tokenize.BLOCK_CHARS)."""
     if fast_tokenize.applies(tokenizer, max_tokens, sum(map(len, texts))):
-        return fast_tokenize.tokenize_default_pattern(texts, tokenizer, max_tokens, workers)
+        return fast_tokenize.tokenize_default_pattern(texts, tokenizer, max_tokens, workers,
+                                                      block_chars or fast_tokenize.BLOCK_CHARS)
     parts = chunked_map(partial(_tokenize_chunk, tokenizer=tokenizer, max_tokens=max_tokens), texts, workers,
                         TOKENIZE_MIN_DOCS_PER_WORKER)
     return parts[0] if len(parts) == 1 else TokenizedDocs.joined(parts)

@@ -12,9 +12,11 @@ token of the demo's text).
 
 from __future__ import annotations
 
+import logging
 import lzma
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -38,6 +40,7 @@ from trainer.tabular import (
     row_name,
 )
 
+log = logging.getLogger(__name__)
 CHUNK_BYTES = _CSV_BLOCK  # about this much file per chunk (pyarrow's CSV block; Parquet rows of about this much text)
 
 
@@ -45,7 +48,8 @@ def read_chunks(spec: str, text_column: str, label_column: str, split: str | Non
                 chunk_bytes: int | None = None) -> Iterator[TextTable]:
     """`read_table(spec, text_column, label_column, split)`'s rows as consecutive tables (each one's
     `num_skipped_empty` counts its own skipped rows; a chunk may hold none of the kept rows). `chunk_bytes`:
-    default CHUNK_BYTES."""
+    default CHUNK_BYTES. Raises `ReadAgain` when the caller must discard the chunks and start over (a CSV row
+    longer than the chunk); `read_all_chunks` does."""
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     fmt = local_format(spec)
     if fmt is None and not Path(spec).is_file():  # a hub dataset, read from datasets' memory-mapped files
@@ -89,31 +93,40 @@ def read_chunks(spec: str, text_column: str, label_column: str, split: str | Non
     _check_rows(source, kept, skipped, first_bad, num_bad, text_column, label_column, locate)
 
 
+class ReadAgain(Exception):  # noqa: N818 - a request, not an error
+    """A CSV row longer than the chunk was met after rows had been given: read the file again from the start with
+    `chunk_bytes` (8 times the chunk, as `tabular._read_csv` grows its block), discarding what was read.
+
+    Why from the start rather than going on after the rows given: pyarrow parses a quoted "\r\n" that falls on a
+    block boundary differently ("\r" only), so rows must all come from one block size to be `read_table`'s."""
+
+    def __init__(self, chunk_bytes: int) -> None:
+        super().__init__(chunk_bytes)
+        self.chunk_bytes = chunk_bytes
+
+
 def _csv_batches(path: Path, fmt: str, text_column: str, label_column: str,
                  block: int) -> Iterator[tuple[pa.Array, pa.Array]]:
     """(texts, labels) of each block of rows. A row longer than a block fails in pyarrow ("straddling object"):
-    the file is then read again with 8 times the block, skipping the rows already given, as `_read_csv` grows its
-    block (which terminates: a row never exceeds the file)."""
+    before any row was given the block grows 8 times and the reading starts again; after, `ReadAgain` asks the
+    caller to (which terminates: a row never exceeds the file)."""
     import pyarrow.csv as pacsv
 
     delimiter, parse, convert = _csv_options(path, fmt, text_column, label_column)
     block = max(block, 1 << 10)
-    given = 0
     while True:
-        skip = given
+        given = False
         try:
             with _csv_stream(path) as stream:
                 for batch in pacsv.open_csv(stream, pacsv.ReadOptions(block_size=block), parse, convert):
-                    if skip >= batch.num_rows:
-                        skip -= batch.num_rows
-                        continue
-                    batch, skip = batch.slice(skip), 0
-                    given += batch.num_rows
+                    given = given or batch.num_rows > 0
                     yield batch.column(text_column), batch.column(label_column)
             return
         except pa.ArrowInvalid as exc:
             if "straddl" in str(exc) and block < _MAX_BLOCK:
                 block = min(block * 8, _MAX_BLOCK)
+                if given:
+                    raise ReadAgain(block) from None
                 continue
             raise _csv_error(path, delimiter, exc) from None
         except (OSError, EOFError, lzma.LZMAError) as exc:  # a truncated or corrupt compressed file
@@ -138,3 +151,19 @@ def _parquet_batches(path: Path, text_column: str, label_column: str,
             yield batch.column(text_column), batch.column(label_column)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: not a valid Parquet file: {str(exc).splitlines()[0]}") from None
+
+
+def read_all_chunks(spec: str, text_column: str, label_column: str, split: str | None, start: Callable[[], Any],
+                    take: Callable[[TextTable], None], chunk_bytes: int | None = None) -> None:
+    """Every chunk of `read_chunks` to `take`, in order, after `start()`; when the file must be read again
+    (`ReadAgain`), `start()` is called again (to discard what `take` kept) and the chunks come from the start."""
+    while True:
+        start()
+        try:
+            for chunk in read_chunks(spec, text_column, label_column, split, chunk_bytes):
+                take(chunk)
+            return
+        except ReadAgain as again:
+            log.info("%s: a row is longer than %d bytes: reading the file again with chunks of %d bytes", spec,
+                     chunk_bytes or CHUNK_BYTES, again.chunk_bytes)
+            chunk_bytes = again.chunk_bytes

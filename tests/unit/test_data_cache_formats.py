@@ -66,3 +66,12 @@ def test_cache_is_the_same_from_every_format(tmp_path, monkeypatch, small):
         assert files.keys() == reference.keys(), fmt
         for name, content in files.items():
             assert content == reference[name], (fmt, name)
+
+
+def test_tokenizing_batches_are_capped_and_shared_by_the_workers(monkeypatch):
+    from trainer.data_cache import BATCH_MAX_BLOCKS, tokenizing_batch
+
+    monkeypatch.setattr(fast_tokenize, "BLOCK_CHARS", 1000)
+    assert tokenizing_batch(0) == tokenizing_batch(1) == (1000, 1000)
+    assert tokenizing_batch(2) == (2000, 1000)  # a block each: the forked workers share the batch
+    assert tokenizing_batch(16) == (BATCH_MAX_BLOCKS * 1000, BATCH_MAX_BLOCKS * 1000 // 16)  # not 16 blocks of text
