@@ -312,8 +312,7 @@ def _read_json(path: Path, fmt: str, text_column: str, label_column: str) -> _Re
         absent = [i for i, (_, r) in enumerate(records) if column not in r]
         if absent:
             where = f"line {lines[absent[0]]}" if lines[absent[0]] else f"record {absent[0] + 1}"
-            log.warning("%s: %d of %d records have no %r field (the first at %s); they are read as null",
-                        path, len(absent), len(records), column, where)
+            warn_absent_field(path, len(absent), len(records), column, where)
     return (
         [r.get(text_column) for _, r in records],
         [r.get(label_column) for _, r in records],
@@ -322,7 +321,11 @@ def _read_json(path: Path, fmt: str, text_column: str, label_column: str) -> _Re
 
 
 def _parse_jsonl(path: Path, fh: IO[bytes]) -> list[tuple[int, dict]]:
-    records = []
+    return list(jsonl_records(path, fh))
+
+
+def jsonl_records(path: Path, fh: IO[bytes]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-blank line, in order; a line that is not a JSON object is an error."""
     for lineno, raw in enumerate(fh, 1):
         if lineno == 1:
             raw = raw.removeprefix(_BOM)
@@ -338,8 +341,12 @@ def _parse_jsonl(path: Path, fh: IO[bytes]) -> list[tuple[int, dict]]:
             raise DataError(f"{path}: line {lineno}: not valid UTF-8 text") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
-        records.append((lineno, obj))
-    return records
+        yield lineno, obj
+
+
+def warn_absent_field(path: Path, count: int, records: int, column: str, where: str) -> None:
+    log.warning("%s: %d of %d records have no %r field (the first at %s); they are read as null",
+                path, count, records, column, where)
 
 
 def _parse_json_document(path: Path, data: bytes, strict: bool) -> list[tuple[int, dict]] | None:

@@ -5,13 +5,14 @@
 `read_table` makes of the whole table (no data rows, no row with text, null labels: the first such row by its
 number in the file and how many there are) are made as the last chunk has been read, so a file gives the same
 errors either way; a bad file may therefore fail after most of it was read. Hub datasets come in batches of rows
-from datasets' memory-mapped Arrow files; JSON and JSON Lines come as one chunk, read whole. Why: the data-cache
-build tokenizes each chunk as it arrives, and 800 MB of CSV held as Python strings took 1.2 GiB (about 10 bytes a
-token of the demo's text).
+from datasets' memory-mapped Arrow files, JSON Lines a chunk of lines at a time; a JSON document (`.json`) comes as
+one chunk, read whole. Why: the data-cache build tokenizes each chunk as it arrives, and 800 MB of CSV held as
+Python strings took 1.2 GiB (about 10 bytes a token of the demo's text).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import lzma
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from trainer.tabular import (
+    _BOM,
     _CSV_BLOCK,
     _MAX_BLOCK,
     DataError,
@@ -32,12 +34,15 @@ from trainer.tabular import (
     _csv_options,
     _csv_stream,
     _local_path,
+    _open,
     _tabs_in,
     _warn_tabs,
     hub_batches,
+    jsonl_records,
     local_format,
     read_table,
     row_name,
+    warn_absent_field,
 )
 
 log = logging.getLogger(__name__)
@@ -65,7 +70,10 @@ def read_chunks(spec: str, text_column: str, label_column: str, split: str | Non
         else:
             batches = _csv_batches(path, fmt, text_column, label_column, chunk_bytes)
             locate = lambda i: f"data row {i + 1}"  # noqa: E731 - read_table's wording
-    else:  # JSON, JSON Lines, or a file of an unsupported type (read_table says so)
+    elif fmt == "jsonl":
+        yield from _jsonl_chunks(_local_path(spec, fmt), text_column, label_column, chunk_bytes)
+        return
+    else:  # a JSON document, or a file of an unsupported type (read_table says so)
         yield read_table(spec, text_column, label_column, split)
         return
     rows = kept = skipped = num_bad = 0
@@ -167,3 +175,57 @@ def read_all_chunks(spec: str, text_column: str, label_column: str, split: str |
             log.info("%s: a row is longer than %d bytes: reading the file again with chunks of %d bytes", spec,
                      chunk_bytes or CHUNK_BYTES, again.chunk_bytes)
             chunk_bytes = again.chunk_bytes
+
+
+def _jsonl_chunks(path: Path, text_column: str, label_column: str, chunk_bytes: int) -> Iterator[TextTable]:
+    """JSON Lines as `tabular._read_json` reads them, about `chunk_bytes` of text at a time: the same rows, the
+    same warnings (fields absent from some records, logged at the end) and errors, with this difference: a file
+    that lacks a column altogether and also has a bad row (a text that is a list, say) reports the row, since
+    the column's absence is known only at the end."""
+    source = str(path)
+    rows = kept = skipped = num_bad = 0
+    first_bad: dict[int, int] = {}  # the first bad row's index -> its line
+    keys: dict[str, None] = {}
+    absent = {text_column: [0, 0], label_column: [0, 0]}  # records without the field, the first one's line
+    try:
+        with _open(path, "rb") as fh:
+            if not fh.read(4096).removeprefix(_BOM).lstrip():
+                raise DataError(f"{path}: empty file")
+            fh.seek(0)
+            texts: list = []
+            labels: list = []
+            lines: list[int] = []
+            size = 0
+            for lineno, record in itertools.chain(jsonl_records(path, fh), [(0, None)]):  # (0, None): the end
+                if record is not None:
+                    if text_column not in keys or label_column not in keys:
+                        keys.update(dict.fromkeys(record))
+                    for column, seen in absent.items():
+                        if column not in record:
+                            seen[0] += 1
+                            seen[1] = seen[1] or lineno
+                    texts.append(record.get(text_column))
+                    labels.append(record.get(label_column))
+                    lines.append(lineno)
+                    text = texts[-1]
+                    size += len(text) if isinstance(text, str) else 16
+                if size >= chunk_bytes or (record is None and texts):
+                    start = rows
+                    chunk = _clean_rows(source, texts, labels, label_column,
+                                        lambda i, lines=lines, start=start: f"line {lines[i - start]}", start=start)
+                    if chunk.bad and not first_bad:
+                        first_bad[chunk.bad[0]] = lines[chunk.bad[0] - start]
+                    rows += len(texts)
+                    kept, skipped, num_bad = kept + len(chunk.texts), skipped + chunk.skipped, num_bad + len(chunk.bad)
+                    texts, labels, lines, size = [], [], [], 0
+                    yield TextTable(chunk.texts, chunk.labels, source, chunk.skipped)
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from None
+    _check_columns(path, list(keys), text_column, label_column)
+    for column, (count, line) in absent.items():
+        if count:
+            warn_absent_field(path, count, rows, column, f"line {line}")
+    if not rows:
+        raise DataError(f"{path}: no data rows")
+    _check_rows(source, kept, skipped, list(first_bad), num_bad, text_column, label_column,
+                lambda i: f"line {first_bad[i]}")
