@@ -8,8 +8,11 @@ import datetime
 import ipaddress
 import logging
 import os
+import secrets
 import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -263,3 +266,50 @@ def broadcast_object(obj, info: DistInfo, src: int = 0, group=None):
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=group if group is not None else host_group())
     return box[0]
+
+
+# How long a rank keeps looking for rank 0's file before it says the folder is not shared: a network filesystem
+# may show a new file to other clients a moment late.
+SHARED_CHECK_WAIT_S = 10.0
+
+
+def check_shared_folders(folders: dict[str, Path], info: DistInfo) -> None:
+    """Stop every rank with a message unless every rank sees the files rank 0 writes in `folders` (setting name ->
+    folder: the run folder, with the checkpoints, and the data cache's).
+
+    Why: on a cluster a node whose folder is its own (a pod's emptyDir, a node-local disk) would wait out
+    `dist.data_timeout_s` for a data cache nobody builds there, or resume from checkpoints the others lack. Rank 0
+    writes a file named by a random token in each folder; every rank looks for it, and all learn who did not see
+    which, so they all stop together rather than some waiting in a collective."""
+    if not info.is_distributed:
+        return
+    name = broadcast_object(f".shared-check-{secrets.token_hex(8)}" if info.is_main else None, info)
+    if info.is_main:
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).touch()
+    barrier(info)
+    deadline = time.monotonic() + SHARED_CHECK_WAIT_S
+    while True:
+        missing = [(setting, str(folder)) for setting, folder in folders.items() if not (folder / name).exists()]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    seen = [None] * info.world_size
+    dist.all_gather_object(seen, (info.rank, socket.gethostname(), missing), group=host_group())
+    barrier(info)  # every rank has looked before the files go
+    if info.is_main:
+        for folder in folders.values():
+            (folder / name).unlink(missing_ok=True)
+    blind = [(rank, host, missing) for rank, host, missing in seen if missing]
+    if blind:
+        from trainer.config import ConfigError
+
+        rank, host, missing = blind[0]
+        hosts = sorted({h for _, h, _ in blind})
+        raise ConfigError(
+            f"{missing[0][0]} {missing[0][1]}: rank {rank} on {host} does not see the files rank 0 writes there "
+            f"({len(blind)} of {info.world_size} ranks, on {', '.join(hosts[:5])}): every node must mount the same "
+            "storage at this path (a shared filesystem or a ReadWriteMany volume, k8s/README.md), or the ranks "
+            "would wait for a data cache and read checkpoints that only rank 0's node has"
+        )

@@ -30,6 +30,7 @@ from trainer.distributed import (
     agree_any,
     all_reduce_,
     broadcast_object,
+    check_shared_folders,
     init_distributed,
     shutdown_distributed,
 )
@@ -163,6 +164,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        shared = {"run.dir": self.run_dir}
+        if not cache_root(cfg).resolve().is_relative_to(self.run_dir.resolve()):
+            shared["data.cache_dir"] = cache_root(cfg)
+        check_shared_folders(shared, info)
         if cfg.train.resume == "never" and valid_steps(self.run_dir / "checkpoints"):
             raise ResumeError(f"run.dir {self.run_dir} already holds checkpoints and train.resume = never; "
                               "use another run.dir or train.resume = auto")
