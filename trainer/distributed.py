@@ -274,41 +274,56 @@ SHARED_CHECK_WAIT_S = 10.0
 
 
 def check_shared_folders(folders: dict[str, Path], info: DistInfo) -> None:
-    """Stop every rank with a message unless every rank sees the files rank 0 writes in `folders` (setting name ->
+    """Stop every rank with a message unless every rank sees the files rank 0 sees in `folders` (setting name ->
     folder: the run folder, with the checkpoints, and the data cache's).
 
     Why: on a cluster a node whose folder is its own (a pod's emptyDir, a node-local disk) would wait out
     `dist.data_timeout_s` for a data cache nobody builds there, or resume from checkpoints the others lack. Rank 0
-    writes a file named by a random token in each folder; every rank looks for it, and all learn who did not see
-    which, so they all stop together rather than some waiting in a collective."""
+    writes a file named by a random token in each folder (in a folder it cannot write, a read-only cache built
+    before, it names an entry already there instead); every rank looks for it, and all learn who did not see
+    which, so they all stop together rather than some waiting in a collective. A run folder rank 0 cannot write
+    stops every rank too."""
     if not info.is_distributed:
         return
-    name = broadcast_object(f".shared-check-{secrets.token_hex(8)}" if info.is_main else None, info)
+    probes: dict[str, str | None] = {}
+    unwritable = ""
     if info.is_main:
-        for folder in folders.values():
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / name).touch()
-    barrier(info)
+        token = f".shared-check-{secrets.token_hex(8)}"
+        for setting, folder in folders.items():
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / token).touch()
+                probes[setting] = token
+            except OSError as e:
+                entries = sorted(os.listdir(folder)) if folder.is_dir() and os.access(folder, os.R_OK) else []
+                probes[setting] = entries[0] if entries else None
+                if setting == "run.dir" or not entries:
+                    unwritable = unwritable or f"{setting} {folder}: rank 0 cannot write there: {e}"
+    probes, unwritable = broadcast_object((probes, unwritable), info)
     deadline = time.monotonic() + SHARED_CHECK_WAIT_S
     while True:
-        missing = [(setting, str(folder)) for setting, folder in folders.items() if not (folder / name).exists()]
+        missing = [(setting, str(folder)) for setting, folder in folders.items()
+                   if probes.get(setting) and not (folder / probes[setting]).exists()]
         if not missing or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     seen = [None] * info.world_size
-    dist.all_gather_object(seen, (info.rank, socket.gethostname(), missing), group=host_group())
-    barrier(info)  # every rank has looked before the files go
-    if info.is_main:
-        for folder in folders.values():
-            (folder / name).unlink(missing_ok=True)
+    # on the data-wait group (long timeout): the ranks that see the files wait here for those still looking
+    dist.all_gather_object(seen, (info.rank, socket.gethostname(), missing), group=data_wait_group())
+    if info.is_main:  # every rank has looked
+        for setting, folder in folders.items():
+            if (probes.get(setting) or "").startswith(".shared-check-"):
+                (folder / probes[setting]).unlink(missing_ok=True)
+    from trainer.config import ConfigError
+
+    if unwritable:
+        raise ConfigError(unwritable)
     blind = [(rank, host, missing) for rank, host, missing in seen if missing]
     if blind:
-        from trainer.config import ConfigError
-
         rank, host, missing = blind[0]
         hosts = sorted({h for _, h, _ in blind})
         raise ConfigError(
-            f"{missing[0][0]} {missing[0][1]}: rank {rank} on {host} does not see the files rank 0 writes there "
+            f"{missing[0][0]} {missing[0][1]}: rank {rank} on {host} does not see the files rank 0 sees there "
             f"({len(blind)} of {info.world_size} ranks, on {', '.join(hosts[:5])}): every node must mount the same "
             "storage at this path (a shared filesystem or a ReadWriteMany volume, k8s/README.md), or the ranks "
             "would wait for a data cache and read checkpoints that only rank 0's node has"

@@ -1,10 +1,13 @@
 """eval / predict / neighbors over an exported model (single process)."""
 
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -41,6 +44,25 @@ def _local_info(device: torch.device) -> DistInfo:
     return DistInfo(0, 0, 1, device, "none")
 
 
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM raises SystemExit (exit status 143) inside the block, so the `finally`s of what it holds run: eval's
+    encoded copy of its file, which a large file makes gigabytes, is removed rather than left under eval/. Only in
+    the main thread (where Python delivers signals); elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_on_sigterm(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_eval(run: str, data: str, device: str = "cpu", extend: bool = True) -> tuple[dict, str]:
     """Metrics of the exported model on `data`. `extend`: words unseen in training get their pretrained rows
     (LoadedModel), as `predict` does by default; the figures can then differ slightly from the run's own test
@@ -54,7 +76,7 @@ def run_eval(run: str, data: str, device: str = "cpu", extend: bool = True) -> t
     table = read_tokenized(data, cfg, "test", featurizer.tokenizer, featurizer.workers, setting="--data")
     out_dir = folder.parent / "eval"
     out_dir.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".encoded-", dir=out_dir) as encoded:
+    with _sigterm_exits(), tempfile.TemporaryDirectory(prefix=".encoded-", dir=out_dir) as encoded:
         docs = featurizer.encode_tokenized(table.tokenized, table.labels, folder=Path(encoded))
         metrics = evaluate(loaded.model, docs, loaded.vocab.num_pretrained, cfg.model.encoder == "lstm",
                            len(loaded.vocab.labels), _local_info(loaded.device))

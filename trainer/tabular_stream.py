@@ -179,11 +179,13 @@ def read_all_chunks(spec: str, text_column: str, label_column: str, split: str |
 
 def _jsonl_chunks(path: Path, text_column: str, label_column: str, chunk_bytes: int) -> Iterator[TextTable]:
     """JSON Lines as `tabular._read_json` reads them, about `chunk_bytes` of text at a time: the same rows, the
-    same warnings (fields absent from some records, logged at the end) and errors, with this difference: a file
-    that lacks a column altogether and also has a bad row (a text that is a list, say) reports the row, since
-    the column's absence is known only at the end."""
+    same warnings (fields absent from some records, logged at the end) and the same errors. `_read_json` parses
+    every line before it looks at a row, so a bad row (a text that is a list, say) stops the chunks but not the
+    parsing: a later line that is not JSON, or a column no record has, is the error reported, as there."""
     source = str(path)
     rows = kept = skipped = num_bad = 0
+    row_error: DataError | None = None  # the first bad row's, raised once the whole file has parsed
+    num_records = 0
     first_bad: dict[int, int] = {}  # the first bad row's index -> its line
     keys: dict[str, None] = {}
     absent = {text_column: [0, 0], label_column: [0, 0]}  # records without the field, the first one's line
@@ -198,6 +200,7 @@ def _jsonl_chunks(path: Path, text_column: str, label_column: str, chunk_bytes: 
             size = 0
             for lineno, record in itertools.chain(jsonl_records(path, fh), [(0, None)]):  # (0, None): the end
                 if record is not None:
+                    num_records += 1
                     if text_column not in keys or label_column not in keys:
                         keys.update(dict.fromkeys(record))
                     for column, seen in absent.items():
@@ -209,10 +212,17 @@ def _jsonl_chunks(path: Path, text_column: str, label_column: str, chunk_bytes: 
                     lines.append(lineno)
                     text = texts[-1]
                     size += len(text) if isinstance(text, str) else 16
-                if size >= chunk_bytes or (record is None and texts):
+                if row_error is not None:  # only parsing now: the rows are not needed
+                    texts, labels, lines, size = [], [], [], 0
+                elif size >= chunk_bytes or (record is None and texts):
                     start = rows
-                    chunk = _clean_rows(source, texts, labels, label_column,
-                                        lambda i, lines=lines, start=start: f"line {lines[i - start]}", start=start)
+                    try:
+                        chunk = _clean_rows(source, texts, labels, label_column,
+                                            lambda i, lines=lines, start=start: f"line {lines[i - start]}",
+                                            start=start)
+                    except DataError as e:
+                        row_error = e
+                        continue
                     if chunk.bad and not first_bad:
                         first_bad[chunk.bad[0]] = lines[chunk.bad[0] - start]
                     rows += len(texts)
@@ -224,7 +234,9 @@ def _jsonl_chunks(path: Path, text_column: str, label_column: str, chunk_bytes: 
     _check_columns(path, list(keys), text_column, label_column)
     for column, (count, line) in absent.items():
         if count:
-            warn_absent_field(path, count, rows, column, f"line {line}")
+            warn_absent_field(path, count, num_records, column, f"line {line}")
+    if row_error is not None:
+        raise row_error
     if not rows:
         raise DataError(f"{path}: no data rows")
     _check_rows(source, kept, skipped, list(first_bad), num_bad, text_column, label_column,

@@ -578,3 +578,27 @@ def test_wide_model_exports_and_evaluates_as_trained(quick_config, tiny_data):
     assert summary["loss"] == pytest.approx(result["test"]["loss"], rel=1e-6)
     extended, _ = run_eval(str(run), str(tiny_data["test"]))  # extra pretrained words: zero wide rows, idf 0
     assert extended["extended_words"] > 0 and extended["n"] == summary["n"]
+
+
+def test_eval_removes_its_encoded_copy_when_terminated(quick_config, tiny_data, monkeypatch):
+    """SIGTERM while eval evaluates (its file encoded into eval/.encoded-*): exit status 143, the copy removed."""
+    import os
+    import signal
+
+    from trainer import inference
+
+    path = quick_config("sigterm", train={"max_steps": 3})
+    make_trainer(path).fit()
+    run = Path(tomllib.loads(path.read_text())["run"]["dir"])
+
+    def terminated(*args, **kwargs):
+        assert list((run / "eval").glob(".encoded-*/token_ids.npy"))  # the copy exists while evaluating
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop eval")
+
+    monkeypatch.setattr(inference, "evaluate", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        inference.run_eval(str(run), str(tiny_data["test"]))
+    assert stopped.value.code == 143
+    assert not list((run / "eval").glob(".encoded-*")) and signal.getsignal(signal.SIGTERM) is before
