@@ -110,14 +110,18 @@ class FolderSink:
         self.files, self.dtypes, self.written, self.sizes = {}, {}, {}, sizes
         self.pending: list[tuple[str, int, np.ndarray]] = []
         self.largest: dict[str, int] = {}  # per file: the largest value written (for `save`'s dtype and zeros rules)
-        for name in PER_TOKEN:
-            if name == "char_token_counts" and not char_ngrams:
-                continue
-            bound = id_bounds.get(name)
-            self.dtypes[name] = np.dtype(np.int32 if bound is not None and bound <= INT32_MAX else np.int64)
-            self.files[name] = open(folder / f"{name}.npy", "wb")  # noqa: SIM115 - closed by finish / close
-            _write_header(self.files[name], self.dtypes[name], sizes[name])
-            self.written[name] = 0
+        try:
+            for name in PER_TOKEN:
+                if name == "char_token_counts" and not char_ngrams:
+                    continue
+                bound = id_bounds.get(name)
+                self.dtypes[name] = np.dtype(np.int32 if bound is not None and bound <= INT32_MAX else np.int64)
+                self.files[name] = open(folder / f"{name}.npy", "wb")  # noqa: SIM115 - closed by finish / close
+                _write_header(self.files[name], self.dtypes[name], sizes[name])
+                self.written[name] = 0
+        except BaseException:
+            self.close()
+            raise
 
     def span(self, name: str, lo: int, hi: int) -> np.ndarray:
         """A fresh int64 buffer for [lo, hi) of `name`, written to its file at `end_block` (pieces of one array

@@ -105,8 +105,8 @@ class ReadAgain(Exception):  # noqa: N818 - a request, not an error
     """A CSV row longer than the chunk was met after rows had been given: read the file again from the start with
     `chunk_bytes` (8 times the chunk, as `tabular._read_csv` grows its block), discarding what was read.
 
-    Why from the start rather than going on after the rows given: pyarrow parses a quoted "\r\n" that falls on a
-    block boundary differently ("\r" only), so rows must all come from one block size to be `read_table`'s."""
+    Why from the start rather than going on after the rows given: pyarrow parses a quoted CRLF that falls on a
+    block boundary differently (the CR only), so rows must all come from one block size to be `read_table`'s."""
 
     def __init__(self, chunk_bytes: int) -> None:
         super().__init__(chunk_bytes)
