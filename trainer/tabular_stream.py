@@ -22,7 +22,6 @@ from typing import Any
 import pyarrow as pa
 
 from trainer.tabular import (
-    _BOM,
     _CSV_BLOCK,
     _MAX_BLOCK,
     DataError,
@@ -38,12 +37,11 @@ from trainer.tabular import (
     _tabs_in,
     _warn_tabs,
     hub_batches,
-    jsonl_records,
     local_format,
     read_table,
     row_name,
-    warn_absent_field,
 )
+from trainer.tabular_json import _BOM, jsonl_records, warn_absent_field
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = _CSV_BLOCK  # about this much file per chunk (pyarrow's CSV block; Parquet rows of about this much text)
@@ -178,8 +176,8 @@ def read_all_chunks(spec: str, text_column: str, label_column: str, split: str |
 
 
 def _jsonl_chunks(path: Path, text_column: str, label_column: str, chunk_bytes: int) -> Iterator[TextTable]:
-    """JSON Lines as `tabular._read_json` reads them, about `chunk_bytes` of text at a time: the same rows, the
-    same warnings (fields absent from some records, logged at the end) and the same errors. `_read_json` parses
+    """JSON Lines as `tabular_json.read_json` reads them, about `chunk_bytes` of text at a time: the same rows, the
+    same warnings (fields absent from some records, logged at the end) and the same errors. `read_json` parses
     every line before it looks at a row, so a bad row (a text that is a list, say) stops the chunks but not the
     parsing: a later line that is not JSON, or a column no record has, is the error reported, as there."""
     source = str(path)
