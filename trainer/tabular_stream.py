@@ -45,6 +45,7 @@ from trainer.tabular_json import _BOM, jsonl_records, warn_absent_field
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = _CSV_BLOCK  # about this much file per chunk (pyarrow's CSV block; Parquet rows of about this much text)
+PARQUET_MAX_ROWS = 1 << 16
 
 
 def read_chunks(spec: str, text_column: str, label_column: str, split: str | None = None,
@@ -152,7 +153,9 @@ def _parquet_batches(path: Path, text_column: str, label_column: str,
         text_bytes = sum(chunk.total_uncompressed_size for g in range(meta.num_row_groups)
                          for chunk in map(meta.row_group(g).column, range(meta.num_columns))
                          if chunk.path_in_schema == text_column)
-        rows_per_batch = max(1, chunk_bytes * max(1, meta.num_rows) // max(1, text_bytes))
+        # the stored size understates dictionary-encoded text (a repeated text is stored once): at most
+        # PARQUET_MAX_ROWS rows a batch whatever the estimate
+        rows_per_batch = max(1, min(PARQUET_MAX_ROWS, chunk_bytes * max(1, meta.num_rows) // max(1, text_bytes)))
         for batch in reader.iter_batches(batch_size=rows_per_batch, columns=[text_column, label_column]):
             yield batch.column(text_column), batch.column(label_column)
     except (pa.ArrowException, OSError) as exc:

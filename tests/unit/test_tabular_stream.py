@@ -185,3 +185,14 @@ def test_quoted_crlf_rows_are_read_tables_when_the_file_is_read_again(tmp_path, 
     path = write(tmp_path / "crlf.csv", rows)
     whole = read_table(str(path), "text", "label")
     assert joined(path, 1)[:2] == (whole.texts, whole.labels)
+
+
+def test_parquet_batches_of_repeated_text_are_capped_in_rows(tmp_path, monkeypatch):
+    """A repeated text is stored once (dictionary encoding), so the stored size would size batches of every row."""
+    from trainer import tabular_stream
+
+    monkeypatch.setattr(tabular_stream, "PARQUET_MAX_ROWS", 1000)
+    path = tmp_path / "same.parquet"
+    pq.write_table(pa.table({"text": ["the same long text " * 50] * 5000, "label": ["a", "b"] * 2500}), path)
+    chunks = list(read_chunks(str(path), "text", "label"))
+    assert [len(c) for c in chunks] == [1000] * 5
