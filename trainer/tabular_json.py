@@ -16,6 +16,18 @@ from trainer.tabular import DataError, _check_columns, _open, _Read, log
 _BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, which some editors put at the start of a file
 
 
+def first_content(fh: IO[bytes]) -> bytes:
+    """The file's first bytes that are not whitespace (after a byte order mark), b"" if it has none: its content
+    starts there, however many blank lines come first."""
+    block = fh.read(1 << 16).removeprefix(_BOM)
+    while block:
+        head = block.lstrip()
+        if head:
+            return head
+        block = fh.read(1 << 16)
+    return b""
+
+
 def read_json(path: Path, fmt: str, text_column: str, label_column: str) -> _Read:
     """JSON Lines (one object per line), or for ``.json`` also a top-level array of objects.
 
@@ -24,7 +36,7 @@ def read_json(path: Path, fmt: str, text_column: str, label_column: str) -> _Rea
     """
     try:
         with _open(path, "rb") as fh:
-            head = fh.read(4096).removeprefix(_BOM).lstrip()
+            head = first_content(fh)
             fh.seek(0)
             if not head:
                 raise DataError(f"{path}: empty file")

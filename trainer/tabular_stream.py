@@ -41,7 +41,7 @@ from trainer.tabular import (
     read_table,
     row_name,
 )
-from trainer.tabular_json import _BOM, jsonl_records, warn_absent_field
+from trainer.tabular_json import first_content, jsonl_records, warn_absent_field
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = _CSV_BLOCK  # about this much file per chunk (pyarrow's CSV block; Parquet rows of about this much text)
@@ -192,7 +192,7 @@ def _jsonl_chunks(path: Path, text_column: str, label_column: str, chunk_bytes: 
     absent = {text_column: [0, 0], label_column: [0, 0]}  # records without the field, the first one's line
     try:
         with _open(path, "rb") as fh:
-            if not fh.read(4096).removeprefix(_BOM).lstrip():
+            if not first_content(fh):
                 raise DataError(f"{path}: empty file")
             fh.seek(0)
             texts: list = []

@@ -196,3 +196,14 @@ def test_parquet_batches_of_repeated_text_are_capped_in_rows(tmp_path, monkeypat
     pq.write_table(pa.table({"text": ["the same long text " * 50] * 5000, "label": ["a", "b"] * 2500}), path)
     chunks = list(read_chunks(str(path), "text", "label"))
     assert [len(c) for c in chunks] == [1000] * 5
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json"])
+def test_json_files_may_start_with_many_blank_lines(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("\n" * 70_000 + '{"text": "one", "label": "a"}\n{"text": "two", "label": "b"}\n')
+    assert read_table(str(path), "text", "label").texts == ["one", "two"]
+    assert joined(path, 1 << 20)[:2] == (["one", "two"], ["a", "b"])
+    path.write_text("\n" * 70_000)
+    with pytest.raises(DataError, match="empty file"):
+        joined(path, 1 << 20)
