@@ -154,13 +154,12 @@ def _read_csv(path: Path, fmt: str, text_column: str, label_column: str) -> _Rea
                 table = pacsv.read_csv(source, pacsv.ReadOptions(block_size=block), parse, convert)
             break
         except pa.ArrowInvalid as exc:
-            if "straddl" in str(exc) and block < _MAX_BLOCK:
-                block = min(block * 8, _MAX_BLOCK)
+            block = _larger_block(exc, block)
+            if block:
                 continue
             raise _csv_error(path, delimiter, exc) from None
-        except (OSError, EOFError, lzma.LZMAError) as exc:  # a truncated or corrupt compressed file
-            raise DataError(f"{path}: cannot read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")\
-                from None
+        except READ_ERRORS as exc:
+            raise _cannot_read(path, exc) from None
     if fmt == "tsv":
         _warn_tabs_in_text(path, table.column(text_column))
     return (
@@ -168,6 +167,20 @@ def _read_csv(path: Path, fmt: str, text_column: str, label_column: str) -> _Rea
         table.column(label_column).to_pylist(),
         lambda i: f"data row {i + 1}",
     )
+
+
+# A truncated or corrupt compressed file fails with one of these while it is read.
+READ_ERRORS = (OSError, EOFError, lzma.LZMAError)
+
+
+def _cannot_read(path: Path, exc: BaseException) -> DataError:
+    return DataError(f"{path}: cannot read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
+def _larger_block(exc: BaseException, block: int) -> int:
+    """The block to read with next when pyarrow failed on a row longer than `block` ("straddling object"): 8
+    times larger, which terminates because a row never exceeds the file; 0 for any other failure."""
+    return min(block * 8, _MAX_BLOCK) if "straddl" in str(exc) and block < _MAX_BLOCK else 0
 
 
 def _csv_options(path: Path, fmt: str, text_column: str, label_column: str) -> tuple[str, Any, Any]:

@@ -6,12 +6,11 @@ more here than speed, and labels whose JSON type varies between rows are read as
 from __future__ import annotations
 
 import json
-import lzma
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from trainer.tabular import DataError, _check_columns, _open, _Read, log
+from trainer.tabular import READ_ERRORS, DataError, _check_columns, _open, _Read, log
 
 _BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, which some editors put at the start of a file
 
@@ -46,7 +45,7 @@ def read_json(path: Path, fmt: str, text_column: str, label_column: str) -> _Rea
                 fh.seek(0)
             if records is None:
                 records = _parse_jsonl(path, fh)
-    except (OSError, EOFError, lzma.LZMAError) as exc:
+    except READ_ERRORS as exc:
         raise DataError(f"{path}: cannot read: {exc}") from None
     keys: dict[str, None] = {}
     for _, record in records:

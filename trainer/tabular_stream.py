@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import lzma
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,17 @@ import pyarrow as pa
 
 from trainer.tabular import (
     _CSV_BLOCK,
-    _MAX_BLOCK,
+    READ_ERRORS,
     DataError,
     TextTable,
+    _cannot_read,
     _check_columns,
     _check_rows,
     _clean_rows,
     _csv_error,
     _csv_options,
     _csv_stream,
+    _larger_block,
     _local_path,
     _open,
     _tabs_in,
@@ -130,15 +131,14 @@ def _csv_batches(path: Path, fmt: str, text_column: str, label_column: str,
                     yield batch.column(text_column), batch.column(label_column)
             return
         except pa.ArrowInvalid as exc:
-            if "straddl" in str(exc) and block < _MAX_BLOCK:
-                block = min(block * 8, _MAX_BLOCK)
-                if given:
-                    raise ReadAgain(block) from None
+            block = _larger_block(exc, block)
+            if block and given:
+                raise ReadAgain(block) from None
+            if block:
                 continue
             raise _csv_error(path, delimiter, exc) from None
-        except (OSError, EOFError, lzma.LZMAError) as exc:  # a truncated or corrupt compressed file
-            raise DataError(f"{path}: cannot read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")\
-                from None
+        except READ_ERRORS as exc:
+            raise _cannot_read(path, exc) from None
 
 
 def _parquet_batches(path: Path, text_column: str, label_column: str,
@@ -230,7 +230,7 @@ def _jsonl_chunks(path: Path, text_column: str, label_column: str, chunk_bytes: 
                     kept, skipped, num_bad = kept + len(chunk.texts), skipped + chunk.skipped, num_bad + len(chunk.bad)
                     texts, labels, lines, size = [], [], [], 0
                     yield TextTable(chunk.texts, chunk.labels, source, chunk.skipped)
-    except (OSError, EOFError, lzma.LZMAError) as exc:
+    except READ_ERRORS as exc:
         raise DataError(f"{path}: cannot read: {exc}") from None
     _check_columns(path, list(keys), text_column, label_column)
     for column, (count, line) in absent.items():
