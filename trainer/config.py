@@ -196,6 +196,10 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     # Clip the dense gradients' global norm to this; 0 disables. Sparse tables are not clipped.
     grad_clip: float = 1.0
+    # With sparse = sgd: apply the tables' update straight from the pooled sums' gradient, never making the tables'
+    # gradients (trainer/fused_sgd.py: one CPU process, bag / masked_bag, no wide tables or pretrained correction;
+    # the same weights bit for bit). false: always the autograd path.
+    fused_sgd: bool = True
 
     def __post_init__(self) -> None:
         _choice(self.sparse, "optim.sparse", ("sparse_adam", "sgd", "adagrad", "rowwise_adagrad"))

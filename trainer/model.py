@@ -88,6 +88,8 @@ class TextClassifier(nn.Module):
         self.delta_active = False
         # bf16 autocast for the dense part on CUDA (train.bf16); lookups and pooling stay float32
         self.dense_autocast = False
+        # set by the trainer where sgd on the tables can be fused with their lookups (fused_sgd.py); training only
+        self.fused_sgd = None
 
     def _lookups(self, batch: Batch, word_groups: tuple | None, words_fused: bool = False) -> dict[str, torch.Tensor]:
         """Every table lookup of the step in one `pooled_many` call (row-wise tables fuse its collectives);
@@ -198,6 +200,10 @@ class TextClassifier(nn.Module):
     def embed(self, batch: Batch) -> torch.Tensor:
         """Document vectors (B, D) for bag encoders; token vectors (N, D) for the LSTM."""
         word_groups = self._word_groups(batch) if self.encoder == "masked_bag" else None
+        if self.fused_sgd is not None and self.training and torch.is_grad_enabled():
+            # the word and n-gram sums in one Function whose tables get no gradient: the optimizer step applies
+            # their SGD update from the sums' gradient (fused_sgd.py)
+            return self._pooled(batch, self.fused_sgd.pool(batch, word_groups))
         x = None
         if word_groups is not None and not self.tables.has("pretrained_delta"):
             # (the fused sums know no pretrained correction)
@@ -220,6 +226,10 @@ class TextClassifier(nn.Module):
             has_word = _counts(batch, "pretrained") + _counts(batch, "oov")
             n_chars = _counts(batch, "char")
             return x / (has_word + n_chars).clamp(min=1).unsqueeze(1).to(x.dtype)
+        return self._pooled(batch, x)
+
+    def _pooled(self, batch: Batch, x: torch.Tensor) -> torch.Tensor:
+        """A bag encoder's per-document sums divided as `model.pooling` says."""
         lengths = batch.lengths
         if self.chars_wide_only:  # batch.lengths counts the char ids, which only the wide part looks up
             lengths = lengths - _counts(batch, "char").to(lengths.dtype)

@@ -17,7 +17,12 @@ from torch import nn
 
 from trainer import eager_optim
 from trainer.config import OptimConfig
-from trainer.sparse_optim import build_sparse_optimizer, init_optimizer_state, optimizer_state_tensors
+from trainer.sparse_optim import (
+    SparseSGD,
+    build_sparse_optimizer,
+    init_optimizer_state,
+    optimizer_state_tensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +118,7 @@ class OptimizerContainer:
             self.optimizers["pretrained"] = build_sparse_optimizer(
                 cfg.sparse, [p for _, p in named["pretrained"]], cfg.pretrained_lr
             )
+        self._fused = None  # fuse_tables
         self.base_lr = {name: [g["lr"] for g in opt.param_groups] for name, opt in self.optimizers.items()}
         self.group_names = {g: [n for n, _ in named[g]] for g in named}
         self._check_coverage(model, frozen)
@@ -138,8 +144,9 @@ class OptimizerContainer:
                 continue
             opt = self.optimizers[group]
             numel = sum(p.numel() for pg in opt.param_groups for p in pg["params"])
+            fused = " (fused with the lookups' backward: fused_sgd.py)" if group == "sparse" and self._fused else ""
             lines.append(f"  {group:<10} {type(opt).__name__:<16} lr={self.base_lr[group][0]:g} "
-                         f"params={numel:,} [{', '.join(names)}]")
+                         f"params={numel:,} [{', '.join(names)}]{fused}")
         return "optimizer split:\n" + "\n".join(lines)
 
     def pretrained_active(self, step: int) -> bool:
@@ -175,11 +182,25 @@ class OptimizerContainer:
             return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
 
+    def fuse_tables(self, fused) -> None:
+        """Let `fused` (fused_sgd.FusedTableSGD) update the sparse optimizer's tables at each step, from the pooled
+        sums' gradient, at that optimizer's learning rates (the tables keep no `.grad`, so its own step skips
+        them). Every table it updates must be in the sparse optimizer: it stays their one optimizer."""
+        opt = self.optimizers.get("sparse")
+        groups = {id(p): g for g in (opt.param_groups if opt else []) for p in g["params"]}
+        missing = [n for n, p in fused.params().items() if id(p) not in groups]
+        if missing or not isinstance(opt, SparseSGD):
+            raise AssertionError(f"fused sgd: tables {missing} not stepped by the sparse optimizer's SparseSGD")
+        self._fused = fused
+        self._fused_groups = {name: groups[id(p)] for name, p in fused.params().items()}
+
     def step(self, step: int) -> None:
         for name, opt in self.optimizers.items():
             if name == "pretrained" and not self.pretrained_active(step):
                 continue
             opt.step()
+        if self._fused is not None:
+            self._fused.apply({name: g["lr"] for name, g in self._fused_groups.items()})
 
     def init_state(self) -> None:
         """Create every optimizer's state before a checkpoint is loaded into it (a fresh SparseAdam has none)."""

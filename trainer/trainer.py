@@ -37,6 +37,8 @@ from trainer.distributed import (
 from trainer.embeddings import build_table_specs
 from trainer.evaluation import confusion_image, evaluate, per_class_table
 from trainer.export import export_model
+from trainer.fused_sgd import FusedTableSGD
+from trainer.fused_sgd import why_not as why_fused_sgd_not
 from trainer.metrics import (
     MetricsLogger,
     NullLogger,
@@ -215,6 +217,10 @@ class Trainer:
         self.total_steps = tc.max_steps or self.plan.total_steps(tc.epochs)
         unfreeze = 0 if (cfg.pretrained_trainable and not e.freeze_pretrained) else e.unfreeze_after_steps
         self.optim = OptimizerContainer(self.train_model, cfg.optim, self.total_steps, unfreeze, self.frozen)
+        self.fused_sgd_reason = why_fused_sgd_not(cfg, info, tables, cfg.model) if cfg.optim.sparse == "sgd" else None
+        if cfg.optim.sparse == "sgd" and self.fused_sgd_reason is None:
+            self.model.fused_sgd = FusedTableSGD(tables, masked=cfg.model.encoder == "masked_bag")
+            self.optim.fuse_tables(self.model.fused_sgd)
         self.weights = class_weights(np.asarray(self.data.train.labels), len(vocab.labels), tc.class_weights)
         self.weights_t = torch.from_numpy(self.weights).to(info.device)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, info)
