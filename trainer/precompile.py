@@ -8,7 +8,7 @@ TRAINER_NUMBA_SEED_DIR; each process then uses a whole copy of it inside its own
 How: which kernels run, and for which argument types, depends on the route through the model, so this trains a few
 tiny models on synthetic data, each for a handful of steps, one per route: the demo's (masked_bag + bigrams, sgd;
 then eval, predict and neighbors on its exported model), bag + char n-grams with rowwise_adagrad and a token
-budget, wide & deep with sparse_adam and a late unfreeze, concat pooling with adagrad, the LSTM, and (unless
+budget, wide & deep with sparse_adam and a late unfreeze, masked_bag with concat pooling and adagrad, the LSTM, and (unless
 --no-distributed) row_wise and replicated tables over 2 gloo processes under torchrun. It ends by listing the
 kernels none of them compiled, if any (--strict: and exits 1, so that a kernel no route reaches fails the image
 build). A kernel is cached for this CPU (or for NUMBA_CPU_NAME, e.g. `generic`, which makes the cache valid on any
@@ -44,8 +44,9 @@ ROUTES = {
              ["--model.encoder", "masked_bag", "--embeddings.ngram_buckets", "64", "--embeddings.char_ngrams", "64",
               "--model.wide", "words,bigrams,chars", "--model.deep_chars", "false", "--optim.sparse", "sparse_adam",
               "--embeddings.unfreeze_after_steps", "2"]),
-    "concat": ("bag, concat of words / bigrams / char n-grams, sqrt pooling, hidden layer, adagrad",
-               ["--model.encoder", "bag", "--embeddings.ngram_buckets", "64", "--embeddings.char_ngrams", "64",
+    # masked_bag's word sums with a table gradient (the demo's route fuses sgd with the lookups: fused_sgd.py)
+    "concat": ("masked_bag, concat of words / bigrams / char n-grams, sqrt pooling, hidden layer, adagrad",
+               ["--model.encoder", "masked_bag", "--embeddings.ngram_buckets", "64", "--embeddings.char_ngrams", "64",
                 "--model.combine", "concat", "--model.pooling", "sqrt", "--model.hidden", "8",
                 "--optim.sparse", "adagrad"]),
     "lstm": ("lstm encoder, sgd", ["--model.encoder", "lstm", "--model.lstm_hidden", "8", "--optim.sparse", "sgd"]),

@@ -299,7 +299,9 @@ def test_the_fused_word_sums_train_the_same_model_as_the_op_by_op_path(tiny_conf
         if not fused:
             monkeypatch.setattr(LocalTables, "masked_words", lambda self, *args: None)
         cfg = load_config(tiny_config(f"run{fused}", model={"encoder": "masked_bag"},
-                                      embeddings={"ngram_buckets": 64}, optim={"sparse": "sgd", "sparse_lr": 5.0}),
+                                      embeddings={"ngram_buckets": 64},
+                                      # the autograd path (the fused table SGD would bypass masked_words)
+                                      optim={"sparse": "sgd", "sparse_lr": 5.0, "fused_sgd": False}),
                           ["--train.threads", "1", "--train.max_steps", "3", "--checkpoint.enabled", "false"])
         trainer = Trainer(cfg, DistInfo(0, 0, 1, torch.device("cpu"), "none"))
         trainer.build()
