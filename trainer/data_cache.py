@@ -383,6 +383,7 @@ def start_background_build(cfg: Config) -> BackgroundBuild | None:
         os.register_at_fork(after_in_child=lambda: os.close(write_fd))
         if os.getppid() != parent:  # the parent died before the death signal was armed
             raise SystemExit(1)
+        jit.load_registries()  # the tokenizing kernels' first call, without importing scipy
         pretrained = load_pretrained(cfg, progress=cfg.metrics.progress)
         folder = cache_root(cfg) / f"data-{cache_key(cfg, pretrained)}"
         if not (folder / "done.json").exists():

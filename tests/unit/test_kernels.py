@@ -276,3 +276,25 @@ def test_a_cpu_level_this_cpu_lacks_is_refused() -> None:
     assert jit.missing_cpu_features("x86-64-v2", no_avx2) == []
     assert jit.missing_cpu_features("generic", {}) == []  # any x86-64
     assert jit.missing_cpu_features("skylake", {}) == []  # a CPU model: numba's (and the user's) business
+
+
+def _fresh_python(code: str) -> str:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_numba_starts_without_importing_scipy_and_scipy_still_imports() -> None:
+    """jit keeps scipy out of numba's import and registry loading (0.3 s a process), and numba then knows it has no
+    BLAS; scipy imports normally afterwards, and a process that imported scipy first keeps numba's usual view."""
+    hidden = _fresh_python(
+        "import sys\nimport trainer.jit as j\nbefore = 'scipy' in sys.modules\nj.load_registries()\n"
+        "from numba.np import arraymath\nimport scipy.linalg\n"
+        "print(before, 'scipy.linalg' in sys.modules and sys.modules['scipy.linalg'] is not None, "
+        "arraymath._HAVE_BLAS)")
+    assert hidden == "False True False"
+    usual = _fresh_python(
+        "import scipy.linalg\nimport trainer.jit as j\nj.load_registries()\nfrom numba.np import arraymath\n"
+        "print(arraymath._HAVE_BLAS)")
+    assert usual == "True"
