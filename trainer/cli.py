@@ -76,7 +76,7 @@ def cmd_train(argv: list[str]) -> int:
         from trainer.config import ConfigError
 
         raise ConfigError("data.train: no training data given (set it in the config or pass --data.train PATH)")
-    from trainer.data_cache import start_background_build
+    from trainer.background_build import start_background_build
 
     # a missing data cache is built by a child process while this one imports torch (data.build_in_background)
     background_build = start_background_build(cfg)

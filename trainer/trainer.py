@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from trainer import jit, kernels
+from trainer.background_build import BackgroundBuild
 from trainer.batch import Batch, batch_from_collated, collate, collate_grouped, wide_idf
 from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, valid_steps
 from trainer.config import Config, config_changes, dump_toml
 from trainer.data import BatchPlan, BatchPrefetcher, DataBundle, class_weights, prepare_data, rank_share
-from trainer.data_cache import BackgroundBuild, cache_root, load_pretrained
+from trainer.data_cache import cache_root, load_pretrained
 from trainer.distributed import (
     DistInfo,
     agree_any,
