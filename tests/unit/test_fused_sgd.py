@@ -23,6 +23,9 @@ CASES = {
     "bag_no_pretrained": {"model": {"encoder": "bag"}, "embeddings": {"pretrained": "", "dim": 8,
                                                                       "ngram_buckets": 64}},
     "masked_bag_no_pretrained": {"model": {"encoder": "masked_bag"}, "embeddings": {"pretrained": "", "dim": 8}},
+    "masked_bag_token_budget_weighted": {"model": {"encoder": "masked_bag", "dropout": 0.2},
+                                         "embeddings": {"ngram_buckets": 64},
+                                         "train": {"tokens_per_batch": 300, "class_weights": "inverse_log"}},
 }
 
 
@@ -91,6 +94,7 @@ def test_the_tables_move_and_the_plan_says_fused(tiny_config) -> None:
      "model.combine = concat"),
     ({"optim": {"sparse": "sgd"}, "model": {"wide": "words"}}, "model.wide"),
     ({"optim": {"sparse": "sgd"}, "embeddings": {"freeze_pretrained": False}}, "pretrained correction"),
+    ({"optim": {"sparse": "sgd"}, "embeddings": {"unfreeze_after_steps": 2}}, "pretrained correction"),
 ])
 def test_where_the_fused_update_does_not_apply(tiny_config, sections, reason) -> None:
     cfg = load_config(tiny_config("why", **sections), ["--train.threads", "1"])
