@@ -1,6 +1,6 @@
 """The data-cache build in a forked child, so that the training process imports torch meanwhile.
 
-Kept apart from `data_cache` on purpose: this module imports neither numba nor numpy nor torch, so the CLI forks
+Kept apart from `data_cache` on purpose: this module imports neither numba nor torch, so the CLI forks
 the child as soon as the configuration is read (about 0.25 s into the process). Importing `data_cache` first (numba
 and the tokenizer, about 0.4 s) delayed the fork by that much, while the other core sat idle; the child now imports
 them itself, beside the parent's torch import.
@@ -136,7 +136,6 @@ def start_background_build(cfg: Config) -> BackgroundBuild | None:
         # numba and the data modules load here, beside the parent's torch import, not before the fork
         from trainer import data_cache, jit
 
-        jit.load_registries()  # the tokenizing kernels' first call, without importing scipy
         pretrained = data_cache.load_pretrained(cfg, progress=cfg.metrics.progress)
         folder = data_cache.cache_root(cfg) / f"data-{data_cache.cache_key(cfg, pretrained)}"
         if not (folder / "done.json").exists():

@@ -241,8 +241,28 @@ class FusedTableSGD:
             bags.append((name, ids.contiguous().numpy(), offsets.contiguous().numpy(),
                          groups and tuple(t.contiguous().numpy() for t in groups)))
         words = tuple(t.contiguous().numpy() for t in word_groups) if self.masked else None
+        self._check_bounds(words, bags)
         pending = _Pending(batch, words, bags)
         return _FusedPool.apply(self, pending, *self.params().values())
+
+    def _check_bounds(self, words: tuple | None, bags: list) -> None:
+        """The kernels do not check indices (a bad one would write outside a table): refuse ids past a table here,
+        as the autograd path's lookups do. O(1) per table where the ids are sorted (the distinct ids), one pass
+        over the frozen table's ids otherwise."""
+        rows = {name: bag.weight.shape[0] for name, bag in self.tables.bags.items()}
+        rows["pretrained"] = self.tables.frozen.shape[0]
+        checks = []  # (table, ids, sorted)
+        if words is not None:
+            checks += [("pretrained", words[0], True), ("oov", words[1], True)]
+        for name, ids, _, groups in bags:
+            checks.append((name, groups[0], True) if groups is not None else (name, ids, False))
+        for name, ids, ordered in checks:
+            if not ids.shape[0]:
+                continue
+            low, high = (int(ids[0]), int(ids[-1])) if ordered else (int(ids.min()), int(ids.max()))
+            if low < 0 or high >= rows[name]:
+                raise ValueError(f"fused sgd: ids {low}..{high} for table {name} of {rows[name]} rows (a data "
+                                 "cache that does not match the tables?)")
 
     def sums(self, p: _Pending) -> Tensor:
         docs, dim = p.batch.num_docs, self.tables.dim

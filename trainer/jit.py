@@ -69,8 +69,9 @@ _DROPPED_LEVEL = _normalise_cpu_env()
 @contextlib.contextmanager
 def _scipy_hidden():
     """`import scipy...` raises ImportError inside (as if scipy were not installed), for the part of scipy not yet
-    imported; afterwards scipy imports as usual. numba imports scipy only to check its version (at import, 0.12 s)
-    and whether it offers BLAS (`load_registries`), and treats an ImportError as "no scipy"."""
+    imported; afterwards scipy imports as usual. Used around `import numba`, which imports scipy only to check its
+    version (0.12 s of every process start here, the data-cache child's included) and skips the check when scipy
+    is missing. numba's BLAS probe has its own block below."""
     name = "scipy" if "scipy" not in sys.modules else "scipy.linalg" if "scipy.linalg" not in sys.modules else None
     if name:
         sys.modules[name] = None
@@ -92,24 +93,6 @@ except ImportError:  # pragma: no cover - exercised only on platforms without nu
 
 def fused_kernels_enabled() -> bool:
     return numba is not None and os.environ.get("TRAINER_FUSED_KERNELS", "1") != "0"
-
-
-def load_registries() -> None:
-    """Load numba's compiler registries now, as the first kernel call of a process would, but without scipy.
-
-    Why: loading them imports numba.np.arraymath, which imports scipy.linalg (where scipy is installed) only to learn
-    whether np.dot and friends can be compiled: 0.15-0.25 s of a process's start here, paid by the data-cache
-    child and by the training process. No kernel of this package uses BLAS (precompile compiles all of them after
-    this), so scipy is hidden for that one import (`_scipy_hidden`); numba then records that it has no BLAS."""
-    if numba is None:
-        return
-    with _scipy_hidden():
-        try:
-            from numba.core.registry import cpu_target
-
-            cpu_target.target_context.refresh()
-        except Exception:  # noqa: BLE001 - numba internals moved: the first kernel call loads them as usual
-            pass
 
 
 def _numba_cache_dir() -> str | None:

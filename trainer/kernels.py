@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainer.jit import _CACHE, fused_kernels_enabled, load_registries, numba  # noqa: F401 - re-exported
+from trainer.jit import _CACHE, fused_kernels_enabled, numba  # noqa: F401 - re-exported
 
 if numba is not None:
     from numba import njit, prange
@@ -115,11 +115,10 @@ def rows_are_distinct_sorted(grad: Tensor) -> bool:
 
 def load_numba() -> None:
     """Pay numba's first-kernel cost now: loading its compiler registries, which the first call of any kernel in a
-    process does (0.25 s here once scipy is kept out of it: `jit.load_registries`), then one small cached kernel.
-    The trainer calls it while it waits for the data cache's child process, so the cost runs beside that child's
-    work instead of in the first training step."""
+    process does (0.4 s here, 0.3 s of it importing scipy's BLAS where scipy is installed), through one small
+    cached kernel. The trainer calls it while it waits for the data cache's child process, so the cost runs beside
+    that child's work instead of in the first training step."""
     if numba is not None:
-        load_registries()
         hash_groups(np.zeros(1, dtype=np.int64))
 
 

@@ -167,6 +167,8 @@ class OptimizerContainer:
     def zero_grad(self) -> None:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
+        if self._fused is not None:  # the fused tables' kept gradients go too, as their .grad would
+            self._fused.pending.clear()
 
     def dense_params(self) -> list[nn.Parameter]:
         opt = self.optimizers.get("dense")

@@ -66,7 +66,8 @@ log = logging.getLogger("trainer")
 # settings that change where things go or how fast, not what is trained: left out of "changed settings" messages
 NOT_TRAINING_SETTINGS = tuple(f"{name} " for name in (
     "run.dir", "train.resume", "train.threads", "data.cache_dir", "data.workers", "data.build_in_background",
-    "embeddings.vectors_cache_dir", "metrics.progress", "dist.timeout_s", "dist.data_timeout_s", "dist.pin_cores"))
+    "embeddings.vectors_cache_dir", "metrics.progress", "dist.timeout_s", "dist.data_timeout_s", "dist.pin_cores",
+    "optim.fused_sgd"))  # the same weights either way (fused_sgd.py)
 
 
 class TrainingStopped(RuntimeError):

@@ -3,6 +3,7 @@ only where it applies."""
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,3 +117,32 @@ def test_not_under_several_processes_or_without_the_kernels(tiny_config, monkeyp
     assert "more than one process" in why_not(cfg, two, trainer.model.tables, cfg.model)
     monkeypatch.setenv("TRAINER_FUSED_KERNELS", "0")
     assert "kernels are off" in why_not(cfg, CPU, trainer.model.tables, cfg.model)
+
+
+def test_zero_grad_drops_a_kept_gradient_and_bad_ids_are_refused(tiny_config) -> None:
+    """As with the autograd path, zero_grad between a backward and the step discards the tables' gradient; ids past
+    a table are refused before any kernel reads them."""
+    from trainer.batch import collate
+
+    cfg = load_config(tiny_config("zg", optim={"sparse": "sgd", "sparse_lr": 20.0}, **CASES["masked_bag_bigrams_mean"]),
+                      ["--train.threads", "1"])
+    trainer = Trainer(cfg, CPU)
+    trainer.build()
+    trainer.optim.init_state()
+    torch.nn.init.normal_(trainer.model.dense.head.out.weight)  # at its zero start no gradient reaches the tables
+    _, batch, _ = trainer._make_batch(0)
+    before = {n: p.detach().clone() for n, p in trainer.model.tables.named_parameters()}
+    loss, *_ = trainer._loss(trainer.train_model(batch), batch, np.arange(batch.num_docs))
+    loss.backward()
+    assert trainer.optim._fused.pending
+    trainer.optim.zero_grad()
+    trainer.optim.step(0)
+    for name, p in trainer.model.tables.named_parameters():
+        assert torch.equal(p, before[name]), f"{name}: a discarded gradient was applied"
+    bad = collate(trainer.data.train, np.arange(4), trainer.data.vocab.num_pretrained, False)
+    trainer.model.prepare(bad)
+    ids, offsets = bad.tables["bigram"]
+    distinct, inverse = bad.groups["bigram"]
+    bad.groups["bigram"] = (distinct + trainer.model.tables.bags["bigram"].weight.shape[0], inverse)
+    with pytest.raises(ValueError, match="for table bigram"):
+        trainer.train_model(bad)
