@@ -107,6 +107,15 @@ def test_where_the_fused_update_does_not_apply(tiny_config, sections, reason) ->
     assert "fused" not in trainer.optim.describe()
 
 
+def test_the_run_says_why_sgd_is_not_fused(tiny_config, caplog) -> None:
+    cfg = load_config(tiny_config("why3", optim={"sparse": "sgd"}, model={"wide": "words"}),
+                      ["--train.threads", "1", "--train.max_steps", "1", "--checkpoint.enabled", "false",
+                       "--metrics.tensorboard", "false", "--metrics.projector_words", "0"])
+    with caplog.at_level("INFO", logger="trainer"):
+        Trainer(cfg, CPU).fit()
+    assert "optim.fused_sgd: the tables' sgd runs through autograd here (model.wide)" in caplog.text
+
+
 def test_not_under_several_processes_or_without_the_kernels(tiny_config, monkeypatch) -> None:
     cfg = load_config(tiny_config("why2", optim={"sparse": "sgd"}), ["--train.threads", "1"])
     trainer = Trainer(cfg, CPU)
