@@ -32,7 +32,7 @@ from trainer.bag_lookup import group_ids
 if kernels.numba is not None:
     from numba import njit, prange
 
-    from trainer.kernels import _prefetch_rows
+    from trainer.kernels import _prefetch_rows, counting_order
 
     @njit(parallel=True, cache=kernels._CACHE, nogil=True, boundscheck=False)
     def _pool_masked(frozen, oov, mask, pre_ids, oov_ids, words, inverse, pre_off, oov_off, num_oov_tokens, out):
@@ -83,60 +83,46 @@ if kernels.numba is not None:
                 dst[j] = a[j] if first else dst[j] + a[j]
 
     @njit(cache=kernels._CACHE, nogil=True, boundscheck=False, inline="always")
-    def _occurrences(inverse, owner, groups, starts, owners):
-        """For each group u (inverse[k] = u), the owners (documents) of its entries k, in order of k:
-        owners[starts[u]:starts[u + 1]]. A counting sort, O(entries)."""
-        starts[:] = 0
-        for k in range(inverse.shape[0]):
-            starts[inverse[k] + 1] += 1
-        for u in range(groups):
-            starts[u + 1] += starts[u]
-        fill = starts[:groups].copy()
-        for k in range(inverse.shape[0]):
-            u = inverse[k]
-            owners[fill[u]] = owner[k]
-            fill[u] += 1
-
-    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False, inline="always")
-    def _row_grad(grad, owners, s, e, block_row):
-        """The sum 0 + grad[owners[s]] + ... + grad[owners[e - 1]] in that order (bag_lookup's sums into a zeroed
-        block); a single entry is read in place."""
+    def _row_grad(grad, owner, order, s, e, block_row):
+        """0 + grad[owner[order[s]]] + ... + grad[owner[order[e - 1]]], in that order (bag_lookup's sums into a
+        zeroed block): a distinct row's gradient from the documents (`owner`) of its ids, put in id order by
+        `kernels.counting_order`. A single id's row is read in place; callers add it to 0 themselves (0 + x, as
+        the zeroed block gives: -0.0 becomes +0.0), which leaves a block's sum, never -0.0, unchanged."""
         if e - s == 1:
-            return grad[owners[s]]
+            return grad[owner[order[s]]]
         block_row[:] = np.float32(0.0)
         for p in range(s, e):
-            src = grad[owners[p]]
+            src = grad[owner[order[p]]]
             for j in range(block_row.shape[0]):
                 block_row[j] += src[j]
         return block_row
 
     @njit(parallel=True, cache=kernels._CACHE, nogil=True, boundscheck=False)
-    def _masked_words_sgd(grad, segment, inverse, frozen, oov, mask, pre_ids, oov_ids, starts, owners, block,
+    def _masked_words_sgd(grad, segment, inverse, frozen, oov, mask, pre_ids, oov_ids, starts, order, block,
                           neg_lr_mask, neg_lr_oov):
         """masked_bag's words: each distinct word's gradient g (its tokens' document gradients, in token order),
         then M(w) += -lr * g * E(w) and, for an OOV word, E(w) += -lr * g * M(w), both from the rows as they
         were. In parallel over words: each word owns its rows."""
         num_pre, num_pretrained = pre_ids.shape[0], frozen.shape[0]
         groups = num_pre + oov_ids.shape[0]
-        _occurrences(inverse, segment, groups, starts, owners)
+        counting_order(inverse, groups, starts, order)
         for u in prange(groups):
-            g = _row_grad(grad, owners, starts[u], starts[u + 1], block[u])
+            g = _row_grad(grad, segment, order, starts[u], starts[u + 1], block[u])
             if u < num_pre:
                 e, m = frozen[pre_ids[u]], mask[pre_ids[u]]
                 for j in range(m.shape[0]):
-                    zero_g = np.float32(0.0) + g[j] if starts[u + 1] - starts[u] == 1 else g[j]
-                    m[j] = m[j] + (zero_g * e[j]) * neg_lr_mask
+                    m[j] = m[j] + ((np.float32(0.0) + g[j]) * e[j]) * neg_lr_mask
             else:
                 v = oov_ids[u - num_pre]
                 e, m = oov[v], mask[num_pretrained + v]
                 for j in range(m.shape[0]):
-                    zero_g = np.float32(0.0) + g[j] if starts[u + 1] - starts[u] == 1 else g[j]
+                    zero_g = np.float32(0.0) + g[j]
                     grad_m, grad_e = zero_g * e[j], zero_g * m[j]
                     m[j] = m[j] + grad_m * neg_lr_mask
                     e[j] = e[j] + grad_e * neg_lr_oov
 
     @njit(parallel=True, cache=kernels._CACHE, nogil=True, boundscheck=False)
-    def _bag_sgd(grad, table, offsets, inverse, distinct, segment, starts, owners, block, neg_lr):
+    def _bag_sgd(grad, table, offsets, inverse, distinct, segment, starts, order, block, neg_lr):
         """A plain bag table: each distinct row's gradient (its ids' segment gradients, in id order, as
         bag_lookup._sum_rows sums them), then row += -lr * gradient. In parallel over rows."""
         docs, n = offsets.shape[0], inverse.shape[0]
@@ -144,17 +130,13 @@ if kernels.numba is not None:
             end = offsets[d + 1] if d + 1 < docs else n
             for k in range(offsets[d], end):
                 segment[k] = d
-        _occurrences(inverse, segment, distinct.shape[0], starts, owners)
+        counting_order(inverse, distinct.shape[0], starts, order)
         for u in prange(distinct.shape[0]):
             _prefetch_rows(distinct, u, table, None, None)
-            g = _row_grad(grad, owners, starts[u], starts[u + 1], block[u])
+            g = _row_grad(grad, segment, order, starts[u], starts[u + 1], block[u])
             w = table[distinct[u]]
-            if starts[u + 1] - starts[u] == 1:
-                for j in range(w.shape[0]):
-                    w[j] = w[j] + (np.float32(0.0) + g[j]) * neg_lr
-            else:
-                for j in range(w.shape[0]):
-                    w[j] = w[j] + g[j] * neg_lr
+            for j in range(w.shape[0]):
+                w[j] = w[j] + (np.float32(0.0) + g[j]) * neg_lr
 
 
 def why_not(cfg, info, tables, model_cfg) -> str | None:
@@ -305,7 +287,7 @@ class FusedTableSGD:
                 kernels._launch(
                     _masked_words_sgd, p.grad, segment, inverse, self.tables.frozen.numpy(), weights["oov"],
                     weights["mask"], pre_ids, oov_ids, self._buffer("starts", groups + 1, dtype=np.int64),
-                    self._buffer("owners", inverse.shape[0], dtype=np.int64), self._buffer("block", groups, dim),
+                    self._buffer("order", inverse.shape[0], dtype=np.int64), self._buffer("block", groups, dim),
                     np.float32(-lr_of["mask"]), np.float32(-lr_of["oov"]))
             for name, _ids, offsets, groups in p.bags:
                 if name == "pretrained":
@@ -316,5 +298,5 @@ class FusedTableSGD:
                     _bag_sgd, p.grad, weights[name], offsets, inverse, distinct,
                     self._buffer("segment", n, dtype=np.int64), self._buffer("starts", distinct.shape[0] + 1,
                                                                               dtype=np.int64),
-                    self._buffer("owners", n, dtype=np.int64), self._buffer("block", distinct.shape[0], dim),
+                    self._buffer("order", n, dtype=np.int64), self._buffer("block", distinct.shape[0], dim),
                     np.float32(-lr_of[name]))

@@ -234,20 +234,24 @@ if numba is not None:
         appearance), and for the u-th of them ids[order[starts[u]:starts[u + 1]]]."""
         rows, group_of = hash_groups(ids)
         n, groups = ids.shape[0], rows.shape[0]
-        counts = np.zeros(groups, dtype=np.int64)
-        for k in range(n):
-            counts[group_of[k]] += 1
-        starts = np.empty(groups + 1, dtype=np.int64)
-        starts[0] = 0
-        for g in range(groups):
-            starts[g + 1] = starts[g] + counts[g]
-        fill = starts[:groups].copy()
-        order = np.empty(n, dtype=np.int64)
-        for k in range(n):
-            g = group_of[k]
-            order[fill[g]] = k
-            fill[g] += 1
+        starts, order = np.empty(groups + 1, dtype=np.int64), np.empty(n, dtype=np.int64)
+        counting_order(group_of, groups, starts, order)
         return rows[:groups].copy(), starts, order
+
+    @njit(cache=_CACHE, nogil=True, boundscheck=False, inline="always")
+    def counting_order(group_of, groups, starts, order):
+        """A counting sort of positions by group: group u's positions k (group_of[k] = u), in increasing k, are
+        order[starts[u]:starts[u + 1]]. Fills `starts` (groups + 1) and `order` (len(group_of)); O(positions)."""
+        starts[:] = 0
+        for k in range(group_of.shape[0]):
+            starts[group_of[k] + 1] += 1
+        for u in range(groups):
+            starts[u + 1] += starts[u]
+        fill = starts[:groups].copy()
+        for k in range(group_of.shape[0]):
+            u = group_of[k]
+            order[fill[u]] = k
+            fill[u] += 1
 
     @njit(cache=_CACHE, nogil=True, boundscheck=False, inline="always")
     def _summed_row(u, starts, order, values, block):
