@@ -1,18 +1,32 @@
 """JSON Lines and JSON documents for `tabular.read_table` (and `tabular_stream`), in the conventions of
-`trainer.tabular`'s docstring: parsed with the stdlib one line at a time, since exact line numbers in errors matter
-more here than speed, and labels whose JSON type varies between rows are read as they are.
+`trainer.tabular`'s docstring: parsed with the stdlib, since exact line numbers in errors matter more here than
+speed, and labels whose JSON type varies between rows are read as they are.
+
+A JSON Lines file is parsed a line at a time. A `.json` file that is an array of records is parsed a record at a
+time from blocks of the file (`json_array_records`), so that a file larger than memory can still be streamed
+(`tabular_stream.read_chunks`): json.loads of a whole 1 GB array held the file's bytes, its text and every
+record's objects at once. Only a `.json` file that is one object (columns of equal length, or a single record)
+is read whole, since its first value is the whole file.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from trainer.tabular import READ_ERRORS, DataError, _check_columns, _open, _Read, log
 
 _BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, which some editors put at the start of a file
+BLOCK_BYTES = 1 << 20  # of a JSON document, read at a time
+DROP_AFTER = 1 << 16  # parsed characters kept before they are dropped (and at most half the text read)
+_SKIP_WHITESPACE = re.compile(r"[ \t\n\r]*").match  # JSON's whitespace
+# json's error messages for text that may only be cut short by the end of the block read so far (with the longest
+# token, "-Infinity", the "Expecting value" of a cut literal sits up to 9 characters before the end)
+_NEAR_END = 16
 
 
 def first_content(fh: IO[bytes]) -> bytes:
@@ -27,6 +41,158 @@ def first_content(fh: IO[bytes]) -> bytes:
     return b""
 
 
+class _JsonText:
+    """A UTF-8 JSON file's text decoded a block at a time, for parsing one value after another: `text[pos:]` is
+    read but not yet parsed. Parsed text is dropped as `pos` moves on, so memory holds about a block (or the
+    longest value) whatever the file's size; line and column numbers still count from the file's start."""
+
+    def __init__(self, path: Path, fh: IO[bytes]) -> None:
+        self.path, self.fh = path, fh
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.text, self.pos, self.eof, self.started = "", 0, False, False
+        self.line_base, self.column_base = 1, 0  # text[0]'s line, and how many characters of it were dropped
+        self._counted, self._lines = 0, 0  # newlines in text[:_counted], so that line numbers cost O(new text)
+        self.scan_once = json.JSONDecoder().scan_once  # what raw_decode calls, without its frame per value
+
+    def read(self, size: int) -> bool:
+        """Append up to `size` more bytes of the file; False at its end."""
+        if self.eof:
+            return False
+        raw = self.fh.read(size)
+        pending = len(self.decoder.getstate()[0])
+        try:
+            chunk = self.decoder.decode(raw, final=not raw)
+        except UnicodeDecodeError as exc:
+            at = self.line_at(len(self.text)) + raw[: max(0, exc.start - pending)].count(b"\n")
+            raise DataError(f"{self.path}: line {at}: not valid UTF-8 text") from None
+        if not self.started:
+            chunk, self.started = chunk.removeprefix("\ufeff"), bool(chunk)
+        self.eof = not raw
+        self._drop_parsed()
+        self.text += chunk
+        return True
+
+    def _drop_parsed(self) -> None:
+        if self.pos < DROP_AFTER or self.pos < len(self.text) // 2:  # amortised: each character is copied O(1) times
+            return
+        dropped = self.text[: self.pos]
+        newlines = self.line_at(self.pos) - self.line_base
+        last = dropped.rfind("\n")
+        self.column_base = self.pos - last - 1 if last >= 0 else self.column_base + self.pos
+        self.line_base += newlines
+        self.text, self.pos, self._counted, self._lines = self.text[self.pos :], 0, 0, 0
+
+    def line_at(self, i: int) -> int:
+        """The line number of text[i]."""
+        if i < self._counted:
+            self._counted, self._lines = 0, 0
+        self._lines += self.text.count("\n", self._counted, i)
+        self._counted = i
+        return self.line_base + self._lines
+
+    def next_char(self) -> str:
+        """The next character that is not whitespace, with `pos` on it ("" at the end of the file)."""
+        while True:
+            text = self.text
+            self.pos = i = _SKIP_WHITESPACE(text, self.pos).end()
+            if i < len(text) or not self.read(BLOCK_BYTES):
+                return text[i] if i < len(text) else ""
+
+    def fail(self, message: str, at: int | None = None) -> DataError:
+        """json.loads' error for text[at] (default: pos), with the file's line and column."""
+        at = self.pos if at is None else at
+        line = self.line_at(at)
+        start = self.text.rfind("\n", 0, at) + 1
+        column = at - start + 1 + (self.column_base if line == self.line_base else 0)
+        return DataError(f"{self.path}: line {line}: not valid JSON ({message} at column {column})")
+
+    def value(self) -> tuple[int, Any]:
+        """The next JSON value and the line it starts on. A value cut short by the end of the text read so far is
+        parsed again with more (twice as much each time, so a value larger than a block costs linear time)."""
+        if not self.next_char():
+            raise self.fail("Expecting value")
+        size = BLOCK_BYTES
+        while True:
+            try:
+                value, end = self.scan_once(self.text, self.pos)
+            except (json.JSONDecodeError, StopIteration) as exc:
+                # (StopIteration: no value starts at pos; raw_decode says "Expecting value" there)
+                msg, at = (exc.msg, exc.pos) if isinstance(exc, json.JSONDecodeError) else ("Expecting value", exc.value)
+                if (at >= len(self.text) - _NEAR_END or msg.startswith("Unterminated string")) and self.read(size):
+                    size *= 2
+                    continue
+                raise self.fail(msg, at) from None
+            if end == len(self.text) and self.read(size):  # a number or literal may go on in the next block
+                size *= 2
+                continue
+            line = self.line_at(self.pos)
+            self.pos = end
+            return line, value
+
+
+def json_array_records(path: Path, fh: IO[bytes]) -> Iterator[tuple[int, dict]]:
+    """(line it starts on, object) of every element of a file that is one JSON array, parsed an element at a time
+    (module docstring); an element that is not an object, or text json.loads would refuse, is an error there."""
+    src = _JsonText(path, fh)
+    if src.next_char() != "[":
+        raise src.fail("Expecting value")
+    src.pos += 1
+    if src.next_char() == "]":
+        src.pos += 1
+    else:
+        index = 0
+        while True:
+            line, value = src.value()
+            index += 1
+            if not isinstance(value, dict):
+                raise DataError(f"{path}: line {line}: record {index}: expected a JSON object, got "
+                                f"{type(value).__name__}")
+            yield line, value
+            c = src.next_char()
+            src.pos += 1
+            if c == "]":
+                break
+            if c != ",":
+                src.pos -= 1
+                raise src.fail("Expecting ',' delimiter")
+    if src.next_char():
+        raise src.fail("Extra data")
+
+
+def _one_document(path: Path, fh: IO[bytes]) -> Any | None:
+    """The file's value if the whole file is one JSON value, else None (JSON Lines, or not JSON)."""
+    src = _JsonText(path, fh)
+    try:
+        _, value = src.value()
+    except DataError:
+        return None
+    return None if src.next_char() else value
+
+
+def json_records(path: Path, fh: IO[bytes], fmt: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every record of a JSON Lines file (`fmt` "jsonl"), or of a `.json` file (`fmt`
+    "json"): an array of records (streamed), an object of equal-length columns (line number 0: the rows have no
+    line of their own) or one record, or else JSON Lines."""
+    head = first_content(fh)
+    fh.seek(0)
+    if not head:
+        raise DataError(f"{path}: empty file")
+    if fmt == "json" and head[:1] == b"[":
+        yield from json_array_records(path, fh)
+        return
+    if fmt == "json" and head[:1] == b"{":
+        obj = _one_document(path, fh)
+        if obj is not None:
+            columns = list(obj.values())
+            if columns and all(isinstance(c, list) and len(c) == len(columns[0]) for c in columns):
+                yield from ((0, dict(zip(obj, row, strict=True))) for row in zip(*columns, strict=True))
+            else:
+                yield 1, obj
+            return
+        fh.seek(0)
+    yield from jsonl_records(path, fh)
+
+
 def read_json(path: Path, fmt: str, text_column: str, label_column: str) -> _Read:
     """JSON Lines (one object per line), or for ``.json`` also a top-level array of objects.
 
@@ -35,16 +201,7 @@ def read_json(path: Path, fmt: str, text_column: str, label_column: str) -> _Rea
     """
     try:
         with _open(path, "rb") as fh:
-            head = first_content(fh)
-            fh.seek(0)
-            if not head:
-                raise DataError(f"{path}: empty file")
-            records = None
-            if fmt == "json" and head[:1] in (b"[", b"{"):
-                records = _parse_json_document(path, fh.read().removeprefix(_BOM), strict=head[:1] == b"[")
-                fh.seek(0)
-            if records is None:
-                records = _parse_jsonl(path, fh)
+            records = list(json_records(path, fh, fmt))
     except READ_ERRORS as exc:
         raise DataError(f"{path}: cannot read: {exc}") from None
     keys: dict[str, None] = {}
@@ -64,10 +221,6 @@ def read_json(path: Path, fmt: str, text_column: str, label_column: str) -> _Rea
         [r.get(label_column) for _, r in records],
         lambda i: f"line {lines[i]}" if lines[i] else f"record {i + 1}",
     )
-
-
-def _parse_jsonl(path: Path, fh: IO[bytes]) -> list[tuple[int, dict]]:
-    return list(jsonl_records(path, fh))
 
 
 def jsonl_records(path: Path, fh: IO[bytes]) -> Iterator[tuple[int, dict]]:
@@ -93,27 +246,3 @@ def jsonl_records(path: Path, fh: IO[bytes]) -> Iterator[tuple[int, dict]]:
 def warn_absent_field(path: Path, count: int, records: int, column: str, where: str) -> None:
     log.warning("%s: %d of %d records have no %r field (the first at %s); they are read as null",
                 path, count, records, column, where)
-
-
-def _parse_json_document(path: Path, data: bytes, strict: bool) -> list[tuple[int, dict]] | None:
-    """A whole-file JSON document: an array of records, a dict of equal-length columns, or one
-    record.  Returns None (caller tries JSON Lines) when a ``{``-file is not one JSON document."""
-    try:
-        obj = json.loads(data)
-    except json.JSONDecodeError as exc:
-        if not strict:
-            return None
-        raise DataError(
-            f"{path}: line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
-        ) from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not valid UTF-8 text") from None
-    if isinstance(obj, dict):
-        columns = list(obj.values())
-        if columns and all(isinstance(c, list) and len(c) == len(columns[0]) for c in columns):
-            return [(0, dict(zip(obj, row, strict=True))) for row in zip(*columns, strict=True)]
-        return [(1, obj)]
-    for i, record in enumerate(obj):
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: record {i + 1}: expected a JSON object, got {type(record).__name__}")
-    return [(0, record) for record in obj]

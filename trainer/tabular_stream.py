@@ -5,8 +5,9 @@
 `read_table` makes of the whole table (no data rows, no row with text, null labels: the first such row by its
 number in the file and how many there are) are made as the last chunk has been read, so a file gives the same
 errors either way; a bad file may therefore fail after most of it was read. Hub datasets come in batches of rows
-from datasets' memory-mapped Arrow files, JSON Lines a chunk of lines at a time; a JSON document (`.json`) comes as
-one chunk, read whole. Why: the data-cache build tokenizes each chunk as it arrives, and 800 MB of CSV held as
+from datasets' memory-mapped Arrow files, JSON Lines a chunk of lines at a time, and a `.json` array a chunk of
+records at a time, parsed from blocks of the file (`tabular_json.json_array_records`); only a `.json` file that is
+one object (columns, or a single record) is parsed whole before its rows come in chunks. Why: the data-cache build tokenizes each chunk as it arrives, and 800 MB of CSV held as
 Python strings took 1.2 GiB (about 10 bytes a token of the demo's text).
 """
 
@@ -42,7 +43,7 @@ from trainer.tabular import (
     read_table,
     row_name,
 )
-from trainer.tabular_json import first_content, jsonl_records, warn_absent_field
+from trainer.tabular_json import json_records, warn_absent_field
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = _CSV_BLOCK  # about this much file per chunk (pyarrow's CSV block; Parquet rows of about this much text)
@@ -70,10 +71,10 @@ def read_chunks(spec: str, text_column: str, label_column: str, split: str | Non
         else:
             batches = _csv_batches(path, fmt, text_column, label_column, chunk_bytes)
             locate = lambda i: f"data row {i + 1}"  # noqa: E731 - read_table's wording
-    elif fmt == "jsonl":
-        yield from _jsonl_chunks(_local_path(spec, fmt), text_column, label_column, chunk_bytes)
+    elif fmt in ("jsonl", "json"):
+        yield from _json_chunks(_local_path(spec, fmt), fmt, text_column, label_column, chunk_bytes)
         return
-    else:  # a JSON document, or a file of an unsupported type (read_table says so)
+    else:  # a file of an unsupported type (read_table says so)
         yield read_table(spec, text_column, label_column, split)
         return
     rows = kept = skipped = num_bad = 0
@@ -178,67 +179,66 @@ def read_all_chunks(spec: str, text_column: str, label_column: str, split: str |
             chunk_bytes = again.chunk_bytes
 
 
-def _jsonl_chunks(path: Path, text_column: str, label_column: str, chunk_bytes: int) -> Iterator[TextTable]:
-    """JSON Lines as `tabular_json.read_json` reads them, about `chunk_bytes` of text at a time: the same rows, the
-    same warnings (fields absent from some records, logged at the end) and the same errors. `read_json` parses
-    every line before it looks at a row, so a bad row (a text that is a list, say) stops the chunks but not the
-    parsing: a later line that is not JSON, or a column no record has, is the error reported, as there."""
+def _json_chunks(path: Path, fmt: str, text_column: str, label_column: str, chunk_bytes: int) -> Iterator[TextTable]:
+    """JSON Lines, or a `.json` file, as `tabular_json.read_json` reads them, about `chunk_bytes` of text at a
+    time: the same rows, the same warnings (fields absent from some records, logged at the end) and the same
+    errors. `read_json` parses every record before it looks at a row, so a bad row (a text that is a list, say)
+    stops the chunks but not the parsing: a later record that is not JSON, or a column no record has, is the error
+    reported, as there."""
     source = str(path)
     rows = kept = skipped = num_bad = 0
     row_error: DataError | None = None  # the first bad row's, raised once the whole file has parsed
     num_records = 0
-    first_bad: dict[int, int] = {}  # the first bad row's index -> its line
+    first_bad: dict[int, str] = {}  # the first bad row's index -> where it is ("line 7", or "record 3")
     keys: dict[str, None] = {}
-    absent = {text_column: [0, 0], label_column: [0, 0]}  # records without the field, the first one's line
+    absent: dict[str, list] = {text_column: [0, ""], label_column: [0, ""]}  # records without it, the first's place
     try:
         with _open(path, "rb") as fh:
-            if not first_content(fh):
-                raise DataError(f"{path}: empty file")
-            fh.seek(0)
             texts: list = []
             labels: list = []
-            lines: list[int] = []
+            places: list[str] = []
             size = 0
-            for lineno, record in itertools.chain(jsonl_records(path, fh), [(0, None)]):  # (0, None): the end
+            for lineno, record in itertools.chain(json_records(path, fh, fmt), [(0, None)]):  # (0, None): the end
                 if record is not None:
                     num_records += 1
+                    # a record of a columns document has no line of its own (read_json's wording)
+                    place = f"line {lineno}" if lineno else f"record {num_records}"
                     if text_column not in keys or label_column not in keys:
                         keys.update(dict.fromkeys(record))
                     for column, seen in absent.items():
                         if column not in record:
                             seen[0] += 1
-                            seen[1] = seen[1] or lineno
+                            seen[1] = seen[1] or place
                     texts.append(record.get(text_column))
                     labels.append(record.get(label_column))
-                    lines.append(lineno)
+                    places.append(place)
                     text = texts[-1]
                     size += len(text) if isinstance(text, str) else 16
                 if row_error is not None:  # only parsing now: the rows are not needed
-                    texts, labels, lines, size = [], [], [], 0
+                    texts, labels, places, size = [], [], [], 0
                 elif size >= chunk_bytes or (record is None and texts):
                     start = rows
                     try:
                         chunk = _clean_rows(source, texts, labels, label_column,
-                                            lambda i, lines=lines, start=start: f"line {lines[i - start]}",
-                                            start=start)
+                                            lambda i, places=places, start=start: places[i - start], start=start)
                     except DataError as e:
                         row_error = e
                         continue
                     if chunk.bad and not first_bad:
-                        first_bad[chunk.bad[0]] = lines[chunk.bad[0] - start]
+                        first_bad[chunk.bad[0]] = places[chunk.bad[0] - start]
                     rows += len(texts)
                     kept, skipped, num_bad = kept + len(chunk.texts), skipped + chunk.skipped, num_bad + len(chunk.bad)
-                    texts, labels, lines, size = [], [], [], 0
+                    texts, labels, places, size = [], [], [], 0
                     yield TextTable(chunk.texts, chunk.labels, source, chunk.skipped)
     except READ_ERRORS as exc:
         raise DataError(f"{path}: cannot read: {exc}") from None
     _check_columns(path, list(keys), text_column, label_column)
-    for column, (count, line) in absent.items():
+    for column, (count, place) in absent.items():
         if count:
-            warn_absent_field(path, count, num_records, column, f"line {line}")
+            warn_absent_field(path, count, num_records, column, place)
     if row_error is not None:
         raise row_error
     if not rows:
         raise DataError(f"{path}: no data rows")
     _check_rows(source, kept, skipped, list(first_bad), num_bad, text_column, label_column,
-                lambda i: f"line {first_bad[i]}")
+                lambda i: first_bad[i])

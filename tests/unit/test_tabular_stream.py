@@ -1,6 +1,7 @@
 """tabular_stream.read_chunks: the rows (and errors) of tabular.read_table, a chunk at a time."""
 
 import csv
+import json
 import logging
 
 import pyarrow as pa
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trainer import tabular
+from trainer import tabular, tabular_json
 from trainer.tabular import DataError, read_table
 from trainer.tabular_stream import ReadAgain, read_all_chunks, read_chunks
 
@@ -110,11 +111,97 @@ def test_tabs_in_tsv_text_are_reported_once_with_the_first_row_in_the_file(tmp_p
     assert len(warnings) == 1 and "2 text field(s)" in warnings[0] and "data row 31" in warnings[0]
 
 
-def test_a_json_document_comes_whole(tmp_path):
+def test_a_json_array_comes_in_chunks_and_so_do_a_columns_documents_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(tabular_json, "BLOCK_BYTES", 7)  # records cut by every block boundary
     path = tmp_path / "d.json"
-    path.write_text('[{"text": "one", "label": 1}, {"text": "two", "label": 2}]')
-    chunks = list(read_chunks(str(path), "text", "label", chunk_bytes=1))
-    assert len(chunks) == 1 and chunks[0].texts == ["one", "two"] and chunks[0].labels == ["1", "2"]
+    path.write_text(json.dumps([{"text": f"doc {i}", "label": i % 3} for i in range(40)], indent=2))
+    chunks = list(read_chunks(str(path), "text", "label", chunk_bytes=20))
+    assert len(chunks) == 10  # 4 records of 5 characters a chunk
+    assert [t for c in chunks for t in c.texts] == [f"doc {i}" for i in range(40)]
+    assert [y for c in chunks for y in c.labels] == [str(i % 3) for i in range(40)]
+    path.write_text(json.dumps({"text": ["one", "two"], "label": [1, 2]}))
+    assert joined(path, 1)[:2] == (["one", "two"], ["1", "2"])  # parsed whole (one value), then chunked
+
+
+def test_a_json_array_is_parsed_a_block_at_a_time(tmp_path, monkeypatch):
+    """What streaming is for: the text held at once stays about a block, not the file (one record per line, and
+    the whole array on one line, as json.dump writes it)."""
+    monkeypatch.setattr(tabular_json, "BLOCK_BYTES", 1 << 12)
+    held = []
+    read = tabular_json._JsonText.read
+    monkeypatch.setattr(tabular_json._JsonText, "read",
+                        lambda self, size: (read(self, size), held.append(len(self.text)))[0])
+    records = [{"text": f"document number {i} " * 5, "label": i % 7} for i in range(5000)]
+    path = tmp_path / "big.json"
+    for indent in (None, 1):
+        path.write_text(json.dumps(records, indent=indent))
+        assert path.stat().st_size > 500_000
+        held.clear()
+        texts, labels, _, _ = joined(path, 1 << 14)
+        assert texts == [r["text"] for r in records] and labels == [str(r["label"]) for r in records]
+        assert max(held) < 200_000
+
+
+def test_json_array_errors_name_the_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(tabular_json, "BLOCK_BYTES", 5)
+    path = tmp_path / "d.json"
+    records = [{"text": f"doc {i}", "label": "a"} for i in range(30)]
+    records[20]["label"] = None
+    text = json.dumps(records, indent=2)
+    path.write_text(text)
+    line = text[: text.rindex("{", 0, text.index('"doc 20"'))].count("\n") + 1  # where the record starts
+    for read in (lambda: read_table(str(path), "text", "label"), lambda: joined(path, 1)):
+        with pytest.raises(DataError, match=rf"d.json: line {line}: null or empty label"):
+            read()
+    path.write_text('[{"text": "a", "label": 1},\n\n  "a string"]')
+    with pytest.raises(DataError, match=r"d.json: line 3: record 2: expected a JSON object, got str"):
+        joined(path, 1)
+    path.write_bytes(b'[{"text": "a", "label": 1},\n {"text": "\xff", "label": 2}]')
+    with pytest.raises(DataError, match=r"d.json: line 2: not valid UTF-8 text"):
+        joined(path, 1)
+
+
+RECORDS = st.lists(st.fixed_dictionaries({"text": st.text(max_size=30), "label": st.sampled_from(["a", "b", 1])}),
+                   min_size=0, max_size=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(records=RECORDS, indent=st.sampled_from([None, 0, 2]), block=st.sampled_from([1, 2, 3, 7, 64, 1 << 20]),
+       cut=st.floats(0, 1), edit=st.sampled_from(["none", "cut", "delete", "insert"]),
+       junk=st.sampled_from(list(',:[]{}"\\ x1-e.n\n')))
+def test_random_json_arrays_parse_as_json_loads(tmp_path, monkeypatch, records, indent, block, cut, edit, junk):
+    """A block at a time, the records json.loads gives, or its error at the same line and column (for text cut
+    short, a character dropped or one put in anywhere), or a record that is not an object."""
+    monkeypatch.setattr(tabular_json, "BLOCK_BYTES", block)
+    monkeypatch.setattr(tabular_json, "DROP_AFTER", 4)  # parsed text dropped as soon as can be: the column counts
+    text = json.dumps(records, indent=indent)
+    at = int(cut * len(text))
+    text = {"none": text, "cut": text[:at], "delete": text[:at] + text[at + 1 :],
+            "insert": text[:at] + junk + text[at:]}[edit]
+    if not text.lstrip().startswith("["):
+        return
+    path = tmp_path / "r.json"
+    path.write_text(text, encoding="utf-8")
+    try:
+        expected, expected_error = json.loads(text), None
+    except json.JSONDecodeError as e:
+        expected, expected_error = None, e
+    try:
+        with open(path, "rb") as fh:
+            got, error = [r for _, r in tabular_json.json_array_records(path, fh)], None
+    except DataError as e:
+        got, error = None, str(e)
+    if error is None:
+        assert expected_error is None and got == expected
+    elif "not valid JSON" in error:
+        assert expected_error is not None, error
+        assert f"line {expected_error.lineno}: not valid JSON (" in error, (error, expected_error)
+        assert f" at column {expected_error.colno})" in error, (error, expected_error)
+        if "trailing comma" not in expected_error.msg:  # Python 3.13 names a trailing comma; 3.11 does not
+            assert f"({expected_error.msg} at" in error, (error, expected_error)
+    else:
+        assert "expected a JSON object" in error
+        assert expected_error is not None or any(not isinstance(r, dict) for r in expected)
 
 
 JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=False, width=32),
