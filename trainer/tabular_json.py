@@ -41,14 +41,36 @@ def first_content(fh: IO[bytes]) -> bytes:
     return b""
 
 
+class _NotJson(DataError):
+    """Text json.loads refuses (where a `{` file may still be JSON Lines)."""
+
+
+def _trailing_comma() -> tuple[str, bool]:
+    """json's error for `[..., ]` in this Python: its message, and whether it points at the comma (3.13 names the
+    comma; 3.11 expects a value at the bracket)."""
+    try:
+        json.loads("[1, ]")
+    except json.JSONDecodeError as e:
+        return e.msg, e.pos == 2
+    raise AssertionError("json.loads accepted a trailing comma")
+
+
+_TRAILING_COMMA = _trailing_comma()
+
+
 class _JsonText:
-    """A UTF-8 JSON file's text decoded a block at a time, for parsing one value after another: `text[pos:]` is
-    read but not yet parsed. Parsed text is dropped as `pos` moves on, so memory holds about a block (or the
-    longest value) whatever the file's size; line and column numbers still count from the file's start."""
+    """A JSON file's text decoded a block at a time, for parsing one value after another: `text[pos:]` is read but
+    not yet parsed. Parsed text is dropped as `pos` moves on, so memory holds about a block (or about twice the
+    longest value, read in doubling blocks) whatever the file's size; line and column numbers still count from
+    the file's start. Decoded as json.loads decodes bytes: the encoding its first 4 bytes show (UTF-8 unless they
+    are UTF-16 or UTF-32), surrogates passed through."""
 
     def __init__(self, path: Path, fh: IO[bytes]) -> None:
         self.path, self.fh = path, fh
-        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.head = fh.read(4)
+        self.encoding = json.detect_encoding(self.head)
+        self.decoder = codecs.getincrementaldecoder(self.encoding)("surrogatepass")
+        self.keep_from: int | None = None  # text from here on is not dropped (an error may point there)
         self.text, self.pos, self.eof, self.started = "", 0, False, False
         self.line_base, self.column_base = 1, 0  # text[0]'s line, and how many characters of it were dropped
         self._counted, self._lines = 0, 0  # newlines in text[:_counted], so that line numbers cost O(new text)
@@ -59,12 +81,15 @@ class _JsonText:
         if self.eof:
             return False
         raw = self.fh.read(size)
+        if self.head:
+            raw, self.head = self.head + raw, b""
         pending = len(self.decoder.getstate()[0])
         try:
             chunk = self.decoder.decode(raw, final=not raw)
         except UnicodeDecodeError as exc:
             at = self.line_at(len(self.text)) + raw[: max(0, exc.start - pending)].count(b"\n")
-            raise DataError(f"{self.path}: line {at}: not valid UTF-8 text") from None
+            name = "UTF-8" if self.encoding.startswith("utf-8") else self.encoding.upper()
+            raise DataError(f"{self.path}: line {at}: not valid {name} text") from None
         if not self.started:
             chunk, self.started = chunk.removeprefix("\ufeff"), bool(chunk)
         self.eof = not raw
@@ -73,14 +98,17 @@ class _JsonText:
         return True
 
     def _drop_parsed(self) -> None:
-        if self.pos < DROP_AFTER or self.pos < len(self.text) // 2:  # amortised: each character is copied O(1) times
+        cut = self.pos if self.keep_from is None else min(self.pos, self.keep_from)
+        if cut < DROP_AFTER or cut < len(self.text) // 2:  # amortised: each character is copied O(1) times
             return
-        dropped = self.text[: self.pos]
-        newlines = self.line_at(self.pos) - self.line_base
+        dropped = self.text[:cut]
+        newlines = self.line_at(cut) - self.line_base
         last = dropped.rfind("\n")
-        self.column_base = self.pos - last - 1 if last >= 0 else self.column_base + self.pos
+        self.column_base = cut - last - 1 if last >= 0 else self.column_base + cut
         self.line_base += newlines
-        self.text, self.pos, self._counted, self._lines = self.text[self.pos :], 0, 0, 0
+        self.text, self.pos, self._counted, self._lines = self.text[cut:], self.pos - cut, 0, 0
+        if self.keep_from is not None:
+            self.keep_from -= cut
 
     def line_at(self, i: int) -> int:
         """The line number of text[i]."""
@@ -104,7 +132,7 @@ class _JsonText:
         line = self.line_at(at)
         start = self.text.rfind("\n", 0, at) + 1
         column = at - start + 1 + (self.column_base if line == self.line_base else 0)
-        return DataError(f"{self.path}: line {line}: not valid JSON ({message} at column {column})")
+        return _NotJson(f"{self.path}: line {line}: not valid JSON ({message} at column {column})")
 
     def value(self) -> tuple[int, Any]:
         """The next JSON value and the line it starts on. A value cut short by the end of the text read so far is
@@ -122,7 +150,9 @@ class _JsonText:
                     size *= 2
                     continue
                 raise self.fail(msg, at) from None
-            if end == len(self.text) and self.read(size):  # a number or literal may go on in the next block
+            # a number or literal may go on in the next block ("1." + "5"; scan_once stops before a "." or "e" it
+            # cannot complete yet); an object, array or string ends with its own closing character
+            if not isinstance(value, dict | list | str) and end >= len(self.text) - _NEAR_END and self.read(size):
                 size *= 2
                 continue
             line = self.line_at(self.pos)
@@ -132,7 +162,9 @@ class _JsonText:
 
 def json_array_records(path: Path, fh: IO[bytes]) -> Iterator[tuple[int, dict]]:
     """(line it starts on, object) of every element of a file that is one JSON array, parsed an element at a time
-    (module docstring); an element that is not an object, or text json.loads would refuse, is an error there."""
+    (module docstring). Text json.loads refuses is an error with its message, line and column; an element that is
+    not an object is an error when it is reached (json.loads of the whole file would name a later syntax error
+    first)."""
     src = _JsonText(path, fh)
     if src.next_char() != "[":
         raise src.fail("Expecting value")
@@ -149,12 +181,17 @@ def json_array_records(path: Path, fh: IO[bytes]) -> Iterator[tuple[int, dict]]:
                                 f"{type(value).__name__}")
             yield line, value
             c = src.next_char()
-            src.pos += 1
             if c == "]":
+                src.pos += 1
                 break
             if c != ",":
-                src.pos -= 1
                 raise src.fail("Expecting ',' delimiter")
+            src.keep_from = src.pos  # the comma: a trailing one is an error that may point at it
+            src.pos += 1
+            if src.next_char() == "]":
+                message, at_comma = _TRAILING_COMMA
+                raise src.fail(message, src.keep_from if at_comma else None)
+            src.keep_from = None
     if src.next_char():
         raise src.fail("Extra data")
 
@@ -164,7 +201,7 @@ def _one_document(path: Path, fh: IO[bytes]) -> Any | None:
     src = _JsonText(path, fh)
     try:
         _, value = src.value()
-    except DataError:
+    except _NotJson:
         return None
     return None if src.next_char() else value
 
