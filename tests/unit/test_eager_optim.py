@@ -71,6 +71,46 @@ def test_zero_grad_sets_to_none_or_zeroes():
     assert p.grad is None
 
 
+def _trained(step, steps=4):
+    """Weights after `steps` AdamW steps taken through `step(opt)`."""
+    params = [torch.nn.Parameter(torch.linspace(-1, 1, 12).reshape(4, 3)), torch.nn.Parameter(torch.ones(3))]
+    opt = eager_optim.AdamW(params, lr=0.05)
+    data = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        opt.zero_grad()
+        ((torch.randn(8, 4, generator=data) @ params[0] + params[1]) ** 2).mean().backward()
+        step(opt)
+    return params, opt
+
+
+def test_run_step_is_the_step_without_the_profiler_range():
+    ours, opt = _trained(eager_optim.run_step)
+    theirs, _ = _trained(lambda o: o.step())
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    assert getattr(type(opt).step, "hooked", False)  # torch's wrapper is on the class: run_step went under it
+
+
+def test_run_step_still_calls_step_hooks_and_opens_the_profiler_range():
+    calls = []
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: calls.append("global"))
+    try:
+        _trained(eager_optim.run_step, steps=2)
+    finally:
+        handle.remove()
+    assert calls == ["global", "global"]
+    params, opt = _trained(eager_optim.run_step, steps=1)
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("own"))
+    eager_optim.run_step(opt)
+    assert calls[-1] == "own"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        eager_optim.run_step(opt)
+        opt.zero_grad()
+    names = {e.name for e in prof.events()}
+    assert "Optimizer.step#AdamW.step" in names and "Optimizer.zero_grad#AdamW.zero_grad" in names
+
+
 def test_add_param_group_checks_as_torch_does():
     a, b = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1))
     opt = eager_optim.AdamW([a], lr=0.1)

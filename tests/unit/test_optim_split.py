@@ -277,6 +277,24 @@ def test_clip_dense_leaves_sparse_gradients_alone():
     assert float(c.clip_dense(0.0)) == pytest.approx(1.0, rel=1e-4)  # 0 only measures
 
 
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1000.0])
+def test_clip_dense_is_clip_grad_norm_bit_for_bit(scale):
+    model = make_model()
+    c = container(model)
+    c.zero_grad()
+    backward(model)
+    with torch.no_grad():
+        for p in c.dense_params():
+            p.grad.mul_(scale)
+    grads = [p.grad.clone() for p in c.dense_params()]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in c.dense_params()]
+    for copy, g in zip(copies, grads, strict=True):
+        copy.grad = g.clone()
+    expected = torch.nn.utils.clip_grad_norm_(copies, 1.0, foreach=True)
+    assert torch.equal(c.clip_dense(1.0), expected)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(c.dense_params(), copies, strict=True))
+
+
 @pytest.mark.parametrize("sparse", ["sparse_adam", "sgd", "adagrad", "rowwise_adagrad"])
 def test_state_tensors_named_by_group_and_parameter(sparse):
     model = make_model(delta=False)
