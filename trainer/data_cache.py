@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,16 +117,37 @@ def read_tokenized(spec: str, cfg: Config, role: str, tokenizer: Tokenizer, work
     return split.finish()
 
 
+def stream_tokenized(spec: str, cfg: Config, role: str, tokenizer: Tokenizer, workers: int,
+                     take: Callable[[TokenizedDocs, list[str]], None], restart: Callable[[], None],
+                     setting: str | None = None) -> tuple[str, int]:
+    """`read_tokenized` that keeps nothing: each tokenized batch of texts goes to `take` with its labels and is
+    dropped, so memory holds one batch whatever the file's size (`trainer eval`). `restart` is called when the
+    file must be read again from its start (a CSV row longer than the chunk: `tabular_stream.ReadAgain`): the
+    caller forgets what it took. Returns (the source's name, rows skipped for empty text)."""
+    if local_format(spec) is not None and not Path(spec).exists():
+        raise DataError(f"{spec}: file not found ({setting or 'data.' + role}{_relative_to_cwd(spec)})")
+    split = _SplitTokenizer(tokenizer, cfg.data.max_tokens_per_doc, workers, spec, take, restart)
+    read_all_chunks(spec, cfg.data.text_column, cfg.data.label_column, HUB_SPLITS[role], split.start, split.take)
+    split.finish()
+    return split.source, split.skipped
+
+
 class _SplitTokenizer:
     """Chunks of a split in, `TokenizedSplit` out: texts gathered into batches (`tokenizing_batch`), each batch
-    tokenized as it fills and dropped, the parts joined at the end."""
+    tokenized as it fills and dropped, the parts joined at the end; or with `take`, each tokenized batch handed
+    to it with its labels and not kept (`stream_tokenized`)."""
 
-    def __init__(self, tokenizer: Tokenizer, max_tokens: int, workers: int, source: str) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_tokens: int, workers: int, source: str,
+                 take: Callable[[TokenizedDocs, list[str]], None] | None = None,
+                 restart: Callable[[], None] | None = None) -> None:
         self.tokenizer, self.max_tokens, self.workers, self.first_source = tokenizer, max_tokens, workers, source
         self.batch_chars, self.block_chars = tokenizing_batch(workers)
+        self.hand_over, self.restart = take, restart
 
     def start(self) -> None:
         """(Again, when the file must be read again: tabular_stream.ReadAgain.)"""
+        if self.restart is not None:
+            self.restart()
         self.parts: list[TokenizedDocs] = []
         self.labels: list[str] = []
         self.texts: list[str] = []
@@ -142,9 +164,20 @@ class _SplitTokenizer:
 
     def _tokenize_batch(self) -> None:
         texts, self.texts, self.chars = self.texts, [], 0
-        self.parts.append(tokenize(texts, self.tokenizer, self.max_tokens, self.workers, self.block_chars))
+        if self.hand_over is None:
+            self.parts.append(tokenize(texts, self.tokenizer, self.max_tokens, self.workers, self.block_chars))
+        elif texts:
+            labels, self.labels = self.labels, []
+            tokenized = tokenize(texts, self.tokenizer, self.max_tokens, self.workers, self.block_chars)
+            del texts  # the batch's strings go before `take` works on its tokens
+            self.hand_over(tokenized, labels)
 
-    def finish(self) -> TokenizedSplit:
+    def finish(self) -> TokenizedSplit | None:
+        """The split's tokens joined; with `take`, the last batch handed over, and None."""
+        if self.hand_over is not None:
+            if self.texts:
+                self._tokenize_batch()
+            return None
         if self.texts or not self.parts:
             self._tokenize_batch()
         parts = self.parts

@@ -35,6 +35,49 @@ def predict_logits(
     return torch.cat(outs).numpy(), np.concatenate(rows_all)
 
 
+class EvalTotals:
+    """What `evaluate` adds up, over any number of parts of a data set: the confusion matrix, the predictions for
+    documents of labels unseen in training, and the loss sum and count. The metrics of the parts together are
+    the metrics of the whole (the loss up to float rounding: it is summed in float64 part by part)."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.reset()
+
+    def reset(self) -> None:
+        self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.float64)
+        self.unseen_pred = np.zeros(self.num_classes, dtype=np.float64)
+        self.loss_sum = np.zeros(2, dtype=np.float64)  # [sum of losses, count] over known labels
+
+    def add(self, model: nn.Module, docs: EncodedDocs, num_pretrained: int, token_level: bool, info: DistInfo) -> None:
+        """This rank's share of `docs`."""
+        logits, rows = predict_logits(model, docs, num_pretrained, token_level, info)
+        if not len(rows):
+            return
+        labels = np.asarray(docs.labels[rows])
+        pred = logits.argmax(1)
+        known = labels >= 0
+        np.add.at(self.confusion, (labels[known], pred[known]), 1)
+        np.add.at(self.unseen_pred, pred[~known], 1)
+        if known.any():
+            losses = F.cross_entropy(torch.from_numpy(logits[known]), torch.from_numpy(labels[known]), reduction="none")
+            self.loss_sum += (float(losses.sum()), float(known.sum()))
+
+    def metrics(self, info: DistInfo) -> dict:
+        """Accuracy, macro F1, loss and the confusion matrix over every rank's totals."""
+        packed = torch.from_numpy(np.concatenate([self.confusion.ravel(), self.unseen_pred, self.loss_sum]))
+        if info.backend == "nccl":
+            packed = packed.to(info.device)
+        all_reduce_(packed, info)
+        packed = packed.cpu().numpy()
+        k = self.num_classes
+        confusion = packed[: k * k].reshape(k, k)
+        unseen_pred, loss_sum = packed[k * k : -2], packed[-2:]
+        # no document with a known label: no loss to report (null in JSON), not a perfect 0
+        loss = float(loss_sum[0] / loss_sum[1]) if loss_sum[1] else None
+        return metrics_from_confusion(confusion, unseen_pred) | {"loss": loss}
+
+
 def evaluate(
     model: nn.Module, docs: EncodedDocs, num_pretrained: int, token_level: bool, num_classes: int, info: DistInfo,
 ) -> dict:
@@ -42,29 +85,9 @@ def evaluate(
     seen in training (label -1) are counted as errors, and their predictions as false positives of the predicted
     class. The loss is the plain cross-entropy over documents with known labels (not class-weighted: the
     held-out figure means the same whatever train.class_weights is)."""
-    logits, rows = predict_logits(model, docs, num_pretrained, token_level, info)
-    labels = np.asarray(docs.labels[rows]) if len(rows) else np.zeros(0, dtype=np.int64)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
-    loss_sum = torch.zeros(2, dtype=torch.float64)  # [sum of losses, count] over known labels
-    unseen_pred = torch.zeros(num_classes, dtype=torch.float64)  # predictions for documents of unseen labels
-    if len(rows):
-        pred = logits.argmax(1)
-        known = labels >= 0
-        np.add.at(confusion.numpy(), (labels[known], pred[known]), 1)
-        np.add.at(unseen_pred.numpy(), pred[~known], 1)
-        if known.any():
-            losses = F.cross_entropy(torch.from_numpy(logits[known]), torch.from_numpy(labels[known]), reduction="none")
-            loss_sum[0], loss_sum[1] = float(losses.sum()), float(known.sum())
-    packed = torch.cat([confusion.flatten(), unseen_pred, loss_sum])
-    if info.backend == "nccl":
-        packed = packed.to(info.device)
-    all_reduce_(packed, info)
-    packed = packed.cpu().numpy()
-    confusion = packed[: num_classes * num_classes].reshape(num_classes, num_classes)
-    unseen_pred, loss_sum = packed[num_classes * num_classes : -2], packed[-2:]
-    # no document with a known label: no loss to report (null in JSON), not a perfect 0
-    loss = float(loss_sum[0] / loss_sum[1]) if loss_sum[1] else None
-    return metrics_from_confusion(confusion, unseen_pred) | {"loss": loss}
+    totals = EvalTotals(num_classes)
+    totals.add(model, docs, num_pretrained, token_level, info)
+    return totals.metrics(info)
 
 
 def metrics_from_confusion(confusion: np.ndarray, unseen_pred: np.ndarray | None = None) -> dict:

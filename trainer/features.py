@@ -9,7 +9,7 @@ cache is built in a process that does not import it (trainer/data_cache.py).
 
 import itertools
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
@@ -62,6 +62,26 @@ class TokenizedDocs:
 
     def word_counts(self) -> dict[str, int]:
         return dict(zip(self.type_words, self.type_counts.tolist(), strict=True))
+
+    def pieces(self, max_tokens: int) -> Iterator[tuple[slice, "TokenizedDocs"]]:
+        """Consecutive runs of whole documents of about `max_tokens` tokens (a longer document alone), each as its
+        own TokenizedDocs over only the words it has (so that encoding a piece costs the piece, not the batch's
+        whole vocabulary), with the slice of documents it holds. A piece numbers its words in the batch's order,
+        not in order of first appearance: encoding does not depend on the numbering. O(tokens + batch words) a
+        piece: np.unique's sort took 3.4 s of a 36M-token evaluation."""
+        ends = np.cumsum(self.doc_lengths)
+        num_words = len(self.type_words)
+        start = 0
+        while start < len(self.doc_lengths):
+            first = int(ends[start - 1]) if start else 0
+            stop = max(start + 1, int(np.searchsorted(ends, first + max_tokens, side="right")))
+            types = self.types[first : int(ends[stop - 1])]
+            used = np.flatnonzero(np.bincount(types, minlength=num_words))
+            local = np.empty(num_words, dtype=type_dtype(len(used)))
+            local[used] = np.arange(len(used))
+            yield slice(start, stop), TokenizedDocs(local[types], [self.type_words[i] for i in used.tolist()],
+                                                    self.doc_lengths[start:stop])
+            start = stop
 
     @staticmethod
     def joined(parts: list["TokenizedDocs"]) -> "TokenizedDocs":

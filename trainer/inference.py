@@ -1,13 +1,9 @@
 """eval / predict / neighbors over an exported model (single process)."""
 
-import contextlib
 import json
 import os
 import re
-import signal
 import sys
-import tempfile
-import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -15,9 +11,9 @@ import numpy as np
 import torch
 
 from trainer.batch import collate
-from trainer.data_cache import make_featurizer, read_tokenized
+from trainer.data_cache import make_featurizer, stream_tokenized
 from trainer.distributed import DistInfo
-from trainer.evaluation import evaluate, per_class_table
+from trainer.evaluation import EvalTotals, per_class_table
 from trainer.export import LoadedModel, word_vectors
 from trainer.vocab import char_ngram_buckets
 
@@ -44,23 +40,7 @@ def _local_info(device: torch.device) -> DistInfo:
     return DistInfo(0, 0, 1, device, "none")
 
 
-@contextlib.contextmanager
-def _sigterm_exits():
-    """SIGTERM raises SystemExit (exit status 143) inside the block, so the `finally`s of what it holds run: eval's
-    encoded copy of its file, which a large file makes gigabytes, is removed rather than left under eval/. Only in
-    the main thread (where Python delivers signals); elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def exit_on_sigterm(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+EVAL_PIECE_TOKENS = 1 << 21  # tokens `trainer eval` encodes and scores at a time
 
 
 def run_eval(run: str, data: str, device: str = "cpu", extend: bool = True) -> tuple[dict, str]:
@@ -71,24 +51,36 @@ def run_eval(run: str, data: str, device: str = "cpu", extend: bool = True) -> t
     loaded = LoadedModel(folder, device, extend_pretrained=extend)
     cfg = loaded.cfg
     featurizer = make_featurizer(cfg, loaded.vocab)
-    # read and tokenized a chunk at a time, encoded into files beside the results and memory-mapped, as the data
-    # cache is built: a large evaluation file is never held whole (a bare hub name: its test split)
-    table = read_tokenized(data, cfg, "test", featurizer.tokenizer, featurizer.workers, setting="--data")
+    info = _local_info(loaded.device)
+    totals = EvalTotals(len(loaded.vocab.labels))
+    unseen: set[str] = set()
+
+    def take(tokenized, labels: list[str]) -> None:
+        # encoded and scored a piece at a time: a piece's ids in memory (about 8-24 bytes a token), not a batch's
+        for docs_slice, piece in tokenized.pieces(EVAL_PIECE_TOKENS):
+            docs = featurizer.encode_tokenized(piece, labels[docs_slice])
+            totals.add(loaded.model, docs, loaded.vocab.num_pretrained, cfg.model.encoder == "lstm", info)
+        unseen.update(y for y in labels if y not in loaded.vocab.label_index)
+
+    def restart() -> None:
+        totals.reset()
+        unseen.clear()
+
+    # read, tokenized, encoded and scored a batch of texts at a time (the data cache's batches), and the batch
+    # dropped: a large evaluation file is never held whole, nor written anywhere (a bare hub name: its test split)
+    _, skipped = stream_tokenized(data, cfg, "test", featurizer.tokenizer, featurizer.workers, take, restart,
+                                  setting="--data")
+    metrics = totals.metrics(info)
+    metrics["skipped_empty"] = skipped
+    metrics["extended_words"] = loaded.num_extended
+    unseen_labels = sorted(unseen)
+    metrics["unseen_labels"] = unseen_labels
+    text = per_class_table(metrics, loaded.vocab.labels)
+    if unseen_labels:
+        text += f"\n{metrics['unseen_label_docs']} documents have labels never seen in training (counted as errors): " \
+                f"{', '.join(unseen_labels[:20])}"
     out_dir = folder.parent / "eval"
     out_dir.mkdir(exist_ok=True)
-    with _sigterm_exits(), tempfile.TemporaryDirectory(prefix=".encoded-", dir=out_dir) as encoded:
-        docs = featurizer.encode_tokenized(table.tokenized, table.labels, folder=Path(encoded))
-        metrics = evaluate(loaded.model, docs, loaded.vocab.num_pretrained, cfg.model.encoder == "lstm",
-                           len(loaded.vocab.labels), _local_info(loaded.device))
-        del docs
-    metrics["skipped_empty"] = table.num_skipped_empty
-    metrics["extended_words"] = loaded.num_extended
-    unseen = sorted({y for y in table.labels if y not in loaded.vocab.label_index})
-    metrics["unseen_labels"] = unseen
-    text = per_class_table(metrics, loaded.vocab.labels)
-    if unseen:
-        text += f"\n{metrics['unseen_label_docs']} documents have labels never seen in training (counted as errors): " \
-                f"{', '.join(unseen[:20])}"
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data).name)
     _write_atomic(out_dir / f"{name}.per_class.txt", text + "\n")
     _write_atomic(out_dir / f"{name}.json", json.dumps(metrics))

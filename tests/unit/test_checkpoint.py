@@ -580,25 +580,29 @@ def test_wide_model_exports_and_evaluates_as_trained(quick_config, tiny_data):
     assert extended["extended_words"] > 0 and extended["n"] == summary["n"]
 
 
-def test_eval_removes_its_encoded_copy_when_terminated(quick_config, tiny_data, monkeypatch):
-    """SIGTERM while eval evaluates (its file encoded into eval/.encoded-*): exit status 143, the copy removed."""
-    import os
-    import signal
+def test_eval_scores_its_file_a_batch_at_a_time_as_the_run_scored_it_whole(quick_config, tiny_data, monkeypatch):
+    """`trainer eval` keeps no batch: its file is tokenized, encoded and scored a batch of texts at a time, and
+    the metrics of the batches together are the run's own test evaluation (loss up to float rounding)."""
+    from trainer import data_cache, inference, tabular_stream
 
-    from trainer import inference
+    path = quick_config("streamed", train={"max_steps": 6})
+    doc = tomllib.loads(path.read_text())
+    doc["data"]["test"] = str(tiny_data["test"])
+    path.write_text(tomli_w.dumps(doc))
+    result = make_trainer(path).fit()
+    run = Path(doc["run"]["dir"])
+    batches = []
+    encode = data_cache.Featurizer.encode_tokenized
+    monkeypatch.setattr(data_cache, "tokenizing_batch", lambda workers: (40, 40))  # characters: a few texts a batch
+    monkeypatch.setattr(tabular_stream, "CHUNK_BYTES", 64)  # a chunk of a few rows (a longer row: read again)
+    monkeypatch.setattr(inference, "EVAL_PIECE_TOKENS", 5)  # and a batch encoded and scored in pieces
+    monkeypatch.setattr(data_cache.Featurizer, "encode_tokenized",
+                        lambda self, tokenized, labels=None, **kw: batches.append(len(labels)) or
+                        encode(self, tokenized, labels, **kw))
+    summary, _ = inference.run_eval(str(run), str(tiny_data["test"]), extend=False)
+    assert len(batches) > 10 and summary["n"] == result["test"]["n"]
+    assert (summary["accuracy"], summary["macro_f1"]) == (result["test"]["accuracy"], result["test"]["macro_f1"])
+    assert summary["loss"] == pytest.approx(result["test"]["loss"], rel=1e-6)
+    assert not list((run / "eval").glob(".encoded-*"))  # nothing written but the results
 
-    path = quick_config("sigterm", train={"max_steps": 3})
-    make_trainer(path).fit()
-    run = Path(tomllib.loads(path.read_text())["run"]["dir"])
 
-    def terminated(*args, **kwargs):
-        assert list((run / "eval").glob(".encoded-*/token_ids.npy"))  # the copy exists while evaluating
-        os.kill(os.getpid(), signal.SIGTERM)
-        raise AssertionError("SIGTERM did not stop eval")
-
-    monkeypatch.setattr(inference, "evaluate", terminated)
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit) as stopped:
-        inference.run_eval(str(run), str(tiny_data["test"]))
-    assert stopped.value.code == 143
-    assert not list((run / "eval").glob(".encoded-*")) and signal.getsignal(signal.SIGTERM) is before

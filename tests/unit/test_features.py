@@ -433,3 +433,23 @@ def test_joined_parts_are_int32_and_consumed():
     assert parts == []  # each part is dropped once copied
     assert joined.types.dtype == np.int32 and joined.types.tolist() == [0, 1, 0, 2, 0]
     assert joined.type_words == ["x", "y", "z"] and joined.doc_lengths.tolist() == [2, 1, 2]
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(st.text(alphabet="abc d\n", max_size=30), min_size=0, max_size=25),
+       max_tokens=st.integers(1, 40))
+def test_pieces_are_the_documents_of_their_slice_over_only_their_words(texts, max_tokens):
+    """`TokenizedDocs.pieces` (trainer eval scores a batch a piece at a time): consecutive whole documents, about
+    `max_tokens` tokens each, every piece the tokens of its own texts over the words it uses, each once."""
+    tok = Tokenizer(r"\w+", True)
+    tokenized = tokenize(texts, tok, 1000)
+    covered = 0
+    for docs, piece in tokenized.pieces(max_tokens):
+        assert docs.start == covered and docs.stop > docs.start
+        alone = tokenize(texts[docs], tok, 1000)
+        assert [piece.type_words[t] for t in piece.types] == [alone.type_words[t] for t in alone.types]
+        assert np.array_equal(piece.doc_lengths, alone.doc_lengths)
+        assert sorted(piece.type_words) == sorted(alone.type_words)  # only its own words, each once
+        assert int(piece.doc_lengths.sum()) <= max_tokens or docs.stop - docs.start == 1
+        covered = docs.stop
+    assert covered == len(texts)

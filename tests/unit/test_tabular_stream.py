@@ -319,3 +319,33 @@ def test_json_files_may_start_with_many_blank_lines(tmp_path, name):
     path.write_text("\n" * 70_000)
     with pytest.raises(DataError, match="empty file"):
         joined(path, 1 << 20)
+
+
+def test_stream_tokenized_hands_each_batch_over_once_and_restarts_when_the_file_is_read_again(tmp_path, monkeypatch):
+    """`data_cache.stream_tokenized` (trainer eval): every row's tokens reach `take` once, in order, after the last
+    `restart` (a row longer than the chunk has the file read again); nothing is kept between batches."""
+    from trainer import data_cache
+    from trainer.config import Config
+    from trainer.vocab import Tokenizer
+
+    monkeypatch.setattr(data_cache, "tokenizing_batch", lambda workers: (50, 50))
+    monkeypatch.setattr(tabular, "_CSV_BLOCK", 1024)
+    rows = [(f"row {i} text", "a" if i % 2 else "b") for i in range(300)] + [("long " * 4000, "c"), ("end", "a")]
+    path = write(tmp_path / "long.csv", rows)
+    taken, restarts = [], []
+
+    def take(tokenized, labels):
+        taken.append((tokenized.doc_lengths.tolist(), labels))
+
+    def restart():
+        restarts.append(len(taken))
+        taken.clear()
+
+    monkeypatch.setattr("trainer.tabular_stream.CHUNK_BYTES", 1024)
+    source, skipped = data_cache.stream_tokenized(str(path), Config(), "test", Tokenizer(r"\w+", True), 1, take,
+                                                  restart)
+    # started, then read again with 8 and 64 KiB blocks (the first pass had handed over several batches)
+    assert len(restarts) == 3 and restarts[1] > 1
+    assert source == str(path) and skipped == 0
+    assert [y for _, labels in taken for y in labels] == [y for _, y in rows]
+    assert [n for lengths, _ in taken for n in lengths] == [len(t.split()) for t, _ in rows]
