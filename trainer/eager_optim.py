@@ -61,7 +61,8 @@ def run_step(opt: torch.optim.Optimizer) -> Any:
     and neither a profiler nor a step hook is there for it to serve, the step under it (module docstring)."""
     step = type(opt).step
     inner = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
-    if inner is None or _profiling() or _step_hooked(opt):
+    # a step replaced on the instance (a torch LR scheduler counts steps so) is called as it is
+    if inner is None or "step" in vars(opt) or _profiling() or _step_hooked(opt):
         return opt.step()
     out = inner(opt)
     opt._optimizer_step_code()  # what the wrapper calls after the step (a no-op kept for profilers)

@@ -111,6 +111,19 @@ def test_run_step_still_calls_step_hooks_and_opens_the_profiler_range():
     assert "Optimizer.step#AdamW.step" in names and "Optimizer.zero_grad#AdamW.zero_grad" in names
 
 
+def test_run_step_calls_a_step_replaced_on_the_instance():
+    """A torch LR scheduler wraps `opt.step` on the instance to count steps: run_step must go through it."""
+    import warnings
+
+    params, opt = _trained(eager_optim.run_step, steps=1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Detected call of `lr_scheduler.step()` before `optimizer.step()`"
+        eager_optim.run_step(opt)
+        scheduler.step()
+    assert opt.param_groups[0]["lr"] == 0.05 * 0.5
+
+
 def test_add_param_group_checks_as_torch_does():
     a, b = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1))
     opt = eager_optim.AdamW([a], lr=0.1)
