@@ -258,14 +258,20 @@ def test_never_unfreeze():
     assert not any(c.pretrained_active(s) for s in (0, 10, 10**6))
 
 
-def test_clip_dense_leaves_sparse_gradients_alone():
+def scaled_dense_grads(scale: float):
+    """A model and its container after one backward, the dense gradients multiplied by `scale`."""
     model = make_model()
     c = container(model)
     c.zero_grad()
     backward(model)
     with torch.no_grad():
         for p in c.dense_params():
-            p.grad.mul_(1000)
+            p.grad.mul_(scale)
+    return model, c
+
+
+def test_clip_dense_leaves_sparse_gradients_alone():
+    model, c = scaled_dense_grads(1000)
     sparse_before = model.tables.bags["oov"].weight.grad.coalesce().values().clone()
     norm = c.clip_dense(1.0)
     assert float(norm) > 1.0
@@ -279,13 +285,7 @@ def test_clip_dense_leaves_sparse_gradients_alone():
 
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1000.0])
 def test_clip_dense_is_clip_grad_norm_bit_for_bit(scale):
-    model = make_model()
-    c = container(model)
-    c.zero_grad()
-    backward(model)
-    with torch.no_grad():
-        for p in c.dense_params():
-            p.grad.mul_(scale)
+    _, c = scaled_dense_grads(scale)
     grads = [p.grad.clone() for p in c.dense_params()]
     copies = [torch.nn.Parameter(p.detach().clone()) for p in c.dense_params()]
     for copy, g in zip(copies, grads, strict=True):
