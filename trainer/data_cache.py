@@ -119,14 +119,15 @@ def read_tokenized(spec: str, cfg: Config, role: str, tokenizer: Tokenizer, work
 
 def stream_tokenized(spec: str, cfg: Config, role: str, tokenizer: Tokenizer, workers: int,
                      take: Callable[[TokenizedDocs, list[str]], None], restart: Callable[[], None],
-                     setting: str | None = None) -> tuple[str, int]:
+                     setting: str | None = None, batch_chars: int | None = None) -> tuple[str, int]:
     """`read_tokenized` that keeps nothing: each tokenized batch of texts goes to `take` with its labels and is
     dropped, so memory holds one batch whatever the file's size (`trainer eval`). `restart` is called when the
     file must be read again from its start (a CSV row longer than the chunk: `tabular_stream.ReadAgain`): the
-    caller forgets what it took. Returns (the source's name, rows skipped for empty text)."""
+    caller forgets what it took. `batch_chars`: a smaller batch than the data cache's (`tokenizing_batch`).
+    Returns (the source's name, rows skipped for empty text)."""
     if local_format(spec) is not None and not Path(spec).exists():
         raise DataError(f"{spec}: file not found ({setting or 'data.' + role}{_relative_to_cwd(spec)})")
-    split = _SplitTokenizer(tokenizer, cfg.data.max_tokens_per_doc, workers, spec, take, restart)
+    split = _SplitTokenizer(tokenizer, cfg.data.max_tokens_per_doc, workers, spec, take, restart, batch_chars)
     read_all_chunks(spec, cfg.data.text_column, cfg.data.label_column, HUB_SPLITS[role], split.start, split.take)
     split.finish()
     return split.source, split.skipped
@@ -139,9 +140,9 @@ class _SplitTokenizer:
 
     def __init__(self, tokenizer: Tokenizer, max_tokens: int, workers: int, source: str,
                  take: Callable[[TokenizedDocs, list[str]], None] | None = None,
-                 restart: Callable[[], None] | None = None) -> None:
+                 restart: Callable[[], None] | None = None, batch_chars: int | None = None) -> None:
         self.tokenizer, self.max_tokens, self.workers, self.first_source = tokenizer, max_tokens, workers, source
-        self.batch_chars, self.block_chars = tokenizing_batch(workers)
+        self.batch_chars, self.block_chars = tokenizing_batch(workers, batch_chars)
         self.hand_over, self.restart = take, restart
 
     def start(self) -> None:
@@ -191,11 +192,14 @@ class _SplitTokenizer:
 BATCH_MAX_BLOCKS = 4
 
 
-def tokenizing_batch(workers: int) -> tuple[int, int]:
+def tokenizing_batch(workers: int, max_chars: int | None = None) -> tuple[int, int]:
     """(characters of text per tokenizing batch, characters per tokenizer block): a block for each worker, so the
-    forked workers share each batch (at least 2 blocks for them to fork), at most BATCH_MAX_BLOCKS full blocks."""
+    forked workers share each batch (at least 2 blocks for them to fork), at most BATCH_MAX_BLOCKS full blocks,
+    and at most `max_chars` characters."""
     workers = max(1, workers)
     batch = min(workers, BATCH_MAX_BLOCKS) * fast_tokenize.BLOCK_CHARS
+    if max_chars is not None:
+        batch = max(1, min(batch, max_chars))
     return batch, min(fast_tokenize.BLOCK_CHARS, max(1, batch // workers))
 
 

@@ -593,7 +593,7 @@ def test_eval_scores_its_file_a_batch_at_a_time_as_the_run_scored_it_whole(quick
     run = Path(doc["run"]["dir"])
     batches = []
     encode = data_cache.Featurizer.encode_tokenized
-    monkeypatch.setattr(data_cache, "tokenizing_batch", lambda workers: (40, 40))  # characters: a few texts a batch
+    monkeypatch.setattr(data_cache, "tokenizing_batch", lambda workers, max_chars=None: (40, 40))  # characters: a few texts a batch
     monkeypatch.setattr(tabular_stream, "CHUNK_BYTES", 64)  # a chunk of a few rows (a longer row: read again)
     monkeypatch.setattr(inference, "EVAL_PIECE_TOKENS", 5)  # and a batch encoded and scored in pieces
     monkeypatch.setattr(data_cache.Featurizer, "encode_tokenized",
@@ -604,5 +604,20 @@ def test_eval_scores_its_file_a_batch_at_a_time_as_the_run_scored_it_whole(quick
     assert (summary["accuracy"], summary["macro_f1"]) == (result["test"]["accuracy"], result["test"]["macro_f1"])
     assert summary["loss"] == pytest.approx(result["test"]["loss"], rel=1e-6)
     assert not list((run / "eval").glob(".encoded-*"))  # nothing written but the results
+
+
+def test_eval_tokenizes_smaller_batches_than_the_data_cache(quick_config, tiny_data, monkeypatch):
+    """`trainer eval` asks for EVAL_BATCH_CHARS-character batches (memory), whatever the data cache's batch is."""
+    from trainer import data_cache, inference
+
+    path = quick_config("evalbatch", train={"max_steps": 2})
+    make_trainer(path).fit()
+    run = Path(tomllib.loads(path.read_text())["run"]["dir"])
+    asked = []
+    batch = data_cache.tokenizing_batch
+    monkeypatch.setattr(data_cache, "tokenizing_batch", lambda workers, max_chars=None: asked.append(max_chars) or
+                        batch(workers, max_chars))
+    inference.run_eval(str(run), str(tiny_data["test"]))
+    assert asked == [inference.EVAL_BATCH_CHARS] and inference.EVAL_BATCH_CHARS < data_cache.tokenizing_batch(1)[0]
 
 

@@ -75,3 +75,5 @@ def test_tokenizing_batches_are_capped_and_shared_by_the_workers(monkeypatch):
     assert tokenizing_batch(0) == tokenizing_batch(1) == (1000, 1000)
     assert tokenizing_batch(2) == (2000, 1000)  # a block each: the forked workers share the batch
     assert tokenizing_batch(16) == (BATCH_MAX_BLOCKS * 1000, BATCH_MAX_BLOCKS * 1000 // 16)  # not 16 blocks of text
+    # trainer eval's smaller batch: still a block each for the workers
+    assert tokenizing_batch(2, max_chars=500) == (500, 250) and tokenizing_batch(1, max_chars=5000) == (1000, 1000)

@@ -328,7 +328,7 @@ def test_stream_tokenized_hands_each_batch_over_once_and_restarts_when_the_file_
     from trainer.config import Config
     from trainer.vocab import Tokenizer
 
-    monkeypatch.setattr(data_cache, "tokenizing_batch", lambda workers: (50, 50))
+    monkeypatch.setattr(data_cache, "tokenizing_batch", lambda workers, max_chars=None: (50, 50))
     monkeypatch.setattr(tabular, "_CSV_BLOCK", 1024)
     rows = [(f"row {i} text", "a" if i % 2 else "b") for i in range(300)] + [("long " * 4000, "c"), ("end", "a")]
     path = write(tmp_path / "long.csv", rows)
