@@ -110,8 +110,7 @@ def read_tokenized(spec: str, cfg: Config, role: str, tokenizer: Tokenizer, work
     (`tokenizing_batch`), into what tokenizing the whole file at once gives (`TokenizedDocs.joined`). Memory
     holds one batch of texts, not the file's: 800 MB of CSV as Python strings took 1.2 GiB. `role`: train, valid
     or test (a bare hub name's split); `setting`: the flag that named `spec`, for messages (default `data.ROLE`)."""
-    if local_format(spec) is not None and not Path(spec).exists():  # say which setting named it
-        raise DataError(f"{spec}: file not found ({setting or 'data.' + role}{_relative_to_cwd(spec)})")
+    _check_exists(spec, role, setting)
     split = _SplitTokenizer(tokenizer, cfg.data.max_tokens_per_doc, workers, spec)
     read_all_chunks(spec, cfg.data.text_column, cfg.data.label_column, HUB_SPLITS[role], split.start, split.take)
     return split.finish()
@@ -125,8 +124,7 @@ def stream_tokenized(spec: str, cfg: Config, role: str, tokenizer: Tokenizer, wo
     file must be read again from its start (a CSV row longer than the chunk: `tabular_stream.ReadAgain`): the
     caller forgets what it took. `batch_chars`: a smaller batch than the data cache's (`tokenizing_batch`).
     Returns (the source's name, rows skipped for empty text)."""
-    if local_format(spec) is not None and not Path(spec).exists():
-        raise DataError(f"{spec}: file not found ({setting or 'data.' + role}{_relative_to_cwd(spec)})")
+    _check_exists(spec, role, setting)
     split = _SplitTokenizer(tokenizer, cfg.data.max_tokens_per_doc, workers, spec, take, restart, batch_chars)
     read_all_chunks(spec, cfg.data.text_column, cfg.data.label_column, HUB_SPLITS[role], split.start, split.take)
     split.finish()
@@ -201,6 +199,12 @@ def tokenizing_batch(workers: int, max_chars: int | None = None) -> tuple[int, i
     if max_chars is not None:
         batch = max(1, min(batch, max_chars))
     return batch, min(fast_tokenize.BLOCK_CHARS, max(1, batch // workers))
+
+
+def _check_exists(spec: str, role: str, setting: str | None) -> None:
+    """A local file that is missing is an error naming the setting that named it (default `data.ROLE`)."""
+    if local_format(spec) is not None and not Path(spec).exists():
+        raise DataError(f"{spec}: file not found ({setting or 'data.' + role}{_relative_to_cwd(spec)})")
 
 
 def _relative_to_cwd(spec: str) -> str:

@@ -179,12 +179,12 @@ class OptimizerContainer:
         tensor without a host sync. Where every gradient shares one device and dtype (always, in this trainer),
         clip_grad_norm_'s own ops, without its grouping by device and dtype: the same norm and scaled gradients
         bit for bit (tests/unit/test_optim_split.py), about a third of its 130 us for the demo's head."""
-        grads = [p.grad for p in self.dense_params() if p.grad is not None]
-        if not grads:
+        params = [p for p in self.dense_params() if p.grad is not None]
+        if not params:
             return torch.zeros(())
+        grads = [p.grad for p in params]
         kinds = {(g.device, g.dtype) for g in grads}
         if len(kinds) > 1 or next(iter(kinds))[0].type not in ("cpu", "cuda"):
-            params = [p for p in self.dense_params() if p.grad is not None]
             if max_norm > 0:
                 return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
             return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))

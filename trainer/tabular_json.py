@@ -63,7 +63,7 @@ class _JsonText:
     not yet parsed. Parsed text is dropped as `pos` moves on, so memory holds about a block (or about twice the
     longest value, read in doubling blocks) whatever the file's size; line and column numbers still count from
     the file's start. Decoded as json.loads decodes bytes: the encoding its first 4 bytes show (UTF-8 unless they
-    are UTF-16 or UTF-32), surrogates passed through."""
+    are UTF-16 or UTF-32; a byte order mark selects a codec that drops it), surrogates passed through."""
 
     def __init__(self, path: Path, fh: IO[bytes]) -> None:
         self.path, self.fh = path, fh
@@ -71,7 +71,7 @@ class _JsonText:
         self.encoding = json.detect_encoding(self.head)
         self.decoder = codecs.getincrementaldecoder(self.encoding)("surrogatepass")
         self.keep_from: int | None = None  # text from here on is not dropped (an error may point there)
-        self.text, self.pos, self.eof, self.started = "", 0, False, False
+        self.text, self.pos, self.eof = "", 0, False
         self.line_base, self.column_base = 1, 0  # text[0]'s line, and how many characters of it were dropped
         self._counted, self._lines = 0, 0  # newlines in text[:_counted], so that line numbers cost O(new text)
         self.scan_once = json.JSONDecoder().scan_once  # what raw_decode calls, without its frame per value
@@ -90,8 +90,6 @@ class _JsonText:
             at = self.line_at(len(self.text)) + raw[: max(0, exc.start - pending)].count(b"\n")
             name = "UTF-8" if self.encoding.startswith("utf-8") else self.encoding.upper()
             raise DataError(f"{self.path}: line {at}: not valid {name} text") from None
-        if not self.started:
-            chunk, self.started = chunk.removeprefix("\ufeff"), bool(chunk)
         self.eof = not raw
         self._drop_parsed()
         self.text += chunk
