@@ -17,6 +17,7 @@ Conventions, chosen so the same data gives the same table whatever the format:
 from __future__ import annotations
 
 import bz2
+import codecs
 import csv
 import gzip
 import io
@@ -249,6 +250,16 @@ def _csv_header(path: Path, delimiter: str) -> list[str]:
     return header
 
 
+def utf8_hint(head: bytes) -> str:
+    """What to do about a file that is not UTF-8 because it starts with another encoding's byte order mark (Excel's
+    "Unicode text" and Windows tools write UTF-16), for the end of the error message; "" otherwise."""
+    for mark, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),  # before UTF-16's: FF FE 00 00
+                       (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
+        if head.startswith(mark):
+            return f": it starts with a {name} byte order mark; save it as UTF-8"
+    return ""
+
+
 def _csv_error(path: Path, delimiter: str, exc: Exception) -> DataError:
     """Re-parse with the csv module (no field size limit) to say *where* the file is broken."""
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -266,7 +277,7 @@ def _csv_error(path: Path, delimiter: str, exc: Exception) -> DataError:
             text = data.decode("utf-8")
         except UnicodeDecodeError as err:
             line = data.count(b"\n", 0, err.start) + 1
-            return DataError(f"{path}: line {line}: not valid UTF-8 text (byte offset {err.start})")
+            return DataError(f"{path}: line {line}: not valid UTF-8 text (byte offset {err.start}){utf8_hint(data)}")
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
         width = None
         for row in reader:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from trainer.tabular import READ_ERRORS, DataError, _check_columns, _open, _Read, log
+from trainer.tabular import READ_ERRORS, DataError, _check_columns, _open, _Read, log, utf8_hint
 
 _BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, which some editors put at the start of a file
 BLOCK_BYTES = 1 << 20  # of a JSON document, read at a time
@@ -29,16 +29,20 @@ _SKIP_WHITESPACE = re.compile(r"[ \t\n\r]*").match  # JSON's whitespace
 _NEAR_END = 16
 
 
-def first_content(fh: IO[bytes]) -> bytes:
-    """The file's first bytes that are not whitespace (after a byte order mark), b"" if it has none: its content
-    starts there, however many blank lines come first."""
-    block = fh.read(1 << 16).removeprefix(_BOM)
+def first_content(fh: IO[bytes]) -> str:
+    """The file's first character that is not whitespace, "" if it has none: its content starts there, however many
+    blank lines come first. Decoded as json.loads decodes bytes (`json.detect_encoding`: UTF-8, or UTF-16 / UTF-32
+    by their byte order mark or zero bytes; a mark is not content), so a UTF-16 `[...]` file is seen as an array."""
+    head = fh.read(4)
+    # bytes that are not text in that encoding read as U+FFFD here: the reader chosen reports them, with their line
+    decoder = codecs.getincrementaldecoder(json.detect_encoding(head))("replace")
+    block = head + fh.read(1 << 16)
     while block:
-        head = block.lstrip()
-        if head:
-            return head
+        text = decoder.decode(block).lstrip(" \t\n\r")
+        if text:
+            return text[0]
         block = fh.read(1 << 16)
-    return b""
+    return ""
 
 
 class _NotJson(DataError):
@@ -212,10 +216,10 @@ def json_records(path: Path, fh: IO[bytes], fmt: str) -> Iterator[tuple[int, dic
     fh.seek(0)
     if not head:
         raise DataError(f"{path}: empty file")
-    if fmt == "json" and head[:1] == b"[":
+    if fmt == "json" and head == "[":
         yield from json_array_records(path, fh)
         return
-    if fmt == "json" and head[:1] == b"{":
+    if fmt == "json" and head == "{":
         obj = _one_document(path, fh)
         if obj is not None:
             columns = list(obj.values())
@@ -272,7 +276,7 @@ def jsonl_records(path: Path, fh: IO[bytes]) -> Iterator[tuple[int, dict]]:
                 f"{path}: line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
             ) from None
         except UnicodeDecodeError:
-            raise DataError(f"{path}: line {lineno}: not valid UTF-8 text") from None
+            raise DataError(f"{path}: line {lineno}: not valid UTF-8 text{utf8_hint(raw) if lineno == 1 else ''}") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
         yield lineno, obj

@@ -321,6 +321,23 @@ def test_invalid_utf8_csv(tmp_path: Path) -> None:
     assert str(path) in message and "line 3" in message and "UTF-8" in message
     (tmp_path / "h.csv").write_bytes(b"te\xffxt,label\n")
     assert "line 1" in error(tmp_path / "h.csv")
+    assert "byte order mark" not in error(tmp_path / "h.csv")
+
+
+@pytest.mark.parametrize(("name", "codec"), [(name, codec) for name in ("u.csv", "u.tsv", "u.jsonl")
+                                               for codec in ("utf-16", "utf-16-be", "utf-32")
+                                               if (name, codec) != ("u.jsonl", "utf-16-be")])
+def test_utf16_and_utf32_files_are_named_as_such(tmp_path: Path, name: str, codec: str) -> None:
+    """Excel's "Unicode text" is UTF-16: the message says so, and how to fix it. (A .json file is read as json.loads
+    would read it, tests/unit/test_tabular_stream.py. A big-endian UTF-16 JSON Lines file happens to load: each
+    line's bytes, split at the newline's second byte, are a line json.loads recognises as UTF-16.)"""
+    path = tmp_path / name
+    sep = "\t" if name.endswith(".tsv") else ","
+    text = '{"text": "a b", "label": 1}\n' if name.endswith(".jsonl") else f"text{sep}label\na b{sep}1\n"
+    path.write_bytes(("\ufeff" + text).encode(codec))
+    message = error(path)
+    assert f"{path}: line 1: not valid UTF-8 text" in message
+    assert f"it starts with a {codec[:6].upper()} byte order mark; save it as UTF-8" in message
 
 
 def test_binary_garbage_csv(tmp_path: Path) -> None:

@@ -166,12 +166,15 @@ def test_json_array_errors_name_the_line(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("block", [1, 3, 1 << 20])
 def test_json_is_decoded_as_json_loads_decodes_bytes(tmp_path, monkeypatch, block):
-    """Surrogates encoded as bytes pass (json.loads decodes with surrogatepass), UTF-16 without a byte order mark
-    is detected, and a number cut by a block after its "." or "e" is still read whole."""
+    """Surrogates encoded as bytes pass (json.loads decodes with surrogatepass), UTF-16 and UTF-32 are detected with
+    or without a byte order mark, blank lines before the array included, and a number cut by a block after its "."
+    or "e" is still read whole."""
     monkeypatch.setattr(tabular_json, "BLOCK_BYTES", block)
     path = tmp_path / "d.json"
     cases = [b'[{"text": "smile \xed\xa0\xbd\xed\xb8\x80", "label": 1}]',
              '[{"text": "caf\u00e9 \U0001F600", "label": 1.5}]'.encode("utf-16-le"),
+             *('\n\n [{"text": "caf\u00e9", "label": 1}]'.encode(codec) for codec in ("utf-16", "utf-16-be", "utf-32")),
+             '\ufeff{"text": ["a"], "label": [1]}'.encode("utf-16-be"),
              b'{"text": ["a", "b"],\n "label": [1E+2, 2.25]}']
     for raw in cases:
         path.write_bytes(raw)
