@@ -193,3 +193,62 @@ if numba is not None:
             word_inverse, word_segment = np.empty(0, np.int64), np.empty(0, np.int64)
         return (pre, oov, bigrams, chars, offsets, token_counts, lengths, doc_labels, num_tokens, distinct,
                 distinct_bounds, inverse, inverse_bounds, word_inverse, word_segment)
+
+    @njit(cache=_CACHE, nogil=True, boundscheck=False)
+    def _wide_weights(ids, starts, part_table, num_tables, idf, idf_base, log_tf):
+        """One block of the wide part's TF-IDF weighted lookups (`model.TextClassifier.wide_lookups`), by table:
+        each document's distinct features, ascending, and their weights (1 + ln tf) x idf, L2-normalised per
+        document over the whole block. Part p's ids for document d are ids[starts[p, d]:starts[p, d + 1]] (ids
+        already shifted into their table's rows); a table may have several parts (wide_word: pretrained and OOV
+        words). Returns (features, pair_starts (num_tables, docs + 1) into features, weights not yet normalised,
+        each document's sum of squared weights): `_wide_normalise` divides by the norms.
+
+        The arithmetic is the torch ops' float32 arithmetic in their order, so the weights are the same bits:
+        ln tf from `log_tf` (torch.log of 0..max tf), each document's squares summed table by table in feature
+        order (as index_add_ sums them)."""
+        num_docs = starts.shape[1] - 1
+        features = np.empty(ids.shape[0], np.int64)
+        weights = np.empty(ids.shape[0], np.float32)
+        pair_starts = np.zeros((num_tables, num_docs + 1), np.int64)
+        sq = np.zeros(num_docs, np.float32)
+        longest = 0
+        for p in range(starts.shape[0]):
+            for d in range(num_docs):
+                longest = max(longest, starts[p, d + 1] - starts[p, d])
+        scratch = np.empty(longest * starts.shape[0], np.int64)
+        n = 0
+        for t in range(num_tables):
+            for d in range(num_docs):
+                pair_starts[t, d] = n
+                m = 0
+                for p in range(starts.shape[0]):
+                    if part_table[p] == t:
+                        for k in range(starts[p, d], starts[p, d + 1]):
+                            scratch[m] = ids[k]
+                            m += 1
+                if m == 0:
+                    continue
+                doc_ids = scratch[:m]
+                doc_ids.sort()
+                k = 0
+                while k < m:
+                    feature, tf = doc_ids[k], 1
+                    while k + tf < m and doc_ids[k + tf] == feature:
+                        tf += 1
+                    w = (np.float32(1.0) + log_tf[tf]) * idf[idf_base[t] + feature]
+                    features[n], weights[n] = feature, w
+                    sq[d] += w * w
+                    n += 1
+                    k += tf
+            pair_starts[t, num_docs] = n
+        return features[:n], pair_starts, weights[:n], sq
+
+    @njit(cache=_CACHE, nogil=True, boundscheck=False)
+    def _wide_normalise(weights, pair_starts, norm):
+        """`_wide_weights`' weights divided, in place, by their document's norm (torch's sqrt of its sum of
+        squares, clamped: torch's float32 sqrt is not always numpy's, and these must be the torch path's bits)."""
+        num_docs = pair_starts.shape[1] - 1
+        for t in range(pair_starts.shape[0]):
+            for d in range(num_docs):
+                for i in range(pair_starts[t, d], pair_starts[t, d + 1]):
+                    weights[i] = weights[i] / norm[d]

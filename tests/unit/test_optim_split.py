@@ -413,6 +413,35 @@ def test_wide_logits_are_tfidf_weighted_rows_by_hand():
     assert grad.is_sparse and set(grad.coalesce().indices()[0].tolist()) == set(docs.bigram_ids.tolist())
 
 
+@pytest.mark.parametrize("wide", ["words,bigrams,chars", "words", "bigrams,chars", "chars"])
+def test_wide_lookups_numba_kernel_gives_the_torch_ops_bits(monkeypatch, wide):
+    """On CPU the wide part's weighted lookups come from one numba call per block (`_wide_lookups_cpu`); the
+    torch ops (what a GPU runs) must give the same features, offsets and weights bit for bit: repeated features,
+    a document with no features, pretrained and OOV words in one table, a batch in a shuffled order."""
+    from trainer import kernels
+
+    if kernels.numba is None:
+        pytest.skip("numba is not installed")
+    families = tuple(wide.split(","))
+    specs = build_table_specs(num_pretrained=2, num_oov=2, dim=3, ngram_buckets=7, char_buckets=5, masked=True,
+                              pretrained_trainable=False, init_std=0.5, wide=families, num_classes=3, deep_chars=False)
+    tables = LocalTables(specs, torch.randn(2, 3, generator=torch.Generator().manual_seed(0)), seed=0)
+    model = TextClassifier(tables, ModelConfig(encoder="masked_bag", wide=wide, deep_chars=False), 2, 3)
+    g = torch.Generator().manual_seed(5)
+    model.wide_idf = {name: torch.rand(tables.specs[name].num_rows, generator=g) * 3 for name in model.wide_tables}
+    texts = ["the cat zork the the", "", "blip the dog dog dog cat zork zork", "the", "dog cat the blip zork"] * 3
+    f = Featurizer(Tokenizer(DataConfig().token_pattern, True), VOCAB, 7, 5, 2, 4, 100)
+    docs = f.encode(texts, ["a"] * len(texts))
+    rows = np.random.default_rng(0).permutation(len(texts))
+    fast = model.wide_lookups(collate(docs, rows, 2, False))
+    monkeypatch.setattr(kernels, "numba", None)
+    reference = model.wide_lookups(collate(docs, rows, 2, False))
+    assert fast.keys() == reference.keys() == set(model.wide_tables)
+    for name in reference:
+        for got, want in zip(fast[name], reference[name], strict=True):
+            assert got.dtype == want.dtype and torch.equal(got, want), name
+
+
 def test_deep_part_without_chars_pools_over_words_and_bigrams_only():
     """deep_chars = false: the char ids of the batch feed the wide part; the mean of the deep part must not count
     them (it would shrink every document vector by its char n-gram count)."""
