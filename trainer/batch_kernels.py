@@ -195,52 +195,41 @@ if numba is not None:
                 distinct_bounds, inverse, inverse_bounds, word_inverse, word_segment)
 
     @njit(cache=_CACHE, nogil=True, boundscheck=False)
-    def _wide_weights(ids, starts, part_table, num_tables, idf, idf_base, log_tf):
+    def _wide_weights(keys, key_bounds, rows, num_docs, idf, idf_base, log_tf):
         """One block of the wide part's TF-IDF weighted lookups (`model.TextClassifier.wide_lookups`), by table:
-        each document's distinct features, ascending, and their weights (1 + ln tf) x idf, L2-normalised per
-        document over the whole block. Part p's ids for document d are ids[starts[p, d]:starts[p, d + 1]] (ids
-        already shifted into their table's rows); a table may have several parts (wide_word: pretrained and OOV
-        words). Returns (features, pair_starts (num_tables, docs + 1) into features, weights not yet normalised,
-        each document's sum of squared weights): `_wide_normalise` divides by the norms.
+        each document's distinct features, ascending, and their weights (1 + ln tf) x idf, with each document's
+        sum of squared weights over the whole block (`_wide_normalise` then divides by the norms). Table t's
+        (document, feature) pairs are keys[key_bounds[t]:key_bounds[t + 1]] = document x rows[t] + feature,
+        sorted (numpy's sort, several times faster than numba's here). Returns (features, pair_starts
+        (tables, docs + 1) into features, weights, sums of squares).
 
         The arithmetic is the torch ops' float32 arithmetic in their order, so the weights are the same bits:
         ln tf from `log_tf` (torch.log of 0..max tf), each document's squares summed table by table in feature
         order (as index_add_ sums them)."""
-        num_docs = starts.shape[1] - 1
-        features = np.empty(ids.shape[0], np.int64)
-        weights = np.empty(ids.shape[0], np.float32)
+        num_tables = key_bounds.shape[0] - 1
+        features = np.empty(keys.shape[0], np.int64)
+        weights = np.empty(keys.shape[0], np.float32)
         pair_starts = np.zeros((num_tables, num_docs + 1), np.int64)
         sq = np.zeros(num_docs, np.float32)
-        longest = 0
-        for p in range(starts.shape[0]):
-            for d in range(num_docs):
-                longest = max(longest, starts[p, d + 1] - starts[p, d])
-        scratch = np.empty(longest * starts.shape[0], np.int64)
         n = 0
         for t in range(num_tables):
-            for d in range(num_docs):
-                pair_starts[t, d] = n
-                m = 0
-                for p in range(starts.shape[0]):
-                    if part_table[p] == t:
-                        for k in range(starts[p, d], starts[p, d + 1]):
-                            scratch[m] = ids[k]
-                            m += 1
-                if m == 0:
-                    continue
-                doc_ids = scratch[:m]
-                doc_ids.sort()
-                k = 0
-                while k < m:
-                    feature, tf = doc_ids[k], 1
-                    while k + tf < m and doc_ids[k + tf] == feature:
-                        tf += 1
-                    w = (np.float32(1.0) + log_tf[tf]) * idf[idf_base[t] + feature]
-                    features[n], weights[n] = feature, w
-                    sq[d] += w * w
-                    n += 1
-                    k += tf
-            pair_starts[t, num_docs] = n
+            k, end, doc = key_bounds[t], key_bounds[t + 1], 0
+            while k < end:
+                key, tf = keys[k], 1
+                while k + tf < end and keys[k + tf] == key:
+                    tf += 1
+                d, feature = key // rows[t], key % rows[t]
+                while doc <= d:  # documents before d without features start here too
+                    pair_starts[t, doc] = n
+                    doc += 1
+                w = (np.float32(1.0) + log_tf[tf]) * idf[idf_base[t] + feature]
+                features[n], weights[n] = feature, w
+                sq[d] += w * w
+                n += 1
+                k += tf
+            while doc <= num_docs:
+                pair_starts[t, doc] = n
+                doc += 1
         return features[:n], pair_starts, weights[:n], sq
 
     @njit(cache=_CACHE, nogil=True, boundscheck=False)

@@ -80,6 +80,7 @@ class TextClassifier(nn.Module):
         self.wide_idf: dict[str, torch.Tensor] = {}
         self._idf_copies: dict[tuple[str, str], torch.Tensor] = {}
         self._idf_blocks: dict[tuple[str, ...], tuple] = {}  # _block_idf
+        self._log_tf = np.zeros(0, np.float32)  # _wide_lookups_cpu
         self.num_pretrained = num_pretrained
         # concat: words, then each n-gram table, pooled separately (bag encoders only)
         self.concat_tables = (
@@ -306,29 +307,37 @@ class TextClassifier(nn.Module):
         return cached[1], cached[2]
 
     def _wide_lookups_cpu(self, batch: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """`wide_lookups` on CPU by one numba call per block (`batch_kernels._wide_weights`), the same bits as the
-        torch ops: on the demo's wide config those took about 15 ms of the data thread's 23 ms a batch."""
+        """`wide_lookups` on CPU: each table's (document, feature) keys sorted by numpy, then one numba call per
+        block (`batch_kernels._wide_weights`), the same bits as the torch ops; on the demo's wide config those
+        took about 15 ms of the data thread's 23 ms a batch."""
         num_docs, out = batch.num_docs, {}
         for block in self._wide_blocks():
             names = tuple(name for name, _ in block)
-            ids, starts, part_table = [], [], []
-            base = 0
-            for t, (_, sources) in enumerate(block):
+            keys, rows, longest = [], [], 1
+            for name, sources in block:
+                num_rows = self.tables.specs[name].num_rows
+                parts = []
                 for family, shift in sources:
-                    part_ids, offsets = batch.tables[family]
-                    part_ids = np.ascontiguousarray(part_ids.numpy(), dtype=np.int64)
-                    ids.append(part_ids + shift if shift else part_ids)
-                    bounds = np.empty(num_docs + 1, np.int64)
-                    bounds[:num_docs], bounds[num_docs] = offsets.numpy(), part_ids.shape[0]
-                    starts.append(bounds + base)
-                    part_table.append(t)
-                    base += part_ids.shape[0]
-            longest = max(int(np.diff(b).max(initial=0)) for b in starts) * sum(len(s) for _, s in block)
-            log_tf = torch.log(torch.arange(longest + 1, dtype=torch.float32)).numpy()
+                    ids, offsets = batch.tables[family]
+                    ids, offsets = ids.numpy(), offsets.numpy()
+                    counts = np.diff(offsets, append=ids.shape[0])
+                    longest = max(longest, int(counts.max(initial=0)))
+                    seg = np.repeat(np.arange(num_docs, dtype=np.int64) * num_rows, counts)
+                    parts.append(seg + ids + shift if shift else seg + ids)
+                table_keys = np.concatenate(parts) if len(parts) > 1 else parts[0]
+                table_keys.sort()
+                keys.append(table_keys)
+                rows.append(num_rows)
+            longest *= max(len(sources) for _, sources in block)  # a feature's count in a document, at most
+            log_tf = self._log_tf  # torch's ln 0..n, kept: its float32 log is not numpy's (a local: the data
+            if log_tf.shape[0] <= longest:  # thread and an evaluation may both be here)
+                log_tf = torch.log(torch.arange(max(longest + 1, 2 * log_tf.shape[0]), dtype=torch.float32)).numpy()
+                self._log_tf = log_tf
             idf, idf_base = self._block_idf(names)
+            key_bounds = np.cumsum([0] + [len(k) for k in keys]).astype(np.int64)
             features, pair_starts, weights, sq = _wide_weights(
-                np.concatenate(ids) if len(ids) > 1 else ids[0], np.stack(starts), np.array(part_table, np.int64),
-                len(block), idf, idf_base, log_tf)
+                np.concatenate(keys) if len(keys) > 1 else keys[0], key_bounds, np.array(rows, np.int64), num_docs,
+                idf, idf_base, log_tf)
             _wide_normalise(weights, pair_starts, torch.from_numpy(sq).sqrt().clamp(min=1e-12).numpy())
             features, weights = torch.from_numpy(features), torch.from_numpy(weights)
             for t, name in enumerate(names):
