@@ -196,9 +196,10 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     # Clip the dense gradients' global norm to this; 0 disables. Sparse tables are not clipped.
     grad_clip: float = 1.0
-    # With sparse = sgd: apply the tables' update straight from the pooled sums' gradient, never making the tables'
-    # gradients (trainer/fused_sgd.py: one CPU process, bag / masked_bag, no wide tables or pretrained correction;
-    # the same weights bit for bit). false: always the autograd path.
+    # With sparse = sgd: apply the tables' update straight from the pooled sums' gradient (and the wide tables' from
+    # the wide logits' gradient), never making the tables' gradients (trainer/fused_sgd.py: one CPU process, bag /
+    # masked_bag with combine = sum, no pretrained correction; the same weights bit for bit). false: always the
+    # autograd path.
     fused_sgd: bool = True
 
     def __post_init__(self) -> None:

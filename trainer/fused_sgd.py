@@ -15,8 +15,9 @@ None. The arithmetic is the autograd path's op for op: the same sums in the same
 same SGD update, so both paths give the same weights bit for bit (tests/unit/test_fused_sgd.py).
 
 Where it applies (`why_not`): one CPU process (replicated ranks average table gradients, row-wise ranks exchange
-them), the bag or masked_bag encoder with `combine = sum`, sgd on the tables, no wide tables, no pretrained-row
-correction, the numba kernels on. Anything else, and evaluation, keeps the autograd path; `optim.fused_sgd =
+them), the bag or masked_bag encoder with `combine = sum`, sgd on the tables, no pretrained-row correction, the
+numba kernels on. The wide part's tables (`model.wide`, plain SGD at `optim.wide_lr`) are fused the same way:
+`FusedTableSGD.wide_logits` keeps the gradient of their TF-IDF weighted sums, the logits. Anything else, and evaluation, keeps the autograd path; `optim.fused_sgd =
 false` keeps it always.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from trainer import kernels
@@ -138,6 +140,30 @@ if kernels.numba is not None:
             for j in range(w.shape[0]):
                 w[j] = w[j] + (np.float32(0.0) + g[j]) * neg_lr
 
+    @njit(parallel=True, cache=kernels._CACHE, nogil=True, boundscheck=False)
+    def _weighted_bag_sgd(grad, table, offsets, inverse, distinct, weights, segment, starts, order, block, neg_lr):
+        """A wide table (one logit per class and feature, TF-IDF weighted lookups): each distinct row's gradient,
+        the sum from zero of weight x its ids' document gradients in id order (as bag_lookup._sum_rows sums them),
+        then row += gradient x -lr (SparseSGD's update of a coalesced gradient). In parallel over rows."""
+        docs, n = offsets.shape[0], inverse.shape[0]
+        for d in range(docs):
+            end = offsets[d + 1] if d + 1 < docs else n
+            for k in range(offsets[d], end):
+                segment[k] = d
+        counting_order(inverse, distinct.shape[0], starts, order)
+        for u in prange(distinct.shape[0]):
+            _prefetch_rows(distinct, u, table, None, None)
+            g = block[u]
+            g[:] = np.float32(0.0)
+            for p in range(starts[u], starts[u + 1]):
+                k = order[p]
+                w, src = weights[k], grad[segment[k]]
+                for j in range(g.shape[0]):
+                    g[j] += w * src[j]
+            row = table[distinct[u]]
+            for j in range(row.shape[0]):
+                row[j] = row[j] + g[j] * neg_lr
+
 
 def why_not(cfg, info, tables, model_cfg) -> str | None:
     """Why the fused update cannot run for this run (None: it can). `cfg`: the whole Config."""
@@ -151,8 +177,6 @@ def why_not(cfg, info, tables, model_cfg) -> str | None:
         return "the numba kernels are off"
     if model_cfg.encoder not in ("bag", "masked_bag") or model_cfg.combine != "sum":
         return f"model.encoder = {model_cfg.encoder}, model.combine = {model_cfg.combine}"
-    if model_cfg.wide_families:
-        return "model.wide"
     if not hasattr(tables, "bags") or "pretrained_delta" in tables.bags:
         return "a trainable pretrained correction"
     if tables.frozen.device.type != "cpu" or tables.frozen.dtype != torch.float32 or not tables.frozen.is_contiguous():
@@ -168,6 +192,37 @@ class _Pending:
     def __init__(self, batch, words: tuple | None, bags: list[tuple[str, np.ndarray, np.ndarray, tuple | None]]) -> None:
         self.batch, self.words, self.bags = batch, words, bags
         self.grad: np.ndarray | None = None
+
+
+class _WidePending:
+    """One training forward's wide lookups (`TextClassifier.wide_lookups`), kept until the optimizer step applies
+    their gradient: by table, (ids, offsets, distinct ids, inverse, weights) as numpy arrays."""
+
+    def __init__(self, lookups: dict[str, tuple]) -> None:
+        self.lookups = lookups
+        self.grad: np.ndarray | None = None
+
+
+class _FusedWide(torch.autograd.Function):
+    """Forward: the wide part's logits, sum over tables of their rows weighted per document (EmbeddingBag with
+    per-sample weights, as `bag_lookup.bag_sum`); backward: keeps the logits' gradient for `FusedTableSGD.apply`,
+    gives the tables none."""
+
+    @staticmethod
+    def forward(ctx, owner: FusedTableSGD, pending: _WidePending, *weights: Tensor) -> Tensor:
+        ctx.owner, ctx.pending, ctx.num_weights = owner, pending, len(weights)
+        logits = None
+        for name, (ids, offsets, _, _, sample_weights) in pending.lookups.items():
+            z = F.embedding_bag(torch.from_numpy(ids), owner.tables.bags[name].weight.detach(),
+                                torch.from_numpy(offsets), mode="sum", per_sample_weights=torch.from_numpy(sample_weights))
+            logits = z if logits is None else logits + z
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ctx.pending.grad = grad.contiguous().float().numpy()
+        ctx.owner.pending.append(ctx.pending)
+        return (None, None) + (None,) * ctx.num_weights
 
 
 class _FusedPool(torch.autograd.Function):
@@ -189,17 +244,35 @@ class _FusedPool(torch.autograd.Function):
 class FusedTableSGD:
     """The tables' SGD update applied from the pooled sums' gradient (module docstring)."""
 
-    def __init__(self, tables, masked: bool) -> None:
-        self.tables, self.masked = tables, masked
-        self.pending: list[_Pending] = []
+    def __init__(self, tables, masked: bool, wide: list[str] | tuple[str, ...] = ()) -> None:
+        self.tables, self.masked, self.wide = tables, masked, list(wide)
+        self.pending: list[_Pending | _WidePending] = []
         self._buffers: dict[str, np.ndarray] = {}
         # plain bags, in the order the model adds them: the word bags of the bag encoder, then the n-gram tables
         words = [] if masked else ["pretrained", "oov"]
         self.bag_names = [n for n in (*words, "bigram", "char") if tables.has(n)]
 
     def params(self) -> dict[str, torch.nn.Parameter]:
-        """The tables it updates, by name."""
+        """The tables it updates, by name: the deep part's, and the wide part's (`model.wide`)."""
         return {name: bag.weight for name, bag in self.tables.bags.items()}
+
+    def _deep_params(self) -> list[torch.nn.Parameter]:
+        return [bag.weight for name, bag in self.tables.bags.items() if name not in self.wide]
+
+    def wide_logits(self, lookups: dict[str, tuple[Tensor, Tensor, Tensor]], groups: dict) -> Tensor:
+        """The wide part's logits from `TextClassifier.wide_lookups`' (ids, offsets, weights) by table and the
+        batch's `groups` (distinct ids, inverse) of them, where prepare made them; their SGD update is applied
+        by `apply` from the logits' gradient."""
+        kept = {}
+        for name in self.wide:
+            ids, offsets, weights = lookups[name]
+            distinct, inverse = groups.get(name) or group_ids(ids)
+            kept[name] = tuple(t.contiguous().numpy() for t in (ids, offsets, distinct, inverse, weights.float()))
+            rows = self.tables.bags[name].weight.shape[0]
+            if kept[name][2].shape[0] and (kept[name][2][0] < 0 or kept[name][2][-1] >= rows):
+                raise ValueError(f"fused sgd: ids {kept[name][2][0]}..{kept[name][2][-1]} for table {name} of {rows} "
+                                 "rows (a data cache that does not match the tables?)")
+        return _FusedWide.apply(self, _WidePending(kept), *(self.tables.bags[n].weight for n in self.wide))
 
     def _buffer(self, key: str, rows: int, dim: int = 0, dtype=np.float32) -> np.ndarray:
         """A reused block (rows, dim), or (rows,) for dim 0: fresh pages cost more than the kernels here
@@ -225,7 +298,7 @@ class FusedTableSGD:
         words = tuple(t.contiguous().numpy() for t in word_groups) if self.masked else None
         self._check_bounds(words, bags)
         pending = _Pending(batch, words, bags)
-        return _FusedPool.apply(self, pending, *self.params().values())
+        return _FusedPool.apply(self, pending, *self._deep_params())
 
     def _check_bounds(self, words: tuple | None, bags: list) -> None:
         """The kernels do not check indices (a bad one would write outside a table): refuse ids past a table here,
@@ -279,6 +352,9 @@ class FusedTableSGD:
         dim = self.tables.dim
         weights = {name: bag.weight.detach().numpy() for name, bag in self.tables.bags.items()}
         for p in pending:
+            if isinstance(p, _WidePending):
+                self._apply_wide(p, weights, lr_of)
+                continue
             if p.grad is None or p.batch.num_docs == 0:
                 continue
             if p.words is not None:
@@ -300,3 +376,16 @@ class FusedTableSGD:
                                                                               dtype=np.int64),
                     self._buffer("order", n, dtype=np.int64), self._buffer("block", distinct.shape[0], dim),
                     np.float32(-lr_of[name]))
+
+    def _apply_wide(self, p: _WidePending, weights: dict[str, np.ndarray], lr_of: dict[str, float]) -> None:
+        if p.grad is None or p.grad.shape[0] == 0:
+            return
+        classes = p.grad.shape[1]
+        for name, (_, offsets, distinct, inverse, sample_weights) in p.lookups.items():
+            n = inverse.shape[0]
+            kernels._launch(
+                _weighted_bag_sgd, p.grad, weights[name], offsets, inverse, distinct, sample_weights,
+                self._buffer("segment", n, dtype=np.int64),
+                self._buffer("starts", distinct.shape[0] + 1, dtype=np.int64),
+                self._buffer("order", n, dtype=np.int64), self._buffer(f"block{classes}", distinct.shape[0], classes),
+                np.float32(-lr_of[name]))

@@ -356,6 +356,10 @@ class TextClassifier(nn.Module):
     def wide_logits(self, batch: Batch) -> torch.Tensor:
         """Sum over the wide tables of their rows (one logit per class) weighted by `wide_lookups`."""
         lookups = batch.weighted or self.wide_lookups(batch)
+        if self.fused_sgd is not None and self.fused_sgd.wide and self.training and torch.is_grad_enabled():
+            # the same logits from one Function whose tables get no gradient: the optimizer step applies their SGD
+            # update from the logits' gradient (fused_sgd.py)
+            return self.fused_sgd.wide_logits(lookups, batch.groups)
         logits = None
         for name in self.wide_tables:
             ids, offsets, weights = lookups[name]

@@ -144,7 +144,8 @@ class OptimizerContainer:
                 continue
             opt = self.optimizers[group]
             numel = sum(p.numel() for pg in opt.param_groups for p in pg["params"])
-            fused = " (fused with the lookups' backward: fused_sgd.py)" if group == "sparse" and self._fused else ""
+            fused = (" (fused with the lookups' backward: fused_sgd.py)"
+                     if self._fused and (group == "sparse" or (group == "wide" and self._fused.wide)) else "")
             lines.append(f"  {group:<10} {type(opt).__name__:<16} lr={self.base_lr[group][0]:g} "
                          f"params={numel:,} [{', '.join(names)}]{fused}")
         return "optimizer split:\n" + "\n".join(lines)
@@ -195,14 +196,16 @@ class OptimizerContainer:
         return total
 
     def fuse_tables(self, fused) -> None:
-        """Let `fused` (fused_sgd.FusedTableSGD) update the sparse optimizer's tables at each step, from the pooled
-        sums' gradient, at that optimizer's learning rates (the tables keep no `.grad`, so its own step skips
-        them). Every table it updates must be in the sparse optimizer: it stays their one optimizer."""
-        opt = self.optimizers.get("sparse")
-        groups = {id(p): g for g in (opt.param_groups if opt else []) for p in g["params"]}
+        """Let `fused` (fused_sgd.FusedTableSGD) update the sparse (and wide) optimizers' tables at each step, from
+        the pooled sums' (and wide logits') gradient, at those optimizers' learning rates (the tables keep no
+        `.grad`, so their own steps skip them). Every table it updates must be in one of them: it stays their one
+        optimizer."""
+        opts = [self.optimizers[k] for k in ("sparse", "wide") if k in self.optimizers]
+        groups = {id(p): g for opt in opts for g in opt.param_groups for p in g["params"]}
         missing = [n for n, p in fused.params().items() if id(p) not in groups]
-        if missing or not isinstance(opt, SparseSGD):
-            raise AssertionError(f"fused sgd: tables {missing} not stepped by the sparse optimizer's SparseSGD")
+        if missing or not opts or not all(isinstance(opt, SparseSGD) for opt in opts):
+            raise AssertionError(f"fused sgd: tables {missing} not stepped by the sparse (or wide) optimizer's "
+                                 "SparseSGD")
         self._fused = fused
         self._fused_groups = {name: groups[id(p)] for name, p in fused.params().items()}
 

@@ -44,6 +44,10 @@ ROUTES = {
              ["--model.encoder", "masked_bag", "--embeddings.ngram_buckets", "64", "--embeddings.char_ngrams", "64",
               "--model.wide", "words,bigrams,chars", "--model.deep_chars", "false", "--optim.sparse", "sparse_adam",
               "--embeddings.unfreeze_after_steps", "2"]),
+    "wide_sgd": ("wide & deep with sgd (configs/demo_wide.toml's optimizers: fused with the lookups)",
+                 ["--model.encoder", "masked_bag", "--embeddings.ngram_buckets", "64", "--embeddings.char_ngrams", "64",
+                  "--model.wide", "words,bigrams,chars", "--model.deep_chars", "false", "--optim.sparse", "sgd",
+                  "--optim.sparse_lr", "100", "--optim.wide_lr", "30"]),
     # masked_bag's word sums with a table gradient (the demo's route fuses sgd with the lookups: fused_sgd.py)
     "concat": ("masked_bag, concat of words / bigrams / char n-grams, sqrt pooling, hidden layer, adagrad",
                ["--model.encoder", "masked_bag", "--embeddings.ngram_buckets", "64", "--embeddings.char_ngrams", "64",

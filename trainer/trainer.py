@@ -221,7 +221,8 @@ class Trainer:
         self.optim = OptimizerContainer(self.train_model, cfg.optim, self.total_steps, unfreeze, self.frozen)
         self.fused_sgd_reason = why_fused_sgd_not(cfg, info, tables, cfg.model) if cfg.optim.sparse == "sgd" else None
         if cfg.optim.sparse == "sgd" and self.fused_sgd_reason is None:
-            self.model.fused_sgd = FusedTableSGD(tables, masked=cfg.model.encoder == "masked_bag")
+            self.model.fused_sgd = FusedTableSGD(tables, masked=cfg.model.encoder == "masked_bag",
+                                                 wide=self.model.wide_tables)
             self.optim.fuse_tables(self.model.fused_sgd)
         self.weights = class_weights(np.asarray(self.data.train.labels), len(vocab.labels), tc.class_weights)
         self.weights_t = torch.from_numpy(self.weights).to(info.device)

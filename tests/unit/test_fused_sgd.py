@@ -27,6 +27,11 @@ CASES = {
     "masked_bag_token_budget_weighted": {"model": {"encoder": "masked_bag", "dropout": 0.2},
                                          "embeddings": {"ngram_buckets": 64},
                                          "train": {"tokens_per_batch": 300, "class_weights": "inverse_log"}},
+    # wide & deep: the wide tables' SGD (optim.wide_lr) fused too
+    "wide_words_bigrams_chars": {"model": {"encoder": "masked_bag", "wide": "words,bigrams,chars", "deep_chars": False},
+                                 "embeddings": {"ngram_buckets": 64, "char_ngrams": 128}, "optim": {"wide_lr": 30.0}},
+    "wide_chars_deep_chars": {"model": {"encoder": "bag", "wide": "chars", "pooling": "sum"},
+                              "embeddings": {"ngram_buckets": 64, "char_ngrams": 128}, "optim": {"wide_lr": 30.0}},
 }
 
 
@@ -93,7 +98,6 @@ def test_the_tables_move_and_the_plan_says_fused(tiny_config) -> None:
     ({"optim": {"sparse": "sgd"}, "model": {"encoder": "lstm"}}, "model.encoder = lstm"),
     ({"optim": {"sparse": "sgd"}, "model": {"combine": "concat"}, "embeddings": {"ngram_buckets": 64}},
      "model.combine = concat"),
-    ({"optim": {"sparse": "sgd"}, "model": {"wide": "words"}}, "model.wide"),
     ({"optim": {"sparse": "sgd"}, "embeddings": {"freeze_pretrained": False}}, "pretrained correction"),
     ({"optim": {"sparse": "sgd"}, "embeddings": {"unfreeze_after_steps": 2}}, "pretrained correction"),
 ])
@@ -108,12 +112,33 @@ def test_where_the_fused_update_does_not_apply(tiny_config, sections, reason) ->
 
 
 def test_the_run_says_why_sgd_is_not_fused(tiny_config, caplog) -> None:
-    cfg = load_config(tiny_config("why3", optim={"sparse": "sgd"}, model={"wide": "words"}),
+    cfg = load_config(tiny_config("why3", optim={"sparse": "sgd"}, model={"combine": "concat"}),
                       ["--train.threads", "1", "--train.max_steps", "1", "--checkpoint.enabled", "false",
                        "--metrics.tensorboard", "false", "--metrics.projector_words", "0"])
     with caplog.at_level("INFO", logger="trainer"):
         Trainer(cfg, CPU).fit()
-    assert "optim.fused_sgd: the tables' sgd runs through autograd here (model.wide)" in caplog.text
+    assert "optim.fused_sgd: the tables' sgd runs through autograd here (model.encoder = " in caplog.text
+    assert "model.combine = concat)" in caplog.text
+
+
+def test_the_wide_tables_are_fused_and_the_plan_says_so(tiny_config) -> None:
+    """model.wide with sgd: the wide tables' update is fused as well (their own optimizer, SparseSGD at wide_lr,
+    stays theirs), and a step moves them without a gradient."""
+    cfg = load_config(tiny_config("wide-fused", optim={"sparse": "sgd", "wide_lr": 30.0},
+                                  model={"wide": "words,bigrams", "encoder": "masked_bag"},
+                                  embeddings={"ngram_buckets": 64}),
+                      ["--train.threads", "1", "--train.max_steps", "2", "--checkpoint.enabled", "false",
+                       "--metrics.tensorboard", "false", "--metrics.projector_words", "0"])
+    trainer = Trainer(cfg, CPU)
+    trainer.build()
+    assert trainer.model.fused_sgd is not None and trainer.model.fused_sgd.wide == ["wide_word", "wide_bigram"]
+    described = trainer.optim.describe()
+    assert all("fused" in line for line in described.splitlines() if line.strip().startswith(("sparse", "wide")))
+    before = {n: trainer.model.tables.bags[n].weight.detach().clone() for n in ("wide_word", "wide_bigram")}
+    trainer.fit()
+    for name, old in before.items():
+        weight = trainer.model.tables.bags[name].weight
+        assert weight.grad is None and not torch.equal(weight.detach(), old), name
 
 
 def test_not_under_several_processes_or_without_the_kernels(tiny_config, monkeypatch) -> None:
