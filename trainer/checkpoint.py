@@ -155,7 +155,8 @@ class Checkpointer:
         """Load the newest loadable checkpoint into `state` (in place); returns its trainer state, or None.
 
         `check(trainer_state)` raises ResumeError when the checkpoint belongs to an incompatible run; that is
-        final. A checkpoint that fails to load (corrupted file) is reported and the previous one is tried.
+        final. A checkpoint that fails to load (corrupted file) is reported and the previous one is tried; when
+        none loads, ResumeError (nothing is removed: a run started over would prune them).
         With checkpoints disabled nothing is loaded, and a folder that holds some is refused: a run started over
         beside them would later be resumed from them."""
         steps = broadcast_object(valid_steps(self.folder), self.info)
@@ -167,6 +168,7 @@ class Checkpointer:
         from torch.distributed.checkpoint.api import CheckpointException
 
         dcp = _dcp()
+        failures = []
         for step in reversed(steps):
             path = self.folder / f"step-{step}"
             try:
@@ -175,6 +177,7 @@ class Checkpointer:
                     raise ValueError("not a trainer state object with an integer 'step'")
             except (OSError, ValueError) as e:  # every rank reads the same file, so every rank skips it
                 log.warning("checkpoint %s is unusable: %s is corrupt (%s); trying an older one", path, STATE_FILE, e)
+                failures.append(f"step-{step}: {STATE_FILE} is corrupt ({e})")
                 continue
             check(trainer_state)
             try:
@@ -184,8 +187,16 @@ class Checkpointer:
             # DCP wraps read errors in CheckpointException, a BaseException subclass: name it explicitly
             except (Exception, CheckpointException) as e:  # noqa: BLE001 - any unreadable shard: try the previous one
                 log.warning("checkpoint %s could not be loaded (%s); trying an older one", path, _describe(e))
+                failures.append(f"step-{step}: {_describe(e)}")
                 failed = True
             if not agree_any(failed, info=self.info):  # one rank's unreadable shard sends every rank back a step
                 self.last_saved_step = step
                 return trainer_state
+            if not failed:  # another rank could not read its shard of this one
+                failures.append(f"step-{step}: another rank could not read its part")
+        if steps:
+            # Starting over here would overwrite (and prune) checkpoints that may be recoverable: the user decides.
+            raise ResumeError(
+                f"none of the {len(steps)} checkpoints in {self.folder} could be loaded ({'; '.join(failures)}); "
+                "to start over, move them away or use another run.dir")
         return None

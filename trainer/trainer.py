@@ -6,6 +6,7 @@ log -> maybe evaluate -> maybe checkpoint. The checkpointer owns the save policy
 also waits for those branches.
 """
 
+import errno
 import json
 import logging
 import os
@@ -18,6 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock
+    fcntl = None
 
 from trainer import jit, kernels
 from trainer.background_build import BackgroundBuild
@@ -147,6 +153,45 @@ def _seed_step(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed(seed)  # the current device's generator; CUDA is initialised by now
 
 
+class RunDirLock:
+    """An exclusive lock on `run.dir` for one training process at a time (global rank 0 holds it): a second
+    command started on the same folder stops with a message before it writes anything there, instead of both
+    writing checkpoints, metrics, TensorBoard events and the model into it. A POSIX record lock (`lockf`) on
+    `run.dir/.lock`: held by the process, not inherited by its forked workers, released when it ends, however it
+    ends (and taken again freely by the same process, as tests do)."""
+
+    def __init__(self, run_dir: Path, info: DistInfo) -> None:
+        self.path, self.fd = run_dir / ".lock", None
+        refused = self._take() if info.is_main and fcntl is not None else None
+        refused = broadcast_object(refused, info)  # every rank stops, not only the one that saw it
+        if refused:
+            raise ResumeError(refused)
+
+    def _take(self) -> str | None:
+        """None once locked (or where locks do not work), else why not."""
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            self.fd = None
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                return (f"run.dir {self.path.parent} is in use by another training process (pid {holder}); wait "
+                        "for it to end, or use another run.dir")
+            # a file system without locks (some NFS mounts): run unprotected, and say so
+            log.warning("run.dir %s cannot be locked (%s): nothing stops a second training process from using it "
+                        "at the same time", self.path.parent, e)
+            return None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        return None
+
+    def __del__(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, background_build: BackgroundBuild | None = None) -> None:
         """`background_build`: the data cache being built by a child process (`data_cache.start_background_build`),
@@ -168,6 +213,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_lock = RunDirLock(self.run_dir, info)
         shared = {"run.dir": self.run_dir}
         if not cache_root(cfg).resolve().is_relative_to(self.run_dir.resolve()):
             shared["data.cache_dir"] = cache_root(cfg)
@@ -175,6 +221,9 @@ class Trainer:
         if cfg.train.resume == "never" and valid_steps(self.run_dir / "checkpoints"):
             raise ResumeError(f"run.dir {self.run_dir} already holds checkpoints and train.resume = never; "
                               "use another run.dir or train.resume = auto")
+        if cfg.train.resume == "never" and (self.run_dir / "result.json").exists():
+            raise ResumeError(f"run.dir {self.run_dir} already holds a finished run (result.json, model/) and "
+                              "train.resume = never; use another run.dir")
         self.logger = MetricsLogger(self.run_dir, cfg.metrics.tensorboard) if info.is_main else NullLogger()
         e = cfg.embeddings
         if self.background_build is not None:  # the CLI's child building the data cache (data_cache.py)
@@ -340,8 +389,17 @@ class Trainer:
             finished = broadcast_object(self._finished_result(step) if info.is_main else None, info)
             if finished is not None:
                 return finished
-            log.info("resumed from step %d (saved by world size %d, %s); %d steps remain", step,
-                     resumed["world_size"], resumed["sharding"], self.total_steps - step)
+            if step > self.total_steps:
+                log.warning("resumed from step %d (saved by world size %d, %s), past the %d steps these settings "
+                            "train (train.epochs, train.max_steps): no step to take", step, resumed["world_size"],
+                            resumed["sharding"], self.total_steps)
+            else:
+                log.info("resumed from step %d (saved by world size %d, %s); %d steps remain", step,
+                         resumed["world_size"], resumed["sharding"], self.total_steps - step)
+        elif info.is_main and (self.run_dir / "result.json").exists():
+            log.warning("run.dir %s holds a finished run's result.json but no checkpoint to resume from "
+                        "(checkpoint.enabled = false?): training again from step 0, replacing its model and result",
+                        self.run_dir)
         if resumed or (self.run_dir / "metrics.jsonl").exists():  # also an attempt killed before its first save
             self.logger.resumed(step)
         # only now that the run folder is known to be ours (a refused resume leaves it untouched)

@@ -4,6 +4,9 @@ pruning, falling back past a corrupted checkpoint, and refusing to resume an inc
 import json
 import logging
 import shutil
+import subprocess
+import sys
+import time
 import tomllib
 import warnings
 from pathlib import Path
@@ -229,15 +232,19 @@ def test_corrupted_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog)
     assert any("step-2" in w and "could not be loaded" in w for w in warnings), warnings
 
 
-def test_all_checkpoints_corrupted_starts_from_scratch(tmp_path, caplog):
+def test_all_checkpoints_corrupted_is_refused_and_nothing_removed(tmp_path, caplog):
+    """Starting over beside checkpoints that no longer load would prune them (a transient read error on a shared
+    file system, a partial copy): the user decides, with every folder still there."""
     ck = Checkpointer(tmp_path, CheckpointConfig(), INFO)
     ck.save(1, tiny_state(1), {"step": 1})
-    truncate_shards(ck.folder / "step-1")
-    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
-        assert (
-            Checkpointer(tmp_path, CheckpointConfig(), INFO).load_latest(tiny_state(0), lambda s: None)
-            is None
-        )
+    ck.save(2, tiny_state(2), {"step": 2})
+    for step in (1, 2):
+        truncate_shards(ck.folder / f"step-{step}")
+    (ck.folder / "step-2" / "trainer_state.json").write_text("{")
+    with pytest.raises(ResumeError, match=r"none of the 2 checkpoints in .*checkpoints could be loaded "
+                                          r"\(step-2: trainer_state.json is corrupt .*; step-1: .*\); to start over"):
+        Checkpointer(tmp_path, CheckpointConfig(), INFO).load_latest(tiny_state(0), lambda s: None)
+    assert valid_steps(ck.folder) == [1, 2]
 
 
 def test_trainer_resumes_from_previous_checkpoint_when_newest_is_corrupted(quick_config, caplog):
@@ -292,6 +299,48 @@ def test_resume_never_refuses_an_existing_run(quick_config):
     make_trainer(path).fit()
     with pytest.raises(ResumeError, match="train.resume = never"):
         make_trainer(path, "--train.resume", "never").fit()
+
+
+def test_resume_never_refuses_a_finished_run_without_checkpoints(quick_config, caplog):
+    """checkpoint.enabled = false leaves result.json and model/ only: train.resume = never must not overwrite them,
+    and the default (auto) says that it starts over."""
+    path = quick_config(checkpoint={"enabled": False})
+    make_trainer(path).fit()
+    run_dir = Path(make_trainer(path).run_dir)
+    result = (run_dir / "result.json").read_text()
+    with pytest.raises(ResumeError, match="already holds a finished run .* train.resume = never"):
+        make_trainer(path, "--train.resume", "never").fit()
+    assert (run_dir / "result.json").read_text() == result
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        make_trainer(path).fit()
+    assert any("holds a finished run's result.json but no checkpoint" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_dir_in_use_by_another_process_is_refused(quick_config, tmp_path):
+    """A second training process on the same run.dir stops before it writes there (RunDirLock); the lock goes
+    with the process that held it."""
+    path = quick_config()
+    run_dir = Path(make_trainer(path).run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ready, release = tmp_path / "ready", tmp_path / "release"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(run_dir / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.lockf(fd, fcntl.LOCK_EX); os.pwrite(fd, b'4242\\n', 0)\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        f"while not os.path.exists({str(release)!r}): time.sleep(0.05)\n")])
+    try:
+        for _ in range(200):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        with pytest.raises(ResumeError, match=r"is in use by another training process \(pid 4242\)"):
+            make_trainer(path).fit()
+        assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "tb").exists()
+    finally:
+        release.touch()
+        holder.wait(timeout=30)
+    assert make_trainer(path).fit()["steps_this_run"] == 4
 
 
 def test_resume_after_finish_runs_no_steps(quick_config):
@@ -361,19 +410,18 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(quick_config, override
         assert torch.equal(got[key], want[key]), key
 
 
-def test_checkpoints_newer_than_a_restarted_run_are_removed_not_the_new_ones(quick_config, caplog):
-    """When no checkpoint loads, the run starts again from step 0; its new checkpoints must not be pruned in
-    favour of the unloadable, higher-numbered ones (they would be, by step number)."""
+def test_a_run_whose_checkpoints_all_fail_to_load_is_refused_and_keeps_them(quick_config):
+    """When no checkpoint loads, the run does not start again from step 0 (its first save would prune the
+    unloadable ones): it stops with a message, and the checkpoints stay for the user to recover or move away."""
     path = quick_config(checkpoint={"every_steps": 2, "at_epoch_end": False, "keep_latest_k": 1})
     make_trainer(path).fit()
     ckpts = Path(make_trainer(path).run_dir) / "checkpoints"
     assert valid_steps(ckpts) == [4]
     truncate_shards(ckpts / "step-4")
-    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
-        result = make_trainer(path, "--train.max_steps", "2").fit()
-    assert result["steps_this_run"] == 2
-    assert valid_steps(ckpts) == [2]
-    assert any("removing checkpoint" in r.getMessage() and "step-4" in r.getMessage() for r in caplog.records)
+    (Path(make_trainer(path).run_dir) / "result.json").unlink()
+    with pytest.raises(ResumeError, match="none of the 1 checkpoints .* could be loaded"):
+        make_trainer(path, "--train.max_steps", "2").fit()
+    assert valid_steps(ckpts) == [4]
 
 
 def test_resume_at_the_final_step_keeps_the_pretrained_correction(quick_config):
