@@ -77,6 +77,9 @@ def cmd_train(argv: list[str]) -> int:
 
         raise ConfigError("data.train: no training data given (set it in the config or pass --data.train PATH)")
     from trainer.background_build import start_background_build
+    from trainer.config import check_output_folders
+
+    check_output_folders(cfg)
 
     # a missing data cache is built by a child process while this one imports torch (data.build_in_background)
     background_build = start_background_build(cfg)

@@ -69,9 +69,12 @@ class DataConfig:
         _check(self.workers >= 0, "data.workers", f"must be >= 0, got {self.workers}")
         _check(self.tokenizer_version in (1, 2), "data.tokenizer_version", f"must be 1 or 2, got {self.tokenizer_version}")
         try:  # here, not at tokenizing time: a config error before any file is read, on every rank
-            re.compile(self.token_pattern)
+            pattern = re.compile(self.token_pattern)
         except re.error as e:
             raise ConfigError(f"data.token_pattern: invalid regular expression {self.token_pattern!r}: {e}") from None
+        _check(pattern.fullmatch("") is None, "data.token_pattern",
+               f"{self.token_pattern!r} matches the empty string, so every gap between characters would be a token "
+               "(use + where it says *)")
 
 
 @dataclass
@@ -520,3 +523,19 @@ def config_changes(before: dict, after: dict) -> list[str]:
             if old.get(key) != new.get(key):
                 out.append(f"{section}.{key} {old.get(key)!r} -> {new.get(key)!r}")
     return out
+
+
+def check_output_folders(cfg: Config) -> None:
+    """run.dir and data.cache_dir must be folders or creatable as folders: a file at either path (or above it)
+    is a ConfigError naming the setting, before any process writes there (it was an OSError traceback, twice
+    when the data cache's child process hit it)."""
+    folders = {"run.dir": Path(cfg.run.dir).expanduser()}
+    if cfg.data.cache_dir:
+        folders["data.cache_dir"] = Path(cfg.data.cache_dir).expanduser()
+    for flag, path in folders.items():
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"cannot be made: {existing} is a file"
+            raise ConfigError(f"{flag}: {path} {where}, not a folder")

@@ -250,6 +250,9 @@ def _fill_cache(cfg: Config, pretrained: PretrainedVectors | None, tmp: Path) ->
     tokenized_train, num_train_docs = train.tokenized, len(train.labels)
     log.info("read %s: %d documents (%d empty skipped)", train.source, num_train_docs, train.num_skipped_empty)
     counts = tokenized_train.word_counts()
+    if not counts:
+        raise DataError(f"{train.source}: no token in its {num_train_docs} documents with data.token_pattern "
+                        f"{cfg.data.token_pattern!r}")
     e = cfg.embeddings
     vocab = build_vocabulary(
         counts,

@@ -159,8 +159,15 @@ class LoadedModel:
         import tomllib
 
         self.folder = folder
-        self.meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
-        saved = tomllib.loads((folder / "config.toml").read_bytes().decode("utf-8"))
+        try:
+            self.meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+            missing = [k for k in ("table_specs", "labels", "delta_active") if k not in self.meta]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)}")
+            saved = tomllib.loads((folder / "config.toml").read_bytes().decode("utf-8"))
+        except (OSError, ValueError, TypeError) as e:  # JSONDecodeError, TOMLDecodeError, UnicodeDecodeError
+            raise ModelFolderError(f"{folder}: not a readable exported model ({e}); export it again or copy the "
+                                   "folder again") from None
         # a model exported before data.tokenizer_version existed was trained with tokenizer 1: keep featurizing its
         # input that way, not with the current default
         saved.setdefault("data", {}).setdefault("tokenizer_version", 1)

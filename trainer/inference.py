@@ -152,13 +152,16 @@ def neighbors(run: str, word: str, k: int = 10) -> list[dict]:
         if not q.any():  # its n-gram rows never trained: they are still at zero, every score would be 0
             raise KeyError(f"{word!r} is not in the vocabulary, and none of its character n-grams was seen in "
                            "training")
+    elif cfg.embeddings.char_ngrams:  # model.deep_chars = false: its char n-grams are one logit per class
+        raise KeyError(f"{word!r} is not in the vocabulary, and the model's character n-grams feed only its wide "
+                       "part (model.deep_chars = false), so they give the word no vector")
     else:
         raise KeyError(f"{word!r} is not in the vocabulary and the model has no character n-grams")
     norms = np.linalg.norm(vectors, axis=1) * (np.linalg.norm(q) or 1.0)
     scores = vectors @ q / np.where(norms > 0, norms, 1.0)
     if idx is not None:
         scores[idx] = -np.inf
-    top = np.argsort(-scores, kind="stable")[:k]
+    top = np.argsort(-scores, kind="stable")[: min(k, len(scores) - (idx is not None))]  # never the word itself
     return [{"word": vocab.words[i], "score": round(float(scores[i]), 6),
              "kind": "pretrained" if i < vocab.num_pretrained else "learned"} for i in top]
 

@@ -225,6 +225,10 @@ def json_records(path: Path, fh: IO[bytes], fmt: str) -> Iterator[tuple[int, dic
             columns = list(obj.values())
             if columns and all(isinstance(c, list) and len(c) == len(columns[0]) for c in columns):
                 yield from ((0, dict(zip(obj, row, strict=True))) for row in zip(*columns, strict=True))
+            elif len(columns) > 1 and all(isinstance(c, list) for c in columns):
+                lengths = ", ".join(f"{k} {len(c)}" for k, c in obj.items())
+                raise DataError(f"{path}: an object of columns whose lengths differ ({lengths}); every column needs "
+                                "one value per record")
             else:
                 yield 1, obj
             return

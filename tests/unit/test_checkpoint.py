@@ -573,6 +573,10 @@ def test_a_model_from_a_newer_weights_format_is_refused_and_the_current_one_is_r
     del meta["weights_format"]  # a model exported before the field: format 1, every table whole
     (model / "model.json").write_text(json.dumps(meta))
     assert LoadedModel(model).meta["labels"]
+    for broken, reason in (("{", "Expecting property name"), (json.dumps({"labels": []}), "no table_specs")):
+        (model / "model.json").write_text(broken)
+        with pytest.raises(ModelFolderError, match=f"not a readable exported model \\({reason}"):
+            LoadedModel(model)
 
 
 def test_neighbors_of_a_word_whose_char_ngrams_never_trained_is_a_clear_error(quick_config):
@@ -587,6 +591,22 @@ def test_neighbors_of_a_word_whose_char_ngrams_never_trained_is_a_clear_error(qu
         neighbors(run, "жжжж", 3)
     near = neighbors(run, "soccerball", 3)  # unseen, but its n-grams were trained
     assert len(near) == 3 and all(n["score"] != 0 for n in near)
+    from trainer.export import LoadedModel
+
+    vocab_size = len(LoadedModel(Path(run) / "model").vocab.words)
+    everyone = neighbors(run, "pasta", vocab_size + 5)  # more than there are: every other word, finite scores
+    assert len(everyone) == vocab_size - 1 and "pasta" not in {n["word"] for n in everyone}
+    assert all(np.isfinite(n["score"]) for n in everyone)
+
+
+def test_neighbors_of_an_unknown_word_with_wide_only_char_ngrams_says_why(quick_config):
+    from trainer.inference import neighbors
+
+    path = quick_config("near-wide", embeddings={"char_ngrams": 64}, model={"wide": "chars", "deep_chars": False})
+    make_trainer(path).fit()
+    run = tomllib.loads(path.read_text())["run"]["dir"]
+    with pytest.raises(KeyError, match=r"feed only its wide part \(model.deep_chars = false\)"):
+        neighbors(run, "zzqqxx", 3)
 
 
 def test_run_files_are_utf8_whatever_the_locale(tmp_path):

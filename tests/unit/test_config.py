@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import Config, ConfigError, config_from_dict, dump_toml, load_config, parse_overrides
+from trainer.config import (
+    Config,
+    ConfigError,
+    check_output_folders,
+    config_from_dict,
+    dump_toml,
+    load_config,
+    parse_overrides,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "configs").glob("*.toml"))
@@ -87,6 +95,8 @@ def test_override_types_are_coerced():
         (["--train.epochs", "0"], "train.epochs"),
         (["--train.epochs"], "train.epochs"),
         (["--data.token_pattern", "("], "data.token_pattern"),
+        (["--data.token_pattern", ""], "data.token_pattern"),
+        (["--data.token_pattern", r"\w*"], "data.token_pattern"),
     ],
 )
 def test_errors_name_the_flag(argv, flag):
@@ -216,3 +226,17 @@ def test_every_shipped_config_parses(path):
     cfg = load_config(path)
     assert cfg.data.train, f"{path.name}: no data.train"
     assert config_from_dict(tomllib.loads(dump_toml(cfg))) == cfg
+
+
+def test_output_folders_that_are_files_name_the_setting(tmp_path):
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    check_output_folders(load_config(None, ["--run.dir", str(tmp_path / "new" / "run")]))  # creatable: fine
+    for argv, message in (
+        (["--run.dir", str(a_file)], f"run.dir: {a_file} is a file, not a folder"),
+        (["--run.dir", str(a_file / "sub")], f"run.dir: {a_file / 'sub'} cannot be made: {a_file} is a file"),
+        (["--data.cache_dir", str(a_file)], f"data.cache_dir: {a_file} is a file, not a folder"),
+    ):
+        with pytest.raises(ConfigError) as exc:
+            check_output_folders(load_config(None, ["--run.dir", str(tmp_path / "r"), *argv]))
+        assert message in str(exc.value)

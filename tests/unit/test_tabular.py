@@ -357,6 +357,12 @@ def test_garbage_jsonl_names_line(tmp_path: Path) -> None:
     assert "line 2" in error(path)
 
 
+def test_json_columns_of_different_lengths_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "cols.json"
+    path.write_text(json.dumps({"text": ["a", "b", "c"], "label": [1, 2]}))
+    assert "an object of columns whose lengths differ (text 3, label 2)" in error(path)
+
+
 def test_garbage_json_document(tmp_path: Path) -> None:
     path = tmp_path / "g.json"
     path.write_text('[{"text": "a", "label": 1},\n {"text": "b" "label": 2}]')
