@@ -112,12 +112,15 @@ def cmd_eval(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="python -m trainer eval")
     p.add_argument("--run", required=True, help="run folder (or its model/ folder)")
-    p.add_argument("--data", required=True, help="labelled data: .csv/.jsonl/.parquet path, or hub name[:split] (default split: test)")
+    p.add_argument("--data", required=True, help="labelled data: .csv/.tsv/.jsonl/.json/.parquet path (also compressed), or hub name[:split] (default split: test)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-extend", action="store_true", help="score with the training vocabulary only (the result the run reported for its test data); by default words unseen in training get their pretrained rows")
+    p.add_argument("--data.text_column", dest="text_column", help="the text column of --data (default: the run's)")
+    p.add_argument("--data.label_column", dest="label_column", help="the label column of --data (default: the run's)")
     args = p.parse_args(argv)
     _check_device(args.device)
-    summary, table = run_eval(args.run, args.data, args.device, extend=not args.no_extend)
+    summary, table = run_eval(args.run, args.data, args.device, extend=not args.no_extend,
+                              text_column=args.text_column, label_column=args.label_column)
     sys.stderr.write(table + "\n")
     print(json.dumps(summary))
     return 0

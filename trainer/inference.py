@@ -1,5 +1,6 @@
 """eval / predict / neighbors over an exported model (single process)."""
 
+import dataclasses
 import json
 import os
 import re
@@ -47,13 +48,18 @@ EVAL_PIECE_TOKENS = 1 << 21  # tokens `trainer eval` encodes and scores at a tim
 EVAL_BATCH_CHARS = 16 << 20
 
 
-def run_eval(run: str, data: str, device: str = "cpu", extend: bool = True) -> tuple[dict, str]:
+def run_eval(run: str, data: str, device: str = "cpu", extend: bool = True, text_column: str | None = None,
+             label_column: str | None = None) -> tuple[dict, str]:
     """Metrics of the exported model on `data`. `extend`: words unseen in training get their pretrained rows
     (LoadedModel), as `predict` does by default; the figures can then differ slightly from the run's own test
-    evaluation, which `extend=False` reproduces exactly."""
+    evaluation, which `extend=False` reproduces exactly. `text_column` / `label_column`: `data`'s, where they
+    are not the run's (`data.text_column`, `data.label_column`)."""
     folder = model_folder(run)
     loaded = LoadedModel(folder, device, extend_pretrained=extend)
     cfg = loaded.cfg
+    if text_column or label_column:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, text_column=text_column or cfg.data.text_column, label_column=label_column or cfg.data.label_column))
     featurizer = make_featurizer(cfg, loaded.vocab)
     info = _local_info(loaded.device)
     totals = EvalTotals(len(loaded.vocab.labels))

@@ -21,6 +21,7 @@ from trainer.config import CheckpointConfig, load_config
 from trainer.distributed import DistInfo
 from trainer.metrics import RESUMED_AT_STEP
 from trainer.report import read_metrics
+from trainer.tabular import DataError
 from trainer.trainer import Trainer
 
 INFO = DistInfo(0, 0, 1, torch.device("cpu"), "none")
@@ -672,6 +673,13 @@ def test_eval_scores_its_file_a_batch_at_a_time_as_the_run_scored_it_whole(quick
     assert (summary["accuracy"], summary["macro_f1"]) == (result["test"]["accuracy"], result["test"]["macro_f1"])
     assert summary["loss"] == pytest.approx(result["test"]["loss"], rel=1e-6)
     assert not list((run / "eval").glob(".encoded-*"))  # nothing written but the results
+    # a file whose columns are named otherwise than the run's: named on the command line (--data.text_column ...)
+    renamed = run / "renamed.csv"
+    renamed.write_text(tiny_data["test"].read_text().replace("text,label", "body,section", 1))
+    with pytest.raises(DataError, match="no text column 'text'"):
+        inference.run_eval(str(run), str(renamed), extend=False)
+    again, _ = inference.run_eval(str(run), str(renamed), extend=False, text_column="body", label_column="section")
+    assert again == summary
 
 
 def test_eval_tokenizes_smaller_batches_than_the_data_cache(quick_config, tiny_data, monkeypatch):
