@@ -241,7 +241,11 @@ def run() -> None:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         code = 141  # what a shell reports for a process ended by SIGPIPE
     except BaseException:  # noqa: BLE001 - reported as Python would, then the same exit path
-        traceback.print_exc()
-        code = 1
+        forced = getattr(sys.modules.get("trainer.process_exit"), "forced_exit", None)
+        if forced is not None:  # a second SIGINT / SIGTERM's SystemExit, wrapped on its way (e.g. by a DCP save)
+            code = forced
+        else:
+            traceback.print_exc()
+            code = 1
     # joined a process group: known to trainer.distributed, if this command imported it (torch) at all
     end_process(code, getattr(sys.modules.get("trainer.distributed"), "_joined_process_group", False))

@@ -10,6 +10,11 @@ import os
 import sys
 import threading
 
+# Set by the training's signal handler when a second signal ends the process at once (trainer.trainer.StopFlag):
+# its SystemExit can reach the CLI wrapped in another exception (torch.distributed.checkpoint wraps whatever
+# interrupts a save in a CheckpointException), which then exits with this status and no traceback.
+forced_exit: int | None = None
+
 
 def end_process(code: int | None, joined_process_group: bool) -> None:
     """End the process with `code`, without the interpreter's finalisation: non-daemon threads are joined, the

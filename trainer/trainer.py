@@ -25,7 +25,7 @@ try:
 except ImportError:  # not POSIX: no lock
     fcntl = None
 
-from trainer import jit, kernels
+from trainer import jit, kernels, process_exit
 from trainer.background_build import BackgroundBuild
 from trainer.batch import Batch, batch_from_collated, collate, collate_grouped, wide_idf
 from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, valid_steps
@@ -109,6 +109,7 @@ class StopFlag:
             return
         if self.requested:
             sys.stderr.write(f"second signal {signum}: exiting now\n")
+            process_exit.forced_exit = 128 + signum
             raise SystemExit(128 + signum)
         self.requested = True
         log.warning("signal %d: will checkpoint after the current step and exit", signum)

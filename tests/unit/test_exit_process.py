@@ -139,6 +139,8 @@ RUN_SCRIPT = textwrap.dedent(
     ("raise SystemExit(130)", 130, ""),
     ("raise SystemExit('bad flag')", 1, "bad flag"),
     ("raise KeyboardInterrupt", 130, "KeyboardInterrupt"),
+    # a second SIGINT during a checkpoint save: DCP wraps its SystemExit; the status stays, with no traceback
+    ("import trainer.process_exit as p; p.forced_exit = 130; raise RuntimeError('wrapped')", 130, ""),
 ])
 def test_run_ends_through_exit_process_whatever_main_does(body, code, stderr):
     """An error or a second signal after the group was joined is when gloo's threads are most likely busy: those

@@ -5,6 +5,7 @@ import signal
 
 import pytest
 
+from trainer import process_exit
 from trainer.trainer import StopFlag
 
 
@@ -19,8 +20,10 @@ def test_first_signal_requests_stop_a_second_sigint_exits(first):
         with pytest.raises(SystemExit) as exc:
             os.kill(os.getpid(), signal.SIGINT)
         assert exc.value.code == 128 + signal.SIGINT
+        assert process_exit.forced_exit == 128 + signal.SIGINT  # the status, however the SystemExit is wrapped
     finally:
         flag.uninstall()
+        process_exit.forced_exit = None
     assert {s: signal.getsignal(s) for s in before} == before
 
 
