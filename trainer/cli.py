@@ -58,16 +58,16 @@ def cmd_train(argv: list[str]) -> int:
     rest = []
     i = 0
     while i < len(argv):
-        if argv[i] == "--config":
-            if i + 1 >= len(argv):
-                from trainer.config import ConfigError
+        if argv[i] == "--config" or argv[i].startswith("--config="):
+            from trainer.config import ConfigError
 
+            if argv[i] == "--config" and i + 1 >= len(argv):
                 raise ConfigError("--config: missing file name")
-            config_path = argv[i + 1]
-            i += 2
-        elif argv[i].startswith("--config="):
-            config_path = argv[i].split("=", 1)[1]
-            i += 1
+            given = argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1]
+            if config_path is not None:  # one file: the second one silently replaced the first
+                raise ConfigError(f"--config given twice ({config_path}, {given}); pass one file")
+            config_path = given
+            i += 1 if "=" in argv[i] else 2
         else:
             rest.append(argv[i])
             i += 1
@@ -208,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     _bounded_openmp_spinning()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        sys.stderr.write(USAGE)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        (sys.stdout if asked else sys.stderr).write(USAGE)  # asked for: on stdout, so `| less` shows it
+        return 0 if asked else 2
     _setup_logging()
     try:
         return COMMANDS[argv[0]](argv[1:])

@@ -33,7 +33,8 @@ def _choice(value: str, flag: str, choices: tuple[str, ...]) -> None:
 
 @dataclass
 class DataConfig:
-    # Training data: a .csv/.tsv/.jsonl/.parquet path, or a Hugging Face hub dataset name (`name` or `name:split`).
+    # Training data: a .csv/.tsv/.jsonl/.json/.parquet path (also .gz/.bz2/.xz), or a Hugging Face hub dataset name
+    # (`name` or `name:split`).
     train: str = ""
     # Validation data (same forms as `train`; a bare hub name reads its `validation` split); empty disables it.
     valid: str = ""
@@ -125,7 +126,7 @@ class EmbeddingsConfig:
 
 @dataclass
 class ModelConfig:
-    # Encoder: bag (EmbeddingBag pooling), masked_bag (sum of E(w) * M(w), M a trainable per-word mask), lstm (BiLSTM, packed).
+    # Encoder: bag (EmbeddingBag pooling), masked_bag (sum of E(w) * M(w), M a trainable per-word mask), lstm (a bidirectional LSTM over the tokens, trainer/lstm_encoder.py).
     encoder: str = "bag"
     # Pooling for the bag encoders: mean, sum, or sqrt (sum / sqrt(count): the scale of an L2-normalised bag of words).
     pooling: str = "mean"

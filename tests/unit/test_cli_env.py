@@ -38,3 +38,19 @@ def test_the_spin_setting_is_in_place_before_any_command_imports_torch():
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_help_asked_for_goes_to_stdout_and_a_usage_error_to_stderr(capsys):
+    assert cli.main(["--help"]) == 0
+    out, err = capsys.readouterr()
+    assert "commands:" in out and not err
+    assert cli.main([]) == 2
+    out, err = capsys.readouterr()
+    assert "commands:" in err and not out
+
+
+def test_config_given_twice_is_refused(tmp_path, capsys):
+    """The second --config silently replaced the first."""
+    for argv in (["--config", "a.toml", "--config", "b.toml"], ["--config=a.toml", "--config=b.toml"]):
+        assert cli.main(["train", *argv]) == 2
+        assert "--config given twice (a.toml, b.toml); pass one file" in capsys.readouterr().err
