@@ -220,6 +220,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _lost_a_peer(e: BaseException) -> bool:
+    """A collective that failed because another rank's process ended: gloo's "Connection closed by peer" /
+    "Connection reset by peer", in a process that joined a group."""
+    if not getattr(sys.modules.get("trainer.distributed"), "_joined_process_group", False):
+        return False
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("closed by peer" in text or "reset by peer" in text)
+
+
 def run() -> None:
     """`python -m trainer` and the `trainer` console script: main(), then `process_exit.end_process` (a process
     that joined a gloo group must not finalise the interpreter; see there), also when main() raised: the exit
@@ -241,10 +250,16 @@ def run() -> None:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         code = 141  # what a shell reports for a process ended by SIGPIPE
-    except BaseException:  # noqa: BLE001 - reported as Python would, then the same exit path
+    except BaseException as e:  # noqa: BLE001 - reported as Python would, then the same exit path
         forced = getattr(sys.modules.get("trainer.process_exit"), "forced_exit", None)
         if forced is not None:  # a second SIGINT / SIGTERM's SystemExit, wrapped on its way (e.g. by a DCP save)
             code = forced
+        elif _lost_a_peer(e):
+            # another rank ended (its own error, with its message, is in the log): one line here, not gloo's
+            # 70-line traceback on every other rank, which buried that message
+            sys.stderr.write(f"error: rank {os.environ.get('RANK', '?')}: another rank ended, so this one stops "
+                             f"({str(e).splitlines()[0][:200]})\n")
+            code = 1
         else:
             traceback.print_exc()
             code = 1
