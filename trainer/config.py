@@ -31,6 +31,10 @@ def _choice(value: str, flag: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, flag, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
+# text on which data.token_pattern must make no empty match: words, digits, an apostrophe, punctuation, spaces
+_SAMPLE = "Ab cd, e'f 12 -- g.h!\n\tIJ"
+
+
 @dataclass
 class DataConfig:
     # Training data: a .csv/.tsv/.jsonl/.json/.parquet path (also .gz/.bz2/.xz), or a Hugging Face hub dataset name
@@ -73,9 +77,12 @@ class DataConfig:
             pattern = re.compile(self.token_pattern)
         except re.error as e:
             raise ConfigError(f"data.token_pattern: invalid regular expression {self.token_pattern!r}: {e}") from None
-        _check(pattern.fullmatch("") is None, "data.token_pattern",
-               f"{self.token_pattern!r} matches the empty string, so every gap between characters would be a token "
-               "(use + where it says *)")
+        # an empty match anywhere (`\w*`, but also zero-width ones: `\b`, lookaheads) makes empty tokens
+        _check(pattern.fullmatch("") is None and not any(m.end() == m.start() for m in pattern.finditer(_SAMPLE)),
+               "data.token_pattern", f"{self.token_pattern!r} can match the empty string, which would make empty "
+               "tokens (use + where it says *, and no pattern that is only \\b or a lookaround)")
+        _check(self.text_column != self.label_column, "data.text_column",
+               f"names the same column as data.label_column ({self.text_column!r})")
 
 
 @dataclass

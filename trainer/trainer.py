@@ -6,11 +6,13 @@ log -> maybe evaluate -> maybe checkpoint. The checkpointer owns the save policy
 also waits for those branches.
 """
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import tomllib
@@ -154,15 +156,21 @@ def _seed_step(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed(seed)  # the current device's generator; CUDA is initialised by now
 
 
+_HELD_LOCKS: dict[str, list] = {}  # resolved .lock path -> [fd, holders] (RunDirLock)
+
+
 class RunDirLock:
     """An exclusive lock on `run.dir` for one training process at a time (global rank 0 holds it): a second
-    command started on the same folder stops with a message before it writes anything there, instead of both
+    command started on the same folder stops with a message before it trains or logs there, instead of both
     writing checkpoints, metrics, TensorBoard events and the model into it. A POSIX record lock (`lockf`) on
-    `run.dir/.lock`: held by the process, not inherited by its forked workers, released when it ends, however it
-    ends (and taken again freely by the same process, as tests do)."""
+    `run.dir/.lock`: held by the process, not inherited by its forked workers, gone when it ends, however it ends.
+
+    POSIX locks belong to the process, and closing any descriptor of the file drops them: so one descriptor per
+    file and process, shared by every RunDirLock on it (a Trainer built twice, two Trainers in a notebook), closed
+    when the last of them is released."""
 
     def __init__(self, run_dir: Path, info: DistInfo) -> None:
-        self.path, self.fd = run_dir / ".lock", None
+        self.path, self.key = run_dir / ".lock", None
         refused = self._take() if info.is_main and fcntl is not None else None
         refused = broadcast_object(refused, info)  # every rank stops, not only the one that saw it
         if refused:
@@ -170,27 +178,47 @@ class RunDirLock:
 
     def _take(self) -> str | None:
         """None once locked (or where locks do not work), else why not."""
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        key = str(self.path.resolve())
+        if key in _HELD_LOCKS:
+            _HELD_LOCKS[key][1] += 1
+            self.key = key
+            return None
         try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # not writable, a full disk, a folder in the way: every rank hears it (broadcast)
+            return f"run.dir {self.path.parent}: cannot create its lock file .lock ({e})"
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            self.fd = None
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
             if e.errno in (errno.EACCES, errno.EAGAIN):
-                return (f"run.dir {self.path.parent} is in use by another training process (pid {holder}); wait "
-                        "for it to end, or use another run.dir")
+                return (f"run.dir {self.path.parent} is in use by another training process ({holder}); wait for "
+                        "it to end, or use another run.dir (on shared storage, a lock of a crashed node's process "
+                        "lasts until the file server's lease on it runs out)")
             # a file system without locks (some NFS mounts): run unprotected, and say so
             log.warning("run.dir %s cannot be locked (%s): nothing stops a second training process from using it "
                         "at the same time", self.path.parent, e)
             return None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # who holds it, for the message above: best effort
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        _HELD_LOCKS[key] = [fd, 1]
+        self.key = key
         return None
 
+    def release(self) -> None:
+        if self.key is None:
+            return
+        held = _HELD_LOCKS[self.key]
+        held[1] -= 1
+        if held[1] == 0:
+            os.close(held[0])  # the lock goes with it; the file stays (removing it would race a waiting process)
+            del _HELD_LOCKS[self.key]
+        self.key = None
+
     def __del__(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
+        self.release()
 
 
 class Trainer:
@@ -214,7 +242,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.run_lock = RunDirLock(self.run_dir, info)
+        if getattr(self, "run_lock", None) is None:  # once: fit() builds again after a caller's build()
+            self.run_lock = RunDirLock(self.run_dir, info)
         shared = {"run.dir": self.run_dir}
         if not cache_root(cfg).resolve().is_relative_to(self.run_dir.resolve()):
             shared["data.cache_dir"] = cache_root(cfg)
@@ -372,6 +401,15 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict:
+        """Build, resume, train, evaluate and export; run.dir stays locked until it returns (RunDirLock)."""
+        try:
+            return self._fit()
+        finally:
+            if getattr(self, "run_lock", None) is not None:
+                self.run_lock.release()
+                self.run_lock = None
+
+    def _fit(self) -> dict:
         cfg, info = self.cfg, self.info
         self.build()
         self.optim.init_state()

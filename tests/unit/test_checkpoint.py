@@ -327,7 +327,7 @@ def test_a_run_dir_in_use_by_another_process_is_refused(quick_config, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, os, sys, time\n"
         f"fd = os.open({str(run_dir / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
-        "fcntl.lockf(fd, fcntl.LOCK_EX); os.pwrite(fd, b'4242\\n', 0)\n"
+        "fcntl.lockf(fd, fcntl.LOCK_EX); os.pwrite(fd, b'pid 4242 on testhost\\n', 0)\n"
         f"open({str(ready)!r}, 'w').close()\n"
         f"while not os.path.exists({str(release)!r}): time.sleep(0.05)\n")])
     try:
@@ -335,13 +335,45 @@ def test_a_run_dir_in_use_by_another_process_is_refused(quick_config, tmp_path):
             if ready.exists():
                 break
             time.sleep(0.05)
-        with pytest.raises(ResumeError, match=r"is in use by another training process \(pid 4242\)"):
+        with pytest.raises(ResumeError, match=r"is in use by another training process \(pid 4242 on testhost\)"):
             make_trainer(path).fit()
         assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "tb").exists()
     finally:
         release.touch()
         holder.wait(timeout=30)
     assert make_trainer(path).fit()["steps_this_run"] == 4
+
+
+def _lock_taken_by_another_process(run_dir: Path) -> bool:
+    code = ("import fcntl, os, sys\n"
+            f"fd = os.open({str(run_dir / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+            "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)\n")
+    return subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_the_run_dir_stays_locked_through_a_second_build_and_is_free_after_fit(quick_config):
+    """POSIX locks belong to the process: a second RunDirLock on the same file (fit() builds again after a caller's
+    build(); two Trainers in one process) must not drop the first one's lock when it goes."""
+    import gc
+
+    from trainer.trainer import RunDirLock
+
+    path = quick_config()
+    trainer = make_trainer(path)
+    trainer.build()
+    run_dir = Path(trainer.run_dir)
+    assert not _lock_taken_by_another_process(run_dir)
+    second = make_trainer(path)
+    second.build()
+    del second
+    gc.collect()
+    assert not _lock_taken_by_another_process(run_dir)  # the first Trainer's lock is still there
+    trainer.fit()
+    assert _lock_taken_by_another_process(run_dir)  # released when fit returned
+    (run_dir / ".lock").unlink()
+    (run_dir / ".lock").mkdir()  # cannot be created as a file: a message, not an OSError traceback
+    with pytest.raises(ResumeError, match="cannot create its lock file .lock"):
+        RunDirLock(run_dir, INFO)
 
 
 def test_resume_after_finish_runs_no_steps(quick_config):

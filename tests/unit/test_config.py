@@ -97,6 +97,9 @@ def test_override_types_are_coerced():
         (["--data.token_pattern", "("], "data.token_pattern"),
         (["--data.token_pattern", ""], "data.token_pattern"),
         (["--data.token_pattern", r"\w*"], "data.token_pattern"),
+        (["--data.token_pattern", r"\b"], "data.token_pattern"),
+        (["--data.token_pattern", r"(?=\w)"], "data.token_pattern"),
+        (["--data.text_column", "label"], "data.text_column"),
     ],
 )
 def test_errors_name_the_flag(argv, flag):
