@@ -247,6 +247,8 @@ def read_json(path: Path, fmt: str, text_column: str, label_column: str) -> _Rea
             records = list(json_records(path, fh, fmt))
     except READ_ERRORS as exc:
         raise DataError(f"{path}: cannot read: {exc}") from None
+    if not records:  # `[]`: no columns to name either
+        raise DataError(f"{path}: no data rows")
     keys: dict[str, None] = {}
     for _, record in records:
         keys.update(dict.fromkeys(record))

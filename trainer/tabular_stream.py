@@ -232,6 +232,8 @@ def _json_chunks(path: Path, fmt: str, text_column: str, label_column: str, chun
                     yield TextTable(chunk.texts, chunk.labels, source, chunk.skipped)
     except READ_ERRORS as exc:
         raise DataError(f"{path}: cannot read: {exc}") from None
+    if not num_records:  # `[]`: no columns to name either
+        raise DataError(f"{path}: no data rows")
     _check_columns(path, list(keys), text_column, label_column)
     for column, (count, place) in absent.items():
         if count:

@@ -357,6 +357,12 @@ def test_garbage_jsonl_names_line(tmp_path: Path) -> None:
     assert "line 2" in error(path)
 
 
+def test_an_empty_json_array_has_no_data_rows(tmp_path: Path) -> None:
+    path = tmp_path / "e.json"
+    path.write_text("[]\n")
+    assert f"{path}: no data rows" in error(path)
+
+
 def test_json_columns_of_different_lengths_are_named(tmp_path: Path) -> None:
     path = tmp_path / "cols.json"
     path.write_text(json.dumps({"text": ["a", "b", "c"], "label": [1, 2]}))

@@ -162,6 +162,9 @@ def test_json_array_errors_name_the_line(tmp_path, monkeypatch):
     path.write_bytes(b'{"text": ["a",\n "b\xff"],\n "label": [1, 2]}')  # not taken for broken JSON Lines
     with pytest.raises(DataError, match=r"d.json: line 2: not valid UTF-8 text"):
         joined(path, 1)
+    path.write_text(" [ ]\n")
+    with pytest.raises(DataError, match=r"d.json: no data rows"):
+        joined(path, 1)
 
 
 @pytest.mark.parametrize("block", [1, 3, 1 << 20])
