@@ -217,8 +217,11 @@ class LoadedModel:
         try:
             pv = load_vectors(source, cache_dir=cache)
         except (VectorFileError, OSError) as e:
-            log.warning("pretrained source %s unavailable (%s): words unseen in training fall back to character "
-                        "n-grams", source, e)
+            fallback = ("their character n-grams" if self.cfg.embeddings.char_ngrams else
+                        "only the word n-gram buckets they are part of" if self.cfg.embeddings.ngram_buckets else
+                        "nothing of them")
+            log.warning("pretrained source %s unavailable (%s): words unseen in training get no pretrained row (the "
+                        "model sees %s; --no-extend does not look for the file)", source, e, fallback)
             return frozen, tables_w, specs
         if pv.fingerprint != self.meta["pretrained_fingerprint"]:
             log.warning("pretrained source %s changed since training; not extending the vocabulary", source)
