@@ -91,7 +91,11 @@ def run_eval(run: str, data: str, device: str = "cpu", extend: bool = True, text
                 f"{', '.join(unseen_labels[:20])}"
     out_dir = folder.parent / "eval"
     out_dir.mkdir(exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data).name)
+    # named by the file (and --no-extend), which the JSON also records whole: an evaluation of the same file name
+    # from another folder replaces it
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data).name) + ("" if extend else ".no-extend")
+    metrics["data"] = str(Path(data).resolve()) if Path(data).exists() else data
+    metrics["extend"] = extend
     _write_atomic(out_dir / f"{name}.per_class.txt", text + "\n")
     _write_atomic(out_dir / f"{name}.json", json.dumps(metrics))
     summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "n", "loss", "unseen_label_docs", "skipped_empty",

@@ -154,6 +154,9 @@ def test_train_eval_predict_neighbors(tiny_config, tiny_data):
     assert exact["extended_words"] == 0
     assert (exact["accuracy"], exact["macro_f1"]) == (result["test"]["accuracy"], result["test"]["macro_f1"])
     assert exact["loss"] == pytest.approx(result["test"]["loss"], rel=1e-6)
+    kept = {name: json.loads((run / "eval" / name).read_text()) for name in ("test.csv.json", "test.csv.no-extend.json")}
+    assert kept["test.csv.json"]["extend"] and not kept["test.csv.no-extend.json"]["extend"]  # both kept, apart
+    assert kept["test.csv.json"]["data"] == str(Path(tiny_data["test"]).resolve())
 
     # ---- predict: stdin and --input, top-k 2
     texts = [
