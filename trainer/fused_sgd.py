@@ -123,16 +123,22 @@ if kernels.numba is not None:
                     m[j] = m[j] + grad_m * neg_lr_mask
                     e[j] = e[j] + grad_e * neg_lr_oov
 
-    @njit(parallel=True, cache=kernels._CACHE, nogil=True, boundscheck=False)
-    def _bag_sgd(grad, table, offsets, inverse, distinct, segment, starts, order, block, neg_lr):
-        """A plain bag table: each distinct row's gradient (its ids' segment gradients, in id order, as
-        bag_lookup._sum_rows sums them), then row += -lr * gradient. In parallel over rows."""
+    @njit(cache=kernels._CACHE, nogil=True, boundscheck=False, inline="always")
+    def _segments_and_order(offsets, inverse, num_distinct, segment, starts, order):
+        """Each id's document (`segment`, from EmbeddingBag-style start `offsets`), and the ids of each distinct
+        row in id order (`kernels.counting_order` into `starts` / `order`)."""
         docs, n = offsets.shape[0], inverse.shape[0]
         for d in range(docs):
             end = offsets[d + 1] if d + 1 < docs else n
             for k in range(offsets[d], end):
                 segment[k] = d
-        counting_order(inverse, distinct.shape[0], starts, order)
+        counting_order(inverse, num_distinct, starts, order)
+
+    @njit(parallel=True, cache=kernels._CACHE, nogil=True, boundscheck=False)
+    def _bag_sgd(grad, table, offsets, inverse, distinct, segment, starts, order, block, neg_lr):
+        """A plain bag table: each distinct row's gradient (its ids' segment gradients, in id order, as
+        bag_lookup._sum_rows sums them), then row += -lr * gradient. In parallel over rows."""
+        _segments_and_order(offsets, inverse, distinct.shape[0], segment, starts, order)
         for u in prange(distinct.shape[0]):
             _prefetch_rows(distinct, u, table, None, None)
             g = _row_grad(grad, segment, order, starts[u], starts[u + 1], block[u])
@@ -145,12 +151,7 @@ if kernels.numba is not None:
         """A wide table (one logit per class and feature, TF-IDF weighted lookups): each distinct row's gradient,
         the sum from zero of weight x its ids' document gradients in id order (as bag_lookup._sum_rows sums them),
         then row += gradient x -lr (SparseSGD's update of a coalesced gradient). In parallel over rows."""
-        docs, n = offsets.shape[0], inverse.shape[0]
-        for d in range(docs):
-            end = offsets[d + 1] if d + 1 < docs else n
-            for k in range(offsets[d], end):
-                segment[k] = d
-        counting_order(inverse, distinct.shape[0], starts, order)
+        _segments_and_order(offsets, inverse, distinct.shape[0], segment, starts, order)
         for u in prange(distinct.shape[0]):
             _prefetch_rows(distinct, u, table, None, None)
             g = block[u]
