@@ -6,13 +6,10 @@ log -> maybe evaluate -> maybe checkpoint. The checkpointer owns the save policy
 also waits for those branches.
 """
 
-import contextlib
-import errno
 import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 import tomllib
@@ -156,21 +153,34 @@ def _seed_step(seed: int, device: torch.device) -> None:
         torch.cuda.manual_seed(seed)  # the current device's generator; CUDA is initialised by now
 
 
-_HELD_LOCKS: dict[str, list] = {}  # resolved .lock path -> [fd, holders] (RunDirLock)
+_HELD_LOCKS: dict[str, list] = {}  # resolved run.dir -> [fd, holders] (RunDirLock)
+
+
+def _drop_locks_in_child() -> None:
+    """A forked child (a tokenizing worker) shares the parent's flock until it closes its copy of the descriptor:
+    it closes it at once, so that a worker outliving a killed trainer cannot keep a restarted one out."""
+    for fd, _ in _HELD_LOCKS.values():
+        os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 class RunDirLock:
     """An exclusive lock on `run.dir` for one training process at a time (global rank 0 holds it): a second
     command started on the same folder stops with a message before it trains or logs there, instead of both
-    writing checkpoints, metrics, TensorBoard events and the model into it. A POSIX record lock (`lockf`) on
-    `run.dir/.lock`: held by the process, not inherited by its forked workers, gone when it ends, however it ends.
+    writing checkpoints, metrics, TensorBoard events and the model into it. `flock` on the folder itself, so
+    nothing is written to take it (a refused or failed run leaves the folder as it was), and the lock is gone
+    when the process ends, however it ends.
 
-    POSIX locks belong to the process, and closing any descriptor of the file drops them: so one descriptor per
-    file and process, shared by every RunDirLock on it (a Trainer built twice, two Trainers in a notebook), closed
-    when the last of them is released."""
+    One descriptor per folder and process, shared by every RunDirLock on it (a Trainer built twice, two Trainers in
+    a notebook) and closed when the last of them is released: closing another descriptor would not drop a flock,
+    but a second one would conflict with the first."""
 
     def __init__(self, run_dir: Path, info: DistInfo) -> None:
-        self.path, self.key = run_dir / ".lock", None
+        self.path, self.key = run_dir, None
         refused = self._take() if info.is_main and fcntl is not None else None
         refused = broadcast_object(refused, info)  # every rank stops, not only the one that saw it
         if refused:
@@ -184,25 +194,21 @@ class RunDirLock:
             self.key = key
             return None
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:  # not writable, a full disk, a folder in the way: every rank hears it (broadcast)
-            return f"run.dir {self.path.parent}: cannot create its lock file .lock ({e})"
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:  # not a folder, not readable: every rank hears it (broadcast)
+            return f"run.dir {self.path}: cannot open it to lock it ({e})"
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             os.close(fd)
-            if e.errno in (errno.EACCES, errno.EAGAIN):
-                return (f"run.dir {self.path.parent} is in use by another training process ({holder}); wait for "
-                        "it to end, or use another run.dir (on shared storage, a lock of a crashed node's process "
-                        "lasts until the file server's lease on it runs out)")
-            # a file system without locks (some NFS mounts): run unprotected, and say so
+            return (f"run.dir {self.path} is in use by another training process; wait for it to end, or use another "
+                    "run.dir (on shared storage, a crashed node's lock lasts until the file server's lease on it "
+                    "runs out)")
+        except OSError as e:  # a file system without locks (some NFS mounts): run unprotected, and say so
+            os.close(fd)
             log.warning("run.dir %s cannot be locked (%s): nothing stops a second training process from using it "
-                        "at the same time", self.path.parent, e)
+                        "at the same time", self.path, e)
             return None
-        with contextlib.suppress(OSError):  # who holds it, for the message above: best effort
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         _HELD_LOCKS[key] = [fd, 1]
         self.key = key
         return None
@@ -213,7 +219,7 @@ class RunDirLock:
         held = _HELD_LOCKS[self.key]
         held[1] -= 1
         if held[1] == 0:
-            os.close(held[0])  # the lock goes with it; the file stays (removing it would race a waiting process)
+            os.close(held[0])  # and the lock with it
             del _HELD_LOCKS[self.key]
         self.key = None
 
