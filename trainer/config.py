@@ -133,7 +133,8 @@ class EmbeddingsConfig:
 
 @dataclass
 class ModelConfig:
-    # Encoder: bag (EmbeddingBag pooling), masked_bag (sum of E(w) * M(w), M a trainable per-word mask), lstm (a bidirectional LSTM over the tokens, trainer/lstm_encoder.py).
+    # Encoder: bag (EmbeddingBag pooling), masked_bag (sum of E(w) * M(w), M a trainable per-word mask), lstm (a
+    # bidirectional LSTM over the tokens, trainer/lstm_encoder.py).
     encoder: str = "bag"
     # Pooling for the bag encoders: mean, sum, or sqrt (sum / sqrt(count): the scale of an L2-normalised bag of words).
     pooling: str = "mean"

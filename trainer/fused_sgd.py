@@ -17,8 +17,8 @@ same SGD update, so both paths give the same weights bit for bit (tests/unit/tes
 Where it applies (`why_not`): one CPU process (replicated ranks average table gradients, row-wise ranks exchange
 them), the bag or masked_bag encoder with `combine = sum`, sgd on the tables, no pretrained-row correction, the
 numba kernels on. The wide part's tables (`model.wide`, plain SGD at `optim.wide_lr`) are fused the same way:
-`FusedTableSGD.wide_logits` keeps the gradient of their TF-IDF weighted sums, the logits. Anything else, and evaluation, keeps the autograd path; `optim.fused_sgd =
-false` keeps it always.
+`FusedTableSGD.wide_logits` keeps the gradient of their TF-IDF weighted sums, the logits. Anything else, and
+evaluation, keeps the autograd path; `optim.fused_sgd = false` keeps it always.
 """
 
 from __future__ import annotations
@@ -269,10 +269,8 @@ class FusedTableSGD:
             ids, offsets, weights = lookups[name]
             distinct, inverse = groups.get(name) or group_ids(ids)
             kept[name] = tuple(t.contiguous().numpy() for t in (ids, offsets, distinct, inverse, weights.float()))
-            rows = self.tables.bags[name].weight.shape[0]
-            if kept[name][2].shape[0] and (kept[name][2][0] < 0 or kept[name][2][-1] >= rows):
-                raise ValueError(f"fused sgd: ids {kept[name][2][0]}..{kept[name][2][-1]} for table {name} of {rows} "
-                                 "rows (a data cache that does not match the tables?)")
+        self._check_bounds(None, [(name, ids, offsets, (distinct, inverse))
+                                  for name, (ids, offsets, distinct, inverse, _) in kept.items()])
         return _FusedWide.apply(self, _WidePending(kept), *(self.tables.bags[n].weight for n in self.wide))
 
     def _buffer(self, key: str, rows: int, dim: int = 0, dtype=np.float32) -> np.ndarray:

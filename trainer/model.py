@@ -253,22 +253,16 @@ class TextClassifier(nn.Module):
         sklearn's TfidfVectorizer(sublinear_tf=True, min_df=2) weights them: (1 + ln tf) x idf, features of fewer
         than two training documents weighted 0, each block (words with bigrams; char n-grams) L2-normalised per
         document. The data thread makes them (`prepare`, `Batch.weighted`); evaluation batches here."""
-        (pre_ids, pre_off), (oov_ids, oov_off) = batch.tables["pretrained"], batch.tables["oov"]
-        device, num_docs = pre_ids.device, batch.num_docs
+        device, num_docs = batch.tables["pretrained"][0].device, batch.num_docs
         if device.type == "cpu" and kernels.numba is not None:
             return self._wide_lookups_cpu(batch)
-        blocks: list[list[tuple[str, torch.Tensor, torch.Tensor]]] = [[], []]
-        if "wide_word" in self.wide_tables:
-            seg = torch.cat([segment_index(pre_off, pre_ids.shape[0]), segment_index(oov_off, oov_ids.shape[0])])
-            blocks[0].append(("wide_word", torch.cat([pre_ids, oov_ids + self.num_pretrained]), seg))
-        for name, family, block in (("wide_bigram", "bigram", 0), ("wide_char", "char", 1)):
-            if name in self.wide_tables:
-                ids, offsets = batch.tables[family]
-                blocks[block].append((name, ids, segment_index(offsets, ids.shape[0])))
         out = {}
-        for block in blocks:
+        for block in self._wide_blocks():
             parts, sq = [], torch.zeros(num_docs, dtype=torch.float32, device=device)
-            for name, ids, seg in block:
+            for name, sources in block:
+                ids = torch.cat([batch.tables[family][0] + shift for family, shift in sources])
+                seg = torch.cat([segment_index(batch.tables[family][1], batch.tables[family][0].shape[0])
+                                 for family, _ in sources])
                 rows = self.tables.specs[name].num_rows
                 # distinct (document, feature) pairs, sorted by document (group_ids: the radix grouping on the
                 # data thread's host batches): tf = how often each occurs
