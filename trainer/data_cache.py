@@ -31,7 +31,7 @@ from trainer.background_build import BackgroundBuild, start_background_build  # 
 from trainer.config import Config
 from trainer.features import Featurizer, TokenizedDocs, tokenize
 from trainer.parallel import resolve_workers
-from trainer.tabular import DataError, TextTable, local_format
+from trainer.tabular import DataError, TextTable, check_not_missing_path, local_format
 from trainer.tabular_stream import read_all_chunks
 from trainer.vectors import PACKAGE_NAME, PretrainedVectors, VectorFileError, load_vectors
 from trainer.vocab import Tokenizer, Vocabulary, build_vocabulary, coverage
@@ -205,6 +205,7 @@ def _check_exists(spec: str, role: str, setting: str | None) -> None:
     """A local file that is missing is an error naming the setting that named it (default `data.ROLE`)."""
     if local_format(spec) is not None and not Path(spec).exists():
         raise DataError(f"{spec}: file not found ({setting or 'data.' + role}{_relative_to_cwd(spec)})")
+    check_not_missing_path(spec, f"{setting or 'data.' + role}{_relative_to_cwd(spec)}")
 
 
 def _relative_to_cwd(spec: str) -> str:
@@ -222,7 +223,7 @@ def build_cache(cfg: Config, pretrained: PretrainedVectors | None, folder: Path)
     """Written into a temporary folder renamed into place at the end; a failure (bad data) removes it, so the
     run folder keeps no debris."""
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    made = [p for p in (folder.parent, folder.parent.parent) if not p.exists()]
+    made = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]  # innermost first
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         _fill_cache(cfg, pretrained, tmp)

@@ -76,6 +76,7 @@ def read_table(spec: str, text_column: str, label_column: str, split: str | None
         path = Path(spec)
         if path.is_file():
             raise DataError(f"{spec}: unsupported file type; expected {_supported()}")
+        check_not_missing_path(spec)
         name, _, spec_split = spec.partition(":")
         return _read_hub(name, spec_split or split or "train", text_column, label_column)
     path = _local_path(spec, fmt)
@@ -102,6 +103,33 @@ def _local_path(spec: str, fmt: str) -> Path:
     if path.stat().st_size == 0:
         raise DataError(f"{spec}: empty file")
     return path
+
+
+# Extensions of files, never of hub dataset names: a missing `train.txt` is a typo to report, not a name to look up
+_FILE_ONLY_SUFFIXES = {".txt", ".text", ".xlsx", ".xls", ".zip", ".tar", ".tgz", ".arrow", ".feather", ".orc",
+                       ".avro", ".pkl", ".pickle", ".npy", ".npz", ".h5", ".hdf5", ".xml", ".html", ".md"}
+
+
+def looks_like_missing_path(spec: str) -> bool:
+    """True when `spec` names no existing file or folder and cannot be a hub dataset id either. A hub id is `name`
+    or `owner/name`, optionally with `:split`, so an absolute, `./`, `../` or `~` path, one with two or more
+    slashes, or one ending in a file-only extension is a local path that is missing. Without this, a mistyped
+    path went to `datasets.load_dataset`, which spends about 25 s in network retries offline before failing."""
+    if Path(spec).expanduser().exists():
+        return False
+    name = spec.partition(":")[0]
+    if name.startswith(("/", "./", "../", "~")) or name in (".", "..") or name.count("/") >= 2 or "\\" in name:
+        return True
+    suffixes = [s.lower() for s in Path(name).suffixes]
+    return bool(suffixes) and (suffixes[-1] in _FILE_ONLY_SUFFIXES or suffixes[-1] in _COMPRESSIONS)
+
+
+def check_not_missing_path(spec: str, setting: str = "") -> None:
+    """DataError "file not found" for a spec that `looks_like_missing_path`; `setting` names the flag that set it."""
+    if looks_like_missing_path(spec):
+        where = f" ({setting})" if setting else ""
+        raise DataError(f"{spec}: file not found{where}; a local data file ends in {_supported()}, and a hub "
+                        "dataset is named `name` or `owner/name`, optionally with `:split`")
 
 
 def local_format(spec: str) -> str | None:

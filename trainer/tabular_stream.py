@@ -38,6 +38,7 @@ from trainer.tabular import (
     _open,
     _tabs_in,
     _warn_tabs,
+    check_not_missing_path,
     hub_batches,
     local_format,
     read_table,
@@ -59,6 +60,7 @@ def read_chunks(spec: str, text_column: str, label_column: str, split: str | Non
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     fmt = local_format(spec)
     if fmt is None and not Path(spec).is_file():  # a hub dataset, read from datasets' memory-mapped files
+        check_not_missing_path(spec)
         name, _, spec_split = spec.partition(":")
         source = f"hf:{name}:{spec_split or split or 'train'}"
         batches = hub_batches(name, spec_split or split or "train", text_column, label_column, chunk_bytes)

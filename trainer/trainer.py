@@ -247,6 +247,8 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         if info.is_main:
+            if getattr(self, "created_folders", None) is None:  # what a failed build removes again (fit)
+                self.created_folders = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if getattr(self, "run_lock", None) is None:  # once: fit() builds again after a caller's build()
             self.run_lock = RunDirLock(self.run_dir, info)
@@ -410,10 +412,24 @@ class Trainer:
         """Build, resume, train, evaluate and export; run.dir stays locked until it returns (RunDirLock)."""
         try:
             return self._fit()
+        except BaseException:
+            self._remove_created_folders_if_empty()
+            raise
         finally:
             if getattr(self, "run_lock", None) is not None:
                 self.run_lock.release()
                 self.run_lock = None
+
+    def _remove_created_folders_if_empty(self) -> None:
+        """A run refused before it wrote anything (bad data, a config error found while building) leaves no empty
+        run.dir behind: the folders this run created are removed again, innermost first, while they are empty."""
+        for folder in getattr(self, "created_folders", None) or []:
+            if not folder.exists():  # the data cache's build removes the run folder it made (build_cache)
+                continue
+            try:
+                folder.rmdir()  # only an empty folder; anything written there keeps it
+            except OSError:
+                return
 
     def _fit(self) -> dict:
         cfg, info = self.cfg, self.info

@@ -297,23 +297,31 @@ def test_training_never_changes_pretrained_bytes(tiny_config, tiny_data, tmp_pat
         (["--train.nosuch", "1"], "train.nosuch"),
         (["--train.epochs", "abc"], "train.epochs"),
         (["--data.train", "/nonexistent/train.csv"], "/nonexistent/train.csv: file not found (data.train)"),
+        # no extension: a path, not a hub name, so no load_dataset (offline, its retries took about 25 s)
+        (["--data.train", "/nonexistent/data/train"], "/nonexistent/data/train: file not found (data.train)"),
         (["--data.text_column", "body"], "body"),
+        (["--data.text_column", "body", "--data.build_in_background", "false"], "body"),  # found by the Trainer
         (["--embeddings.pretrained", "no/such.txt"], "no/such.txt: no such file (embeddings.pretrained, a path "
                                                        "relative to the working folder"),
         (["--train.epochs", "--train.seed", "1"], "--train.epochs: missing value (the next argument is the flag"),
         (["--train.device", "cuda"] if not torch.cuda.is_available() else ["--train.bf16", "maybe"],
          "train.device: cuda requested" if not torch.cuda.is_available() else "train.bf16"),
     ],
-    ids=["unknown-key", "bad-value", "missing-file", "missing-column", "missing-vectors", "missing-value", "no-cuda"],
+    ids=["unknown-key", "bad-value", "missing-file", "missing-path", "missing-column", "missing-column-in-process",
+         "missing-vectors",
+         "missing-value", "no-cuda"],
 )
 def test_user_errors_exit_2_with_one_line(tiny_config, extra, needle):
-    proc = cli("train", "--config", tiny_config("bad"), *FAST, *extra)
+    config = tiny_config("bad")
+    proc = cli("train", "--config", config, *FAST, *extra)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr
     assert needle in errors[0]
     assert proc.stdout == ""
+    if "train.device" not in needle:  # found after the data cache was built beside torch's import: the cache stays
+        assert not run_dir_of(config).exists(), "a refused run left its new run.dir behind"
 
 
 # ---------------------------------------------------------------- every encoder and sparse optimizer

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trainer.tabular import DataError, TextTable, local_format, read_table
+from trainer.tabular import DataError, TextTable, local_format, looks_like_missing_path, read_table
 
 
 def write_csv(path: Path, rows: list[list[object]], delimiter: str = ",") -> Path:
@@ -464,6 +464,31 @@ def test_hub_errors(fake_hub: list[tuple[str, str]]) -> None:
     assert "hf:missing/ds:train" in message and "FileNotFoundError" in message and "Hugging Face" in message
     message = error("ag_news", "content", "label")
     assert "'content'" in message and "'text', 'label'" in message
+
+
+@pytest.mark.parametrize("spec", ["data/debian/train", "./train", "../train:test", "/data/train", "~/train",
+                                  "train.txt", "user/notes.xlsx", "train.csv.zip", "dir\\train"])
+def test_a_missing_path_is_not_looked_up_on_the_hub(fake_hub: list[tuple[str, str]], spec: str) -> None:
+    """A hub id is `name` or `owner/name`: anything shaped like a path is a missing file, reported at once."""
+    assert "file not found" in error(spec)
+    assert fake_hub == []
+    from trainer.tabular_stream import read_chunks
+
+    with pytest.raises(DataError, match="file not found"):
+        list(read_chunks(spec, "text", "label"))
+    assert fake_hub == []
+
+
+def test_hub_shaped_names_and_existing_folders_still_go_to_the_hub(
+    fake_hub: list[tuple[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for spec in ("ag_news", "user/ds", "user/ds.v2:test", "glue"):
+        assert not looks_like_missing_path(spec)
+    (tmp_path / "local" / "folder").mkdir(parents=True)  # load_dataset reads a local folder of data files
+    monkeypatch.chdir(tmp_path)
+    assert not looks_like_missing_path("local/folder")
+    read_table("local/folder", "text", "label")
+    assert fake_hub == [("local/folder", "train")]
 
 
 def test_each_data_role_reads_its_own_split_of_a_bare_hub_name(fake_hub: list[tuple[str, str]]) -> None:
