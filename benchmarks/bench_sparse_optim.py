@@ -5,7 +5,9 @@ sparse gradient of a 256 x 50 id batch, made as the trainer makes it (`bag_looku
 `--gradient embedding`: a plain `nn.Embedding(sparse=True)`, one row per id). The batch touches exactly
 `--touched` distinct rows (default 10K, spread uniformly over the table, the rest repeats), so both table sizes do
 the same work; uniform ids would touch ~9K rows of 20K but ~12.8K of 2M and skew the ratio. State is created
-(and page-faulted in) before timing and a few warm-up steps run first. `sparse_adam[torch]` is
+(and page-faulted in) before timing. The sizes are timed in interleaved rounds (`--rounds`; in each, `--warmup`
+untimed then `--repeats` timed steps of every size in turn), and the ratio of two sizes is also given as the median
+of the rounds' own ratios, both sizes measured seconds apart under the same load. `sparse_adam[torch]` is
 torch.optim.SparseAdam, which `sparse_adam` (FastSparseAdam) replaces. For contrast, dense optimizers on the
 full table (`--dense dense_adam dense_adamw`: torch Adam / AdamW over a dense gradient, which is what a plain
 `nn.Embedding` + AdamW setup does) are timed on tables up to `--dense-max-rows` (at 2M a step takes seconds and
@@ -97,36 +99,67 @@ def time_steps(
     return wall, cpu, whole
 
 
-def bench_one(name: str, emb: torch.nn.Embedding, ids: torch.Tensor, args: argparse.Namespace) -> dict:
+def make_optimizer(name: str, emb: torch.nn.Embedding) -> torch.optim.Optimizer:
     if name == "sparse_adam[torch]":
-        opt: torch.optim.Optimizer = torch.optim.SparseAdam([emb.weight], lr=1e-3)
-    elif name == "dense_adam":
-        opt = torch.optim.Adam([emb.weight], lr=1e-3)
-    elif name == "dense_adamw":
-        opt = torch.optim.AdamW([emb.weight], lr=1e-3)
-    else:
-        opt = build_sparse_optimizer(name, [emb.weight], lr=1e-3)
-    t0 = time.perf_counter()
-    init_optimizer_state(opt)
-    init_s = time.perf_counter() - t0
-    times, cpu, whole = time_steps(emb, opt, ids, args.warmup, args.repeats, args.gradient)
-    row = {
-        "optimizer": name,
-        "optimizer_class": type(opt).__name__,
-        "rows": emb.num_embeddings,
-        "dim": emb.embedding_dim,
-        "median_ms": statistics.median(times) * 1e3,
-        "min_ms": min(times) * 1e3,
-        "max_ms": max(times) * 1e3,
-        "cpu_median_ms": statistics.median(cpu) * 1e3,
-        "lookup_step_median_ms": statistics.median(whole) * 1e3,
-        "init_s": init_s,
-        "state_mb": state_bytes(opt) / 2**20,
-        "times_ms": [t * 1e3 for t in times],
-    }
-    del opt
+        return torch.optim.SparseAdam([emb.weight], lr=1e-3)
+    if name == "dense_adam":
+        return torch.optim.Adam([emb.weight], lr=1e-3)
+    if name == "dense_adamw":
+        return torch.optim.AdamW([emb.weight], lr=1e-3)
+    return build_sparse_optimizer(name, [emb.weight], lr=1e-3)
+
+
+def bench_interleaved(name: str, ids_by_rows: dict[int, torch.Tensor], args: argparse.Namespace) -> tuple[list[dict], list[float]]:
+    """One optimizer on every table size, measured in `args.rounds` interleaved rounds: each round times
+    `args.repeats` steps of every size (after `args.warmup` steps of that size, so each block runs in its own
+    steady cache state), ascending in even rounds and descending in odd ones. Load on a shared machine drifts over
+    seconds; within a round both sizes see the same load, so the per-round ratio of the largest to the smallest
+    size is the trustworthy figure (before rounds, all repeats of one size ran, then all of the next, some 10 s
+    apart: the sgd ratio read 1.11x in one run and 1.48x in the next). Returns one row per size (medians over every
+    round's steps) and the per-round ratios largest / smallest of the wall medians."""
+    setups = {}
+    for rows, ids in ids_by_rows.items():
+        torch.manual_seed(0)
+        # allocated as the trainer allocates its tables (huge pages where the kernel allows, then initialised)
+        weight = advise_hugepages(torch.empty(rows, args.dim)).normal_()
+        emb = torch.nn.Embedding(rows, args.dim, sparse=name not in DENSE_OPTIMIZERS, _weight=weight)
+        opt = make_optimizer(name, emb)
+        t0 = time.perf_counter()
+        init_optimizer_state(opt)
+        setups[rows] = (emb, opt, ids, time.perf_counter() - t0)
+    times: dict[int, tuple[list[float], list[float], list[float]]] = {rows: ([], [], []) for rows in setups}
+    round_ratios = []
+    order = sorted(setups)
+    for r in range(args.rounds):
+        medians = {}
+        for rows in order if r % 2 == 0 else order[::-1]:
+            emb, opt, ids, _ = setups[rows]
+            wall, cpu, whole = time_steps(emb, opt, ids, args.warmup, args.repeats, args.gradient)
+            for acc, new in zip(times[rows], (wall, cpu, whole), strict=True):
+                acc.extend(new)
+            medians[rows] = statistics.median(wall)
+        if len(order) > 1:
+            round_ratios.append(medians[order[-1]] / medians[order[0]])
+    out = []
+    for rows, (emb, opt, _, init_s) in setups.items():
+        wall, cpu, whole = times[rows]
+        out.append({
+            "optimizer": name,
+            "optimizer_class": type(opt).__name__,
+            "rows": rows,
+            "dim": emb.embedding_dim,
+            "median_ms": statistics.median(wall) * 1e3,
+            "min_ms": min(wall) * 1e3,
+            "max_ms": max(wall) * 1e3,
+            "cpu_median_ms": statistics.median(cpu) * 1e3,
+            "lookup_step_median_ms": statistics.median(whole) * 1e3,
+            "init_s": init_s,
+            "state_mb": state_bytes(opt) / 2**20,
+            "times_ms": [t * 1e3 for t in wall],
+        })
+    setups.clear()
     gc.collect()
-    return row
+    return out, round_ratios
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=50)
     ap.add_argument("--touched", type=int, default=10_000, help="distinct rows per batch")
-    ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=9, help="timed steps per size and round")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the sizes (bench_interleaved)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps before each size's block in a round")
     ap.add_argument("--optimizers", nargs="+", default=[*SPARSE_OPTIMIZERS, "sparse_adam[torch]"])
     ap.add_argument(
         "--dense",
@@ -163,25 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    results = []
-    for rows in args.rows:
-        ids = make_ids(rows, args.batch, args.tokens, args.touched, gen)
-        names = list(args.optimizers) + (list(args.dense) if rows <= args.dense_max_rows else [])
-        for name in names:
-            torch.manual_seed(0)
-            # allocated as the trainer allocates its tables (huge pages where the kernel allows, then initialised)
-            weight = advise_hugepages(torch.empty(rows, args.dim)).normal_()
-            emb = torch.nn.Embedding(rows, args.dim, sparse=name not in DENSE_OPTIMIZERS, _weight=weight)
-            results.append(bench_one(name, emb, ids, args))
-            r = results[-1]
-            print(f"  {name:<20} rows={rows:>9,}  {r['median_ms']:8.2f} ms", flush=True)
-            del emb
-            gc.collect()
+    ids_by_rows = {rows: make_ids(rows, args.batch, args.tokens, args.touched, gen) for rows in args.rows}
+    results, round_ratios = [], {}
+    for name in [*args.optimizers, *args.dense]:
+        sizes = {rows: ids for rows, ids in ids_by_rows.items()
+                 if name not in DENSE_OPTIMIZERS or rows <= args.dense_max_rows}
+        rows_out, round_ratios[name] = bench_interleaved(name, sizes, args)
+        results += rows_out
+        for r in rows_out:
+            print(f"  {name:<20} rows={r['rows']:>9,}  {r['median_ms']:8.2f} ms", flush=True)
 
     print(
         f"\noptimizer step, table rows x {args.dim}, batch {args.batch}x{args.tokens} ids touching "
         f"{args.touched:,} rows, gradients from {args.gradient}; torch {torch.__version__}, {torch.get_num_threads()} threads; wall median of "
-        f"{args.repeats} (min-max), and median process CPU time; load average at end {os.getloadavg()[0]:.1f}"
+        f"{args.rounds} interleaved rounds x {args.repeats} steps (min-max), and median process CPU time; load average at end "
+        f"{os.getloadavg()[0]:.1f}"
     )
     print(
         f"{'optimizer':<20} {'class':<16} {'rows':>10} {'median ms':>10} {'min-max ms':>16} {'cpu ms':>8} "
@@ -196,14 +226,20 @@ def main(argv: list[str] | None = None) -> int:
     ratios: dict[str, dict[str, float]] = {}
     lo, hi = min(args.rows), max(args.rows)
     if lo != hi:
-        print(f"\nratio {hi:,} / {lo:,} rows (target <= 1.2x)      median   min    cpu")
+        print(f"\nratio {hi:,} / {lo:,} rows (target <= 1.2x): of the medians over all rounds, of the minima, of the CPU "
+              "medians, and the median (min-max) of the rounds' own ratios")
         by_key = {(r["optimizer"], r["rows"]): r for r in results}
         for name in [*args.optimizers, *args.dense]:
             if (name, lo) in by_key and (name, hi) in by_key:
                 a, b = by_key[(name, lo)], by_key[(name, hi)]
                 ratios[name] = {k: b[k] / a[k] for k in ("median_ms", "min_ms", "cpu_median_ms")}
+                paired = round_ratios.get(name) or []
+                if paired:
+                    ratios[name] |= {"round_ratios": paired, "round_ratio_median": statistics.median(paired)}
                 q = ratios[name]
-                print(f"  {name:<42} {q['median_ms']:5.2f}x {q['min_ms']:5.2f}x {q['cpu_median_ms']:5.2f}x")
+                rounds = (f"  rounds {statistics.median(paired):5.2f}x ({min(paired):.2f}-{max(paired):.2f})"
+                          if paired else "")
+                print(f"  {name:<24} {q['median_ms']:5.2f}x {q['min_ms']:5.2f}x {q['cpu_median_ms']:5.2f}x{rounds}")
         print("the embedding part of a training step (lookup + backward + optimizer step), the same runs: median ms")
         for name in [*args.optimizers, *args.dense]:
             if (name, lo) in by_key and (name, hi) in by_key:
