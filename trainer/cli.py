@@ -37,7 +37,7 @@ def _setup_logging() -> None:
 _USER_ERRORS = {"trainer.checkpoint": "ResumeError", "trainer.config": "ConfigError",
                 "trainer.debian": "DebianListsMissing", "trainer.export": "ModelFolderError",
                 "trainer.tabular": "DataError",
-                "trainer.trainer": "TrainingStopped", "trainer.vectors_text": "VectorFileError"}
+                "trainer.run_control": "TrainingStopped", "trainer.vectors_text": "VectorFileError"}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 
-# Set by the training's signal handler when a second signal ends the process at once (trainer.trainer.StopFlag):
+# Set by the training's signal handler when a second signal ends the process at once (trainer.run_control.StopFlag):
 # its SystemExit can reach the CLI wrapped in another exception (torch.distributed.checkpoint wraps whatever
 # interrupts a save in a CheckpointException), which then exits with this status and no traceback.
 forced_exit: int | None = None

@@ -9,8 +9,6 @@ also waits for those branches.
 import json
 import logging
 import os
-import signal
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -19,12 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock
-    fcntl = None
-
-from trainer import jit, kernels, process_exit
+from trainer import jit, kernels
 from trainer.background_build import BackgroundBuild
 from trainer.batch import Batch, batch_from_collated, collate, collate_grouped, wide_idf
 from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, valid_steps
@@ -57,6 +50,7 @@ from trainer.model import TextClassifier
 from trainer.optim import OptimizerContainer, clean_name, unwrap
 from trainer.progress import progress_bar
 from trainer.row_wise import COMM_SECONDS as comm_counter
+from trainer.run_control import RunDirLock, StopFlag, TrainingStopped, is_out_of_memory
 from trainer.sharding import (
     build_tables,
     describe_plan,
@@ -73,49 +67,6 @@ NOT_TRAINING_SETTINGS = tuple(f"{name} " for name in (
     "run.dir", "train.resume", "train.threads", "data.cache_dir", "data.workers", "data.build_in_background",
     "embeddings.vectors_cache_dir", "metrics.progress", "dist.timeout_s", "dist.data_timeout_s", "dist.pin_cores",
     "optim.fused_sgd"))  # the same weights either way (fused_sgd.py)
-
-
-class TrainingStopped(RuntimeError):
-    """Training cannot go on (non-finite loss or gradient, out of memory); the last good checkpoint is kept."""
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """torch.OutOfMemoryError (CUDA), MemoryError, or the CPU allocator's RuntimeError."""
-    if isinstance(e, TrainingStopped):
-        return False
-    if isinstance(e, MemoryError | torch.OutOfMemoryError):
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-class StopFlag:
-    """SIGTERM / SIGINT: finish the current step, checkpoint, exit. A second SIGINT (Ctrl-C again) exits at once;
-    a repeated SIGTERM does not: schedulers deliver it more than once (Slurm signals every process of the job step,
-    and torchrun then forwards its own to each worker), and their SIGKILL after the grace period is the hard stop."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGTERM:
-            log.warning("signal %d again: still checkpointing after the current step", signum)
-            return
-        if self.requested:
-            sys.stderr.write(f"second signal {signum}: exiting now\n")
-            process_exit.forced_exit = 128 + signum
-            raise SystemExit(128 + signum)
-        self.requested = True
-        log.warning("signal %d: will checkpoint after the current step and exit", signum)
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def frozen_tensor(rows) -> torch.Tensor:
@@ -151,80 +102,6 @@ def _seed_step(seed: int, device: torch.device) -> None:
     torch.random.default_generator.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed(seed)  # the current device's generator; CUDA is initialised by now
-
-
-_HELD_LOCKS: dict[str, list] = {}  # resolved run.dir -> [fd, holders] (RunDirLock)
-
-
-def _drop_locks_in_child() -> None:
-    """A forked child (a tokenizing worker) shares the parent's flock until it closes its copy of the descriptor:
-    it closes it at once, so that a worker outliving a killed trainer cannot keep a restarted one out."""
-    for fd, _ in _HELD_LOCKS.values():
-        os.close(fd)
-    _HELD_LOCKS.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_drop_locks_in_child)
-
-
-class RunDirLock:
-    """An exclusive lock on `run.dir` for one training process at a time (global rank 0 holds it): a second
-    command started on the same folder stops with a message before it trains or logs there, instead of both
-    writing checkpoints, metrics, TensorBoard events and the model into it. `flock` on the folder itself, so
-    nothing is written to take it (a refused or failed run leaves the folder as it was), and the lock is gone
-    when the process ends, however it ends.
-
-    One descriptor per folder and process, shared by every RunDirLock on it (a Trainer built twice, two Trainers in
-    a notebook) and closed when the last of them is released: closing another descriptor would not drop a flock,
-    but a second one would conflict with the first."""
-
-    def __init__(self, run_dir: Path, info: DistInfo) -> None:
-        self.path, self.key = run_dir, None
-        refused = self._take() if info.is_main and fcntl is not None else None
-        refused = broadcast_object(refused, info)  # every rank stops, not only the one that saw it
-        if refused:
-            raise ResumeError(refused)
-
-    def _take(self) -> str | None:
-        """None once locked (or where locks do not work), else why not."""
-        key = str(self.path.resolve())
-        if key in _HELD_LOCKS:
-            _HELD_LOCKS[key][1] += 1
-            self.key = key
-            return None
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as e:  # not a folder, not readable: every rank hears it (broadcast)
-            return f"run.dir {self.path}: cannot open it to lock it ({e})"
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return (f"run.dir {self.path} is in use by another training process; wait for it to end, or use another "
-                    "run.dir (on shared storage, a crashed node's lock lasts until the file server's lease on it "
-                    "runs out)")
-        except OSError as e:  # a file system without locks (some NFS mounts): run unprotected, and say so
-            os.close(fd)
-            log.warning("run.dir %s cannot be locked (%s): nothing stops a second training process from using it "
-                        "at the same time", self.path, e)
-            return None
-        _HELD_LOCKS[key] = [fd, 1]
-        self.key = key
-        return None
-
-    def release(self) -> None:
-        if self.key is None:
-            return
-        held = _HELD_LOCKS[self.key]
-        held[1] -= 1
-        if held[1] == 0:
-            os.close(held[0])  # and the lock with it
-            del _HELD_LOCKS[self.key]
-        self.key = None
-
-    def __del__(self) -> None:
-        self.release()
 
 
 class Trainer:

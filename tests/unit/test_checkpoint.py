@@ -357,7 +357,7 @@ def test_the_run_dir_stays_locked_through_a_second_build_and_is_free_after_fit(q
     build(); two Trainers in one process) must not drop the first one's lock when it goes."""
     import gc
 
-    from trainer.trainer import RunDirLock
+    from trainer.run_control import RunDirLock
 
     path = quick_config()
     trainer = make_trainer(path)

@@ -6,7 +6,7 @@ import signal
 import pytest
 
 from trainer import process_exit
-from trainer.trainer import StopFlag
+from trainer.run_control import StopFlag
 
 
 @pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGINT])
