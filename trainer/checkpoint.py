@@ -66,11 +66,16 @@ def _describe(e: BaseException) -> str:
         parts = []
         for rank, failure in sorted(e.failures.items()):
             inner = failure[0] if isinstance(failure, tuple) else failure
-            text = str(inner).strip().splitlines()[0][:200] if str(inner).strip() else ""
+            text = _first_line(str(inner))
             parts.append(f"rank {rank}: {type(inner).__name__}: {text}".rstrip(": "))
         return "; ".join(parts)
-    text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}".rstrip(": ")
+    return f"{type(e).__name__}: {_first_line(str(e))}".rstrip(": ")
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    """The first line of an error's text, cut at `limit` characters with a visible mark (torch's messages run on)."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 4].rstrip() + " ..."
 
 
 class _DropDcpTracebacks(logging.Filter):
@@ -106,6 +111,7 @@ class Checkpointer:
         self.cfg = cfg
         self.info = info
         self.last_saved_step = -1
+        self.unloadable: set[int] = set()  # newer checkpoints the resume could not load (removed by _prune)
 
     def should_save(self, step: int, epoch_end: bool, final: bool) -> bool:
         """The save policy lives here, not in the training loop. `step` counts completed steps."""
@@ -134,14 +140,16 @@ class Checkpointer:
 
     def _prune(self, saved: int) -> None:
         steps = valid_steps(self.folder)
-        # Checkpoints past the one just saved are from a timeline this run abandoned: the resume tried them and
-        # could not load them. Kept, they would outrank every new checkpoint, and the count below would delete
-        # the new ones instead.
-        for stale in [s for s in steps if s > saved]:
-            log.warning("removing checkpoint %s: newer than this run's step %d, and it could not be loaded",
-                        self.folder / f"step-{stale}", saved)
+        # Checkpoints the resume tried and could not load are from a timeline this run abandoned. Kept, those past
+        # the one just saved would outrank every new checkpoint, and those before it would count among the
+        # newest `keep_latest_k`, so the count below would delete the good ones instead (a broken step-120 kept,
+        # the step-100 the run resumed from deleted). They stay until this first save, in case it never comes.
+        for stale in [s for s in steps if (s > saved or s in self.unloadable) and s != saved]:
+            log.warning("removing checkpoint %s: it could not be loaded when this run resumed",
+                        self.folder / f"step-{stale}")
             shutil.rmtree(self.folder / f"step-{stale}", ignore_errors=True)
-        steps = [s for s in steps if s <= saved]
+        self.unloadable.clear()
+        steps = [s for s in valid_steps(self.folder) if s <= saved]
         for old in steps[: -self.cfg.keep_latest_k]:
             shutil.rmtree(self.folder / f"step-{old}", ignore_errors=True)
         # partial folders older than the newest valid one are crash debris
@@ -191,6 +199,7 @@ class Checkpointer:
                 failed = True
             if not agree_any(failed, info=self.info):  # one rank's unreadable shard sends every rank back a step
                 self.last_saved_step = step
+                self.unloadable = {s for s in steps if s > step}
                 return trainer_state
             if not failed:  # another rank could not read its shard of this one
                 failures.append(f"step-{step}: another rank could not read its part")

@@ -234,6 +234,24 @@ def test_corrupted_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog)
     assert any("step-2" in w and "could not be loaded" in w for w in warnings), warnings
 
 
+def test_pruning_after_a_fallback_drops_the_unloadable_checkpoint_not_the_one_resumed_from(tmp_path, caplog):
+    """Resumed from step 2 past a broken step 3, the next save (step 4) must leave [2, 4] with keep_latest_k=2: the
+    broken step 3 counted among the newest two and step 2, the good one, was deleted."""
+    ck = Checkpointer(tmp_path, CheckpointConfig(keep_latest_k=3), INFO)
+    for step in (1, 2, 3):
+        ck.save(step, tiny_state(step), {"step": step})
+    truncate_shards(ck.folder / "step-3")
+    resumed = Checkpointer(tmp_path, CheckpointConfig(keep_latest_k=2), INFO)
+    assert resumed.load_latest(tiny_state(0), lambda s: None) == {"step": 2}
+    assert valid_steps(ck.folder) == [1, 2, 3]  # nothing removed before the run saves
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        resumed.save(4, tiny_state(4), {"step": 4})
+    assert valid_steps(ck.folder) == [2, 4]
+    assert any("step-3" in r.getMessage() and "could not be loaded" in r.getMessage() for r in caplog.records)
+    resumed.save(5, tiny_state(5), {"step": 5})  # later saves prune by count alone
+    assert valid_steps(ck.folder) == [4, 5]
+
+
 def test_all_checkpoints_corrupted_is_refused_and_nothing_removed(tmp_path, caplog):
     """Starting over beside checkpoints that no longer load would prune them (a transient read error on a shared
     file system, a partial copy): the user decides, with every folder still there."""
