@@ -13,6 +13,8 @@ before training starts (bad data, a run folder it cannot resume) leaves no empty
 import contextlib
 import json
 import os
+import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -112,8 +114,12 @@ class MetricsLogger(NullLogger):
         if self.writer is not None and len(vectors):
             import torch
 
-            self.writer.add_embedding(torch.from_numpy(np.ascontiguousarray(vectors)), metadata=labels,
-                                      metadata_header=header, global_step=step, tag="words")
+            # a folder of this step from an earlier segment of the run (a rerun, a resume to the same step): replaced,
+            # not left for tensorboard to print a warning to stdout, which holds the command's JSON result alone
+            shutil.rmtree(Path(self.writer.log_dir) / f"{step:05d}", ignore_errors=True)
+            with contextlib.redirect_stdout(sys.stderr):
+                self.writer.add_embedding(torch.from_numpy(np.ascontiguousarray(vectors)), metadata=labels,
+                                          metadata_header=header, global_step=step, tag="words")
 
     def flush(self) -> None:
         if self._jsonl is not None:

@@ -446,3 +446,13 @@ def test_output_cut_short_by_its_reader_ends_quietly(tiny_config, tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert json.loads(first)["label"] and "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_stdout_holds_only_the_result_json_when_a_run_is_repeated_in_its_folder(tiny_config):
+    """A second run in the same folder (checkpoints off) writes the projector at a step whose folder exists:
+    tensorboard printed a warning to stdout, ahead of the JSON result, and `| json.loads` failed."""
+    config = tiny_config("again", checkpoint={"enabled": False}, train={"max_steps": 2})
+    ok(cli("train", "--config", config, *FAST))
+    proc = ok(cli("train", "--config", config, *FAST))
+    assert json.loads(proc.stdout)["step"] == 2, proc.stdout
+    assert (run_dir_of(config) / "tb" / "00002").is_dir()
