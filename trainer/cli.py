@@ -97,12 +97,16 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def _check_device(device: str) -> None:
+    import re
+
+    from trainer.config import ConfigError
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):  # torch's own message for "gpu" was a traceback
+        raise ConfigError(f"--device {device}: expected cpu, cuda or cuda:N")
     if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            from trainer.config import ConfigError
-
             raise ConfigError(f"--device {device}: torch.cuda.is_available() is false (no GPU, or a CPU build of "
                               "torch); use --device cpu")
 
@@ -113,7 +117,7 @@ def cmd_eval(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer eval")
     p.add_argument("--run", required=True, help="run folder (or its model/ folder)")
     p.add_argument("--data", required=True, help="labelled data: .csv/.tsv/.jsonl/.json/.parquet path (also compressed), or hub name[:split] (default split: test)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--no-extend", action="store_true", help="score with the training vocabulary only (the result the run reported for its test data); by default words unseen in training get their pretrained rows")
     p.add_argument("--data.text_column", dest="text_column", help="the text column of --data (default: the run's)")
     p.add_argument("--data.label_column", dest="label_column", help="the label column of --data (default: the run's)")
@@ -130,16 +134,18 @@ def cmd_predict(argv: list[str]) -> int:
     from trainer.inference import Predictor, print_jsonl
 
     p = argparse.ArgumentParser(prog="python -m trainer predict")
-    p.add_argument("--run", required=True)
-    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--run", required=True, help="run folder (or its model/ folder)")
+    p.add_argument("--top-k", type=int, default=1, help="labels per text, most probable first (default: 1)")
     p.add_argument("--input", default="-", help="file with one text per line (default: stdin)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--no-extend", action="store_true", help="predict with the training vocabulary only; by default words unseen in training get their pretrained rows")
     args = p.parse_args(argv)
     if args.top_k < 1:
         p.error("--top-k must be >= 1")
     if args.input != "-" and not os.path.exists(args.input):  # pipes and /dev/stdin too
         p.error(f"--input: no such file: {args.input}")
+    if os.path.isdir(args.input):
+        p.error(f"--input: {args.input} is a folder; give a file with one text per line")
     _check_device(args.device)
     predictor = Predictor(args.run, args.device, extend=not args.no_extend)
     if args.input == "-":
@@ -154,9 +160,9 @@ def cmd_neighbors(argv: list[str]) -> int:
     from trainer.inference import neighbors, print_jsonl
 
     p = argparse.ArgumentParser(prog="python -m trainer neighbors")
-    p.add_argument("--run", required=True)
-    p.add_argument("word")
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--run", required=True, help="run folder (or its model/ folder)")
+    p.add_argument("word", help="one word: its nearest words by cosine similarity of the model's embeddings")
+    p.add_argument("--k", type=int, default=10, help="how many neighbours (default: 10)")
     args = p.parse_args(argv)
     if args.k < 1:
         p.error("--k must be >= 1")
@@ -170,7 +176,7 @@ def cmd_data(argv: list[str]) -> int:
         return 2
     from trainer.debian import main as debian_main
 
-    return debian_main(argv[1:])
+    return debian_main(argv[1:], prog="python -m trainer data debian")
 
 
 def cmd_report(argv: list[str]) -> int:

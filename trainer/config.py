@@ -9,7 +9,7 @@ import dataclasses
 import math
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -464,15 +464,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         try:
-            with path.open("rb") as f:
-                doc = tomllib.load(f)
+            raw_bytes = path.read_bytes()
         except FileNotFoundError:
             raise ConfigError(f"--config: file not found: {path}") from None
+        except OSError as e:  # a folder, no permission
+            raise ConfigError(f"--config: {path}: cannot read it ({e.strerror or e})") from None
+        if raw_bytes.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise ConfigError(f"--config: {path} is UTF-16 text; save it as UTF-8")
+        try:  # a UTF-8 byte order mark (some Windows editors write one) is not TOML, but its meaning is plain
+            doc = tomllib.loads(raw_bytes.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--config: {path} is not UTF-8 text (byte {e.start})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"--config: {path}: invalid TOML: {e}") from None
         for section, table in doc.items():
             if not isinstance(table, dict):
-                raise ConfigError(f"{section}: expected a [{section}] table in {path}")
+                homes = [name for name, cls in SECTIONS.items() if section in {f.name for f in fields(cls)}]
+                hint = f"; it belongs in [{homes[0]}]" if homes else f"; sections: {', '.join(SECTIONS)}"
+                raise ConfigError(f"{path}: `{section} = ...` is outside any [section]: every setting belongs to "
+                                  f"a section{hint}")
             for key, raw in table.items():
                 _merge(values, section, key, raw, f"in {path}")
     for section, key, raw in parse_overrides(overrides or []):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import bz2
+import contextlib
 import csv
 import gzip
 import io
@@ -386,20 +387,29 @@ def build_debian_dataset(
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m trainer.debian") -> int:
     """CLI: summary as JSON on stdout (for scripts), human-readable progress on stderr."""
-    parser = argparse.ArgumentParser(prog="python -m trainer.debian", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output directory for the CSV splits")
     parser.add_argument("--lists", type=Path, default=DEFAULT_LISTS_DIR, help="apt lists directory")
     parser.add_argument("--min-section-size", type=int, default=200, help="drop smaller sections")
     parser.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
     args = parser.parse_args(argv)
+    made = not args.out.exists()
+    try:  # before minutes of reading: a file in the way, or no permission, was a traceback at the end
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: --out {args.out}: cannot make it a folder ({exc.strerror or exc})", file=sys.stderr)
+        return 2
     print(f"reading Debian package lists from {args.lists} ...", file=sys.stderr)
     try:
         summary = build_debian_dataset(
             args.out, lists_dir=args.lists, min_section_size=args.min_section_size, seed=args.seed
         )
     except DebianListsMissing as exc:
+        if made:
+            with contextlib.suppress(OSError):
+                args.out.rmdir()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     s = summary["splits"]

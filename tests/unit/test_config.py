@@ -136,6 +136,26 @@ def test_missing_and_invalid_file(tmp_path):
     bad = write_toml(tmp_path / "bad.toml", "[train\nepochs = 3\n")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_config(bad)
+    with pytest.raises(ConfigError, match="--config: .*: cannot read it"):
+        load_config(tmp_path)  # a folder: was an IsADirectoryError traceback
+    utf16 = tmp_path / "utf16.toml"
+    utf16.write_text("[train]\nepochs = 3\n", encoding="utf-16")
+    with pytest.raises(ConfigError, match="is UTF-16 text; save it as UTF-8"):
+        load_config(utf16)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[run]\ndir = "caf\u00e9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(latin1)
+
+
+def test_a_utf8_byte_order_mark_is_read_and_a_top_level_setting_names_its_section(tmp_path):
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf[train]\nepochs = 3\n")
+    assert load_config(bom).train.epochs == 3
+    with pytest.raises(ConfigError, match=r"`epochs = \.\.\.` is outside any \[section\].*belongs in \[train\]"):
+        load_config(write_toml(tmp_path / "top.toml", "epochs = 2\n"))
+    with pytest.raises(ConfigError, match=r"`nosuch = \.\.\.` is outside any \[section\].*sections: data, "):
+        load_config(write_toml(tmp_path / "top2.toml", "nosuch = 2\n"))
 
 
 def test_bare_value_is_not_an_override():

@@ -297,3 +297,16 @@ def test_iter_paragraphs_keeps_only_wanted_fields() -> None:
     paras = list(iter_paragraphs(text.splitlines(keepends=True), frozenset({"A", "B"})))
     assert paras == [{"A": "1", "B": "x\ny\n.\nz"}, {"A": "2"}, {"A": "3", "B": "w"}]
     assert clean_long_description(["one", "two", ".", ".", "three", "."]) == "one two\nthree"
+
+
+def test_cli_out_that_cannot_be_a_folder_is_one_line_before_any_reading(tmp_path: Path, capsys) -> None:
+    from trainer.debian import main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert main(["--out", str(a_file), "--lists", str(tmp_path / "no_lists")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {a_file}: cannot make it a folder") and "reading" not in err
+    out = tmp_path / "new"
+    assert main(["--out", str(out), "--lists", str(tmp_path / "no_lists")]) == 2  # lists missing
+    assert "lists are missing" in capsys.readouterr().err and not out.exists()  # the folder it made is gone
