@@ -1,6 +1,7 @@
 """eval / predict / neighbors over an exported model (single process)."""
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -28,6 +29,33 @@ def model_folder(run: str) -> Path:
         return path
     raise FileNotFoundError(f"--run {run}: no exported model (expected {path / 'model' / 'model.json'}); "
                             "training exports it when it finishes")
+
+
+def eval_folder(model_dir: Path) -> Path:
+    """Where `trainer eval` writes: the run's `eval/` when `model_dir` is a run's `model/` folder (what `trainer
+    report` reads), else `eval/` inside the model folder itself: a model copied on its own (deployed beside others)
+    must not write into whatever folder holds it."""
+    run = model_dir.parent
+    if model_dir.name == "model" and any((run / marker).exists() for marker in (
+            "result.json", "metrics.jsonl", "checkpoints", "config.toml")):
+        return run / "eval"
+    return model_dir / "eval"
+
+
+def _eval_name(out_dir: Path, spec: str, source: str, extend: bool) -> str:
+    """The evaluation's file name: the data file's name (and `.no-extend`), so evaluating the same file again
+    replaces its result; a different file of the same name (another folder's test.csv) gets the name plus a short
+    hash of its path instead of replacing the earlier one's result silently."""
+    suffix = "" if extend else ".no-extend"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).name) + suffix
+    try:
+        earlier = json.loads((out_dir / f"{name}.json").read_text(encoding="utf-8")).get("data")
+    except (OSError, ValueError, AttributeError):
+        return name
+    if earlier in (None, source):
+        return name
+    digest = hashlib.sha256(source.encode()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).name) + f"-{digest}" + suffix
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -89,13 +117,11 @@ def run_eval(run: str, data: str, device: str = "cpu", extend: bool = True, text
     if unseen_labels:
         text += f"\n{metrics['unseen_label_docs']} documents have labels never seen in training (counted as errors): " \
                 f"{', '.join(unseen_labels[:20])}"
-    out_dir = folder.parent / "eval"
+    out_dir = eval_folder(folder)
     out_dir.mkdir(exist_ok=True)
-    # named by the file (and --no-extend), which the JSON also records whole: an evaluation of the same file name
-    # from another folder replaces it
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data).name) + ("" if extend else ".no-extend")
     metrics["data"] = str(Path(data).resolve()) if Path(data).exists() else data
     metrics["extend"] = extend
+    name = _eval_name(out_dir, data, metrics["data"], extend)
     _write_atomic(out_dir / f"{name}.per_class.txt", text + "\n")
     _write_atomic(out_dir / f"{name}.json", json.dumps(metrics))
     summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "n", "loss", "unseen_label_docs", "skipped_empty",

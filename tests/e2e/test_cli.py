@@ -5,6 +5,7 @@ bytes never change; user errors exit 2 with one line; every encoder and sparse o
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,6 +158,19 @@ def test_train_eval_predict_neighbors(tiny_config, tiny_data):
     kept = {name: json.loads((run / "eval" / name).read_text()) for name in ("test.csv.json", "test.csv.no-extend.json")}
     assert kept["test.csv.json"]["extend"] and not kept["test.csv.no-extend.json"]["extend"]  # both kept, apart
     assert kept["test.csv.json"]["data"] == str(Path(tiny_data["test"]).resolve())
+    # another folder's test.csv gets a name of its own instead of replacing that result
+    other = tiny_data["dir"] / "other" / "test.csv"
+    other.parent.mkdir()
+    other.write_text("\n".join(Path(tiny_data["test"]).read_text().splitlines()[:11]) + "\n")
+    assert last_json(ok(cli("eval", "--run", run, "--data", other)).stdout)["n"] == 10
+    assert json.loads((run / "eval" / "test.csv.json").read_text())["n"] == 60
+    (renamed,) = [p for p in (run / "eval").glob("test.csv-*.json")]
+    assert json.loads(renamed.read_text())["data"] == str(other.resolve())
+    # a model folder copied on its own keeps its evaluations inside it, not in the folder that holds it
+    alone = tiny_data["dir"] / "deployed" / "model_a"
+    shutil.copytree(model, alone)
+    ok(cli("eval", "--run", alone, "--data", tiny_data["test"]))
+    assert (alone / "eval" / "test.csv.json").is_file() and not (alone.parent / "eval").exists()
 
     # ---- predict: stdin and --input, top-k 2
     texts = [
