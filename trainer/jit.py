@@ -172,6 +172,35 @@ def compiled_kernels() -> list[str]:
     return sorted(found)
 
 
+def kernels_not_cached() -> list[str]:
+    """The loaded trainer modules' cached kernels that have no index file in numba's cache folder yet: on a first
+    run with this folder (or after an upgrade) those the run uses compile on first use, seconds each. Found by the
+    index file numba would read (a private attribute; where it is missing, nothing is reported)."""
+    missing = []
+    for module_name, module in list(sys.modules.items()):
+        if module_name.startswith("trainer.") and module is not None:
+            for name, kernel in module_kernels(module).items():
+                try:
+                    index = kernel._cache._cache_file._index_path
+                except AttributeError:
+                    continue
+                if not os.path.exists(index):
+                    missing.append(name)
+    return sorted(missing)
+
+
+def announce_compiles(logger) -> None:
+    """Say before the first step when kernels will compile: a first run was otherwise silent for about 30 s
+    between the embedding plan and step 1."""
+    if not _CACHE:
+        return
+    missing = kernels_not_cached()
+    if missing:
+        logger.info("numba: the cache %s does not hold all of this version's kernels yet; the first steps compile "
+                    "those this run uses, once (tens of seconds on a first run; `python -m trainer precompile` does it "
+                    "ahead of time)", CACHE_DIR)
+
+
 def report_compiled(logger, where: str) -> None:
     """Say which kernels this process had to compile (a first run with this cache folder is seconds slower)."""
     compiled = compiled_kernels()

@@ -316,6 +316,8 @@ class Trainer:
         state = self.state()  # init_state created the optimizer tensors: take the views again
         plan_text = describe_plan(self.specs, self.sharding, self.info, self.optim)
         log.info("%s\n%s", plan_text, self.optim.describe())
+        if info.is_main:
+            jit.announce_compiles(log)
         if self.fused_sgd_reason:  # sgd on the tables through autograd: say why, since it is slower
             log.info("optim.fused_sgd: the tables' sgd runs through autograd here (%s)", self.fused_sgd_reason)
         resumed = self.checkpointer.load_latest(state, self.check_resumable)
