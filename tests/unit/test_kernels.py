@@ -305,8 +305,8 @@ def test_kernels_missing_from_the_cache_are_announced_before_they_compile(tmp_pa
     import sys
 
     code = ("import logging, numpy as np; from trainer import jit, kernels; logging.basicConfig(level=logging.INFO);"
-            " print('kernels.hash_groups' in jit.kernels_not_cached()); jit.announce_compiles(logging.getLogger('t'));"
-            " kernels.hash_groups(np.zeros(3, dtype=np.int64)); print('kernels.hash_groups' in jit.kernels_not_cached())")
+            " print('trainer.kernels.hash_groups' in jit.kernels_not_cached()); jit.announce_compiles(logging.getLogger('t'));"
+            " kernels.hash_groups(np.zeros(3, dtype=np.int64)); print('trainer.kernels.hash_groups' in jit.kernels_not_cached())")
     env = {**{k: v for k, v in os.environ.items() if k != "TRAINER_NUMBA_SEED_DIR"}, "NUMBA_CACHE_DIR": str(tmp_path)}
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert first.stdout.split() == ["True", "False"]  # missing, then compiled and saved
