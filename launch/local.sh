@@ -19,8 +19,10 @@
 # to reconnect on torch 2.13 (gloo "connectFullMesh ... Connection refused"); with MASTER_PORT set (static
 # rendezvous) torch shares the agent's store anyway, and the trainer's per-restart key prefix covers that case.
 # The script `exec`s torchrun, so a SIGTERM sent to this script's PID reaches torchrun, which passes it to the
-# workers: they checkpoint at the next step boundary and exit (torchrun then exits non-zero; run the same command
-# again to resume).
+# workers: they checkpoint at the next step boundary and exit with 128 + the signal (torchrun then exits non-zero;
+# run the same command again to resume). A worker signalled on its own (not through torchrun) also exits 143, and
+# so does every rank that stopped with it: torchrun counts that as a failure and, with MAX_RESTARTS > 0, restarts
+# the group, which resumes from that checkpoint.
 set -euo pipefail
 
 gpu_count() {

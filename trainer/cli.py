@@ -93,7 +93,9 @@ def cmd_train(argv: list[str]) -> int:
             background_build.cancel()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
-    return 0
+    # stopped by a signal, after its checkpoint: the status a shell gives a process that signal ended (143 for
+    # SIGTERM), so that `train && next` does not go on with an unfinished run; the JSON says {"stopped": true}
+    return 128 + int(result["signal"]) if result.get("stopped") else 0
 
 
 def _check_device(device: str) -> None:

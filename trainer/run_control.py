@@ -43,6 +43,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None  # the first signal's number (the stopped run's exit status is 128 + it)
         self._previous = {}
 
     def install(self) -> None:
@@ -58,6 +59,7 @@ class StopFlag:
             process_exit.forced_exit = 128 + signum
             raise SystemExit(128 + signum)
         self.requested = True
+        self.signum = signum
         log.warning("signal %d: will checkpoint after the current step and exit", signum)
 
     def uninstall(self) -> None:

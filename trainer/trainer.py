@@ -9,6 +9,7 @@ also waits for those branches.
 import json
 import logging
 import os
+import signal
 import time
 import tomllib
 from pathlib import Path
@@ -503,7 +504,8 @@ class Trainer:
                             "checkpoint saved" if cfg.checkpoint.enabled else "checkpoint.enabled = false: not saved")
                 bar.close()
                 self.logger.close()
-                return {"stopped": True, "step": step}
+                # a rank stopped because another got the signal reports SIGTERM's status, as schedulers send it
+                return {"stopped": True, "step": step, "signal": self.stop.signum or signal.SIGTERM.value}
         bar.close()
         wall = time.perf_counter() - t_start
         result = {"step": step, "steps_this_run": steps_this_run, "train_seconds": wall}
