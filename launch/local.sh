@@ -14,6 +14,9 @@
 #   MAX_RESTARTS    times torchrun restarts the whole group after a worker fails; each restart resumes from the
 #                   newest checkpoint in run.dir [0]
 #   MASTER_PORT     fixed port for the rendezvous (static, on 127.0.0.1) [unset: --standalone picks a free port]
+#   CHECK_CONFIG    1: run `python3 -m trainer train --check-config ARGS` first (settings, data paths, output
+#                   folders; no torch, about 0.5 s), so a mistake is one line and status 2 instead of an error per
+#                   rank plus torchrun's traceback and status 1; 0: skip it [1]
 #
 # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 is exported: under --standalone, without it a restarted group sometimes fails
 # to reconnect on torch 2.13 (gloo "connectFullMesh ... Connection refused"); with MASTER_PORT set (static
@@ -81,6 +84,12 @@ if [[ -n "$DEVICE" ]]; then
 fi
 if [[ -n "${CONFIG:-}" ]]; then
     set -- --config "$CONFIG" "$@"
+fi
+
+# Settings, data paths and output folders checked once here, without torch: a mistake is one line and status 2,
+# not one error per rank followed by torchrun's traceback and status 1 (CHECK_CONFIG above).
+if [[ "${CHECK_CONFIG:-1}" == 1 ]]; then
+    python3 -m trainer train --check-config "$@" || exit $?
 fi
 
 echo "local.sh: $NPROC processes, device ${DEVICE:-from config}, OMP_NUM_THREADS=$OMP_NUM_THREADS, max restarts $MAX_RESTARTS" >&2

@@ -22,6 +22,9 @@
 #   CONFIG          config file, passed as `--config CONFIG`  [unset: give --config yourself]
 #   DEVICE          cpu | cuda | auto, passed as --train.device [unset: the config's train.device]
 #   OMP_NUM_THREADS threads per process [cores / NPROC_PER_NODE, at least 1]
+#   CHECK_CONFIG    1: run `python3 -m trainer train --check-config ARGS` first (settings, data paths, output
+#                   folders; no torch, about 0.5 s), so a mistake is one line and status 2 instead of an error per
+#                   rank plus torchrun's traceback and status 1; 0: skip it [1]
 #
 # Rendezvous is static: torchrun's default backend with master address, port and node rank, so every node must
 # start (within the rendezvous timeout). Prefer whole-gang restarts by the scheduler (Slurm requeue, JobSet, a
@@ -103,6 +106,12 @@ if [[ -n "$DEVICE" ]]; then
 fi
 if [[ -n "${CONFIG:-}" ]]; then
     set -- --config "$CONFIG" "$@"
+fi
+
+# Settings, data paths and output folders checked once here, without torch: a mistake is one line and status 2,
+# not one error per rank followed by torchrun's traceback and status 1 (CHECK_CONFIG above).
+if [[ "${CHECK_CONFIG:-1}" == 1 ]]; then
+    python3 -m trainer train --check-config "$@" || exit $?
 fi
 
 echo "multinode.sh: node $PET_NODE_RANK of $PET_NNODES, $PET_NPROC_PER_NODE processes, master" \

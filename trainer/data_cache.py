@@ -31,7 +31,7 @@ from trainer.background_build import BackgroundBuild, start_background_build  # 
 from trainer.config import Config
 from trainer.features import Featurizer, TokenizedDocs, tokenize
 from trainer.parallel import resolve_workers
-from trainer.tabular import DataError, TextTable, check_not_missing_path, local_format
+from trainer.tabular import DataError, TextTable, check_data_path, relative_to_cwd
 from trainer.tabular_stream import read_all_chunks
 from trainer.vectors import PACKAGE_NAME, PretrainedVectors, VectorFileError, load_vectors
 from trainer.vocab import Tokenizer, Vocabulary, build_vocabulary, coverage
@@ -203,13 +203,7 @@ def tokenizing_batch(workers: int, max_chars: int | None = None) -> tuple[int, i
 
 def _check_exists(spec: str, role: str, setting: str | None) -> None:
     """A local file that is missing is an error naming the setting that named it (default `data.ROLE`)."""
-    if local_format(spec) is not None and not Path(spec).exists():
-        raise DataError(f"{spec}: file not found ({setting or 'data.' + role}{_relative_to_cwd(spec)})")
-    check_not_missing_path(spec, f"{setting or 'data.' + role}{_relative_to_cwd(spec)}")
-
-
-def _relative_to_cwd(spec: str) -> str:
-    return "" if Path(spec).expanduser().is_absolute() else f", a path relative to the working folder {os.getcwd()}"
+    check_data_path(spec, setting or f"data.{role}")
 
 
 def cache_key(cfg: Config, pretrained: PretrainedVectors | None) -> str:
@@ -310,7 +304,7 @@ def load_pretrained(cfg: Config, progress: bool) -> PretrainedVectors | None:
         return None
     if e.pretrained.strip().lower() != PACKAGE_NAME and not Path(e.pretrained).expanduser().exists():
         raise VectorFileError(f"{e.pretrained}: no such file (embeddings.pretrained"
-                              f"{_relative_to_cwd(e.pretrained)})")
+                              f"{relative_to_cwd(e.pretrained)})")
     return load_vectors(e.pretrained, cache_dir=Path(e.vectors_cache_dir) if e.vectors_cache_dir else None,
                         progress=progress)
 

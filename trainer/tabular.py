@@ -132,6 +132,19 @@ def check_not_missing_path(spec: str, setting: str = "") -> None:
                         "dataset is named `name` or `owner/name`, optionally with `:split`")
 
 
+def check_data_path(spec: str, setting: str) -> None:
+    """DataError naming `setting` when `spec` is a local data file that is missing, or shaped like a path that does
+    not exist (`looks_like_missing_path`); hub names pass unchecked."""
+    where = f"{setting}{relative_to_cwd(spec)}"
+    if local_format(spec) is not None and not Path(spec).exists():
+        raise DataError(f"{spec}: file not found ({where})")
+    check_not_missing_path(spec, where)
+
+
+def relative_to_cwd(spec: str) -> str:
+    return "" if Path(spec).expanduser().is_absolute() else f", a path relative to the working folder {os.getcwd()}"
+
+
 def local_format(spec: str) -> str | None:
     """The local format ``spec`` names by its extension (``"csv"``, ...), or None for a hub name."""
     suffixes = [s.lower() for s in Path(spec).suffixes]

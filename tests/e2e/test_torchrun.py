@@ -490,6 +490,7 @@ def stubs(tmp_path: Path):
     env = {
         "PATH": f"{folder}{os.pathsep}/usr/bin{os.pathsep}/bin{os.pathsep}{python_dir}",
         "STUB_DIR": str(folder),
+        "CHECK_CONFIG": "0",  # these tests map variables to torchrun's options; their config files do not exist
         "HOME": os.environ.get("HOME", "/tmp"),
         "LANG": "C.UTF-8",
     }
@@ -509,6 +510,24 @@ def stubs(tmp_path: Path):
 
 def _cores() -> int:
     return int(subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout)
+
+
+@pytest.mark.parametrize("script", ["local.sh", "multinode.sh"])
+def test_launch_scripts_check_the_config_once_before_torchrun(stubs, tmp_path, script) -> None:
+    """A mistyped flag under torchrun printed one error per rank, torchrun's traceback, and exit status 1."""
+    folder, env, _, calls = stubs
+    config = tmp_path / "c.toml"
+    config.write_text(f'[data]\ntrain = "{tmp_path / "train.csv"}"\n[run]\ndir = "{tmp_path / "run"}"\n')
+    (tmp_path / "train.csv").write_text("text,label\na b,x\n")
+    env = {**env, "CHECK_CONFIG": "1", "PATH": f"{folder}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
+    bad = subprocess.run([str(LAUNCH / script), "--config", str(config), "--train.epoch", "1"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: train.epoch: unknown key"), bad.stderr
+    assert calls() == [], "torchrun started despite the bad flag"
+    subprocess.run([str(LAUNCH / script), "--config", str(config)], env=env, check=True, timeout=60)
+    assert calls()[-1]["argv"][-3:] == ["train", "--config", str(config)]
+    assert not (tmp_path / "run").exists()  # the check writes nothing
 
 
 def test_local_sh_maps_environment_to_torchrun(stubs) -> None:
