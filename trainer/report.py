@@ -74,6 +74,22 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _resume_steps(path: Path) -> list[int]:
+    """The steps metrics.jsonl's resume markers name (MetricsLogger.resumed), in file order."""
+    steps = []
+    if path.is_file():
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if RESUMED_AT_STEP in line:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(row, dict) and isinstance(row.get(RESUMED_AT_STEP), int):
+                        steps.append(row[RESUMED_AT_STEP])
+    return steps
+
+
 def _checkpoint_steps(folder: Path) -> list[int]:
     if not folder.is_dir():
         return []
@@ -97,9 +113,19 @@ def build_report(run_dir: Path) -> dict[str, Any]:
             "train first, or pass the folder given as run.dir"
         )
     report: dict[str, Any] = {"run": str(run_dir), "bad_metric_lines": bad_lines}
-    report["last_step"] = max([r["step"] for r in rows] + [int((result or {}).get("step", 0))])
     report["checkpoints"] = _checkpoint_steps(run_dir / "checkpoints")
+    # the furthest step reached: rows are logged every metrics.log_every_steps, a checkpoint may be later
+    report["last_step"] = max([r["step"] for r in rows] + [int((result or {}).get("step", 0))]
+                              + report["checkpoints"][-1:])
     report["result"] = result
+    newest = (_read_json(run_dir / "checkpoints" / f"step-{report['checkpoints'][-1]}" / "trainer_state.json")
+              if report["checkpoints"] else None) or {}
+    report["world_size"], report["sharding"] = newest.get("world_size"), newest.get("sharding")
+    resumes = _resume_steps(run_dir / "metrics.jsonl")
+    report["segment_from_step"] = resumes[-1] if resumes else None
+    # throughput and step-time shares depend on the world size and the machine, which a resume may change: they
+    # describe the run's last segment (since its last resume)
+    recent = [r for r in rows if r["step"] > resumes[-1]] if resumes else rows
 
     final: dict[str, float] = {}
     best: dict[str, dict[str, float]] = {}
@@ -124,7 +150,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
 
     throughput = {}
     for tag in ("throughput/tokens_per_s", "throughput/examples_per_s"):
-        values = [v for _, v in series(rows, tag)]
+        values = [v for _, v in series(recent, tag)]
         if values:
             throughput[tag.split("/", 1)[1]] = {
                 "median": statistics.median(values),
@@ -134,7 +160,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     report["throughput"] = throughput
 
     shares: dict[str, list[float]] = {}
-    for row in rows:
+    for row in recent:
         for key, value in row.items():
             if key.startswith("time/") and key.endswith("_share") and isinstance(value, int | float):
                 shares.setdefault(key[len("time/") : -len("_share")], []).append(float(value))
@@ -164,6 +190,7 @@ def format_report(report: dict[str, Any]) -> str:
             if report["checkpoints"]
             else ", no checkpoints"
         )
+        + (f" (world size {report['world_size']}, {report['sharding']} tables)" if report.get("world_size") else "")
     ]
     result = report["result"]
     if result is None:
@@ -197,8 +224,10 @@ def format_report(report: dict[str, Any]) -> str:
                 f"  {name:<24} accuracy {m['accuracy']:.4f}  macro_f1 {m.get('macro_f1', 0.0):.4f}  "
                 f"n {m.get('n', '?')}{extra}"
             )
+    since = report.get("segment_from_step")
+    segment = f"; since the resume at step {since}" if since is not None else ""
     if report["throughput"]:
-        lines.append("throughput (median over logged intervals, warm-up excluded)")
+        lines.append(f"throughput (median over logged intervals, warm-up excluded{segment})")
         for name, t in report["throughput"].items():
             lines.append(f"  {name:<24} {t['median']:,.0f} (max {t['max']:,.0f}, {t['intervals']} intervals)")
     else:
@@ -206,8 +235,10 @@ def format_report(report: dict[str, Any]) -> str:
             "throughput: not logged (the run was shorter than metrics.warmup_steps + one log interval)"
         )
     if report["time_share"]:
-        lines.append("where step time went")
+        lines.append(f"where step time went{f' ({segment[2:]})' if segment else ''}")
         for phase, share in report["time_share"].items():
+            if share < 0.0005:  # a phase this run does not have (communication in one process)
+                continue
             lines.append(f"  {phase:<24} {100 * share:5.1f}%  {'#' * round(40 * share)}")
     if report["coverage"]:
         lines.append("pretrained coverage")

@@ -132,3 +132,27 @@ def test_a_resume_marker_drops_the_rows_logged_after_its_checkpoint(tmp_path):
     assert [(r["step"], r.get("loss/train", r.get("loss/valid"))) for r in rows] == [
         (1, 0.0), (2, 1.0), (2, 9.0), (3, 3.0), (4, 4.0)]
 
+
+
+def test_a_resumed_runs_report_reads_its_last_segment_and_furthest_step(tmp_path):
+    """Throughput and step-time shares from segments at other world sizes were mixed into one median; the step shown
+    was the last logged one although a checkpoint was later; the world size was not said."""
+    from trainer.metrics import RESUMED_AT_STEP
+    from trainer.report import build_report, format_report
+
+    rows = [{"step": 10, "throughput/tokens_per_s": 600.0, "time/communication_share": 0.2, "time/compute_share": 0.8},
+            {"step": 20, "throughput/tokens_per_s": 600.0, "time/communication_share": 0.2, "time/compute_share": 0.8},
+            {"step": 20, RESUMED_AT_STEP: 20},
+            {"step": 30, "throughput/tokens_per_s": 250.0, "time/communication_share": 0.0, "time/compute_share": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for step, world in ((20, 2), (37, 1)):
+        folder = tmp_path / "checkpoints" / f"step-{step}"
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": world,
+                                                                "sharding": "replicated"}))
+    report = build_report(tmp_path)
+    assert report["last_step"] == 37 and report["world_size"] == 1 and report["segment_from_step"] == 20
+    assert report["throughput"]["tokens_per_s"]["median"] == 250.0
+    text = format_report(report)
+    assert "step 37, checkpoints at steps 20, 37 (world size 1, replicated tables)" in text
+    assert "since the resume at step 20" in text and "communication" not in text
