@@ -302,9 +302,17 @@ def load_pretrained(cfg: Config, progress: bool) -> PretrainedVectors | None:
     e = cfg.embeddings
     if not e.pretrained:
         return None
-    if e.pretrained.strip().lower() != PACKAGE_NAME and not Path(e.pretrained).expanduser().exists():
-        raise VectorFileError(f"{e.pretrained}: no such file (embeddings.pretrained"
-                              f"{relative_to_cwd(e.pretrained)})")
+    if e.pretrained.strip().lower() != PACKAGE_NAME:
+        path = Path(e.pretrained).expanduser()
+        where = f"embeddings.pretrained{relative_to_cwd(e.pretrained)}"
+        if not path.exists():
+            # a name shaped like the built-in one (glove-6b-100d): say which names are built in
+            hint = (f"; the only built-in name is {PACKAGE_NAME}, other vectors are given as a file path"
+                    if "/" not in e.pretrained and not path.suffix else "")
+            raise VectorFileError(f"{e.pretrained}: no such file ({where}){hint}")
+        if not path.is_file():
+            raise VectorFileError(f"{e.pretrained}: not a regular file ({where}); give a GloVe / word2vec / "
+                                  "fastText .vec file")
     return load_vectors(e.pretrained, cache_dir=Path(e.vectors_cache_dir) if e.vectors_cache_dir else None,
                         progress=progress)
 

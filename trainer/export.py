@@ -159,15 +159,17 @@ class LoadedModel:
         import tomllib
 
         self.folder = folder
+        reading = folder / "model.json"  # the file named in the message when it cannot be read
         try:
-            self.meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+            self.meta = json.loads(reading.read_text(encoding="utf-8"))
             missing = [k for k in ("table_specs", "labels", "delta_active") if k not in self.meta]
             if missing:
                 raise ValueError(f"no {', '.join(missing)}")
-            saved = tomllib.loads((folder / "config.toml").read_bytes().decode("utf-8"))
+            reading = folder / "config.toml"
+            saved = tomllib.loads(reading.read_bytes().decode("utf-8"))
         except (OSError, ValueError, TypeError) as e:  # JSONDecodeError, TOMLDecodeError, UnicodeDecodeError
-            raise ModelFolderError(f"{folder}: not a readable exported model ({e}); export it again or copy the "
-                                   "folder again") from None
+            raise ModelFolderError(f"{reading}: not a readable exported model file ({e}); export it again or copy "
+                                   "the folder again") from None
         # a model exported before data.tokenizer_version existed was trained with tokenizer 1: keep featurizing its
         # input that way, not with the current default
         saved.setdefault("data", {}).setdefault("tokenizer_version", 1)
@@ -181,7 +183,11 @@ class LoadedModel:
         if not isinstance(found_format, int) or found_format > WEIGHTS_FORMAT:
             raise ModelFolderError(f"{folder / 'model.json'}: weights format {found_format!r}, from a newer trainer; "
                                    f"this one reads formats up to {WEIGHTS_FORMAT} (upgrade the trainer package)")
-        self.vocab = Vocabulary.load(folder / "vocab")
+        try:
+            self.vocab = Vocabulary.load(folder / "vocab")
+        except (OSError, ValueError) as e:
+            raise ModelFolderError(f"{folder / 'vocab'}: the model's vocabulary cannot be read ({e}); the model folder "
+                                   "is incomplete (copy it again)") from None
         weights = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
         frozen = torch.from_numpy(np.load(folder / "frozen.npy"))
         specs = [TableSpec(**t) for t in self.meta["table_specs"]]

@@ -22,7 +22,7 @@ from trainer import jit, kernels
 from trainer.background_build import BackgroundBuild
 from trainer.batch import Batch, batch_from_collated, collate, collate_grouped, wide_idf
 from trainer.checkpoint import Checkpointer, ResumeError, atomic_write_text, valid_steps
-from trainer.config import Config, config_changes, dump_toml
+from trainer.config import Config, ConfigError, config_changes, dump_toml
 from trainer.data import BatchPlan, BatchPrefetcher, DataBundle, class_weights, prepare_data, rank_share
 from trainer.data_cache import cache_root, load_pretrained
 from trainer.distributed import (
@@ -127,7 +127,10 @@ class Trainer:
         if info.is_main:
             if getattr(self, "created_folders", None) is None:  # what a failed build removes again (fit)
                 self.created_folders = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # a read-only or special file system: name the setting, not only the errno
+                raise ConfigError(f"run.dir: cannot create {self.run_dir} ({e.strerror or e})") from None
         if getattr(self, "run_lock", None) is None:  # once: fit() builds again after a caller's build()
             self.run_lock = RunDirLock(self.run_dir, info)
         shared = {"run.dir": self.run_dir}

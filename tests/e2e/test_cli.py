@@ -317,12 +317,14 @@ def test_training_never_changes_pretrained_bytes(tiny_config, tiny_data, tmp_pat
         (["--data.text_column", "body", "--data.build_in_background", "false"], "body"),  # found by the Trainer
         (["--embeddings.pretrained", "no/such.txt"], "no/such.txt: no such file (embeddings.pretrained, a path "
                                                        "relative to the working folder"),
+        (["--embeddings.pretrained", "glove-6b-100d"], "the only built-in name is glove-6b-50d"),
+        (["--run.dir", "/proc/trainer-test/run"], "run.dir: cannot create /proc/trainer-test/run"),
         (["--train.epochs", "--train.seed", "1"], "--train.epochs: missing value (the next argument is the flag"),
         (["--train.device", "cuda"] if not torch.cuda.is_available() else ["--train.bf16", "maybe"],
          "train.device: cuda requested" if not torch.cuda.is_available() else "train.bf16"),
     ],
     ids=["unknown-key", "bad-value", "missing-file", "missing-path", "missing-column", "missing-column-in-process",
-         "missing-vectors",
+         "missing-vectors", "unknown-vectors-name", "run-dir-uncreatable",
          "missing-value", "no-cuda"],
 )
 def test_user_errors_exit_2_with_one_line(tiny_config, extra, needle):

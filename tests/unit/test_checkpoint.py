@@ -637,10 +637,20 @@ def test_a_model_from_a_newer_weights_format_is_refused_and_the_current_one_is_r
     del meta["weights_format"]  # a model exported before the field: format 1, every table whole
     (model / "model.json").write_text(json.dumps(meta))
     assert LoadedModel(model).meta["labels"]
+    good_meta = (model / "model.json").read_text()
     for broken, reason in (("{", "Expecting property name"), (json.dumps({"labels": []}), "no table_specs")):
         (model / "model.json").write_text(broken)
-        with pytest.raises(ModelFolderError, match=f"not a readable exported model \\({reason}"):
+        with pytest.raises(ModelFolderError, match=f"model.json: not a readable exported model file \\({reason}"):
             LoadedModel(model)
+    (model / "model.json").write_text(good_meta)
+    good_config = (model / "config.toml").read_text()
+    (model / "config.toml").write_text("[model\n")  # the message names the file that is broken
+    with pytest.raises(ModelFolderError, match=r"config.toml: not a readable exported model file \(Expected"):
+        LoadedModel(model)
+    (model / "config.toml").write_text(good_config)
+    (model / "vocab" / "words.txt").unlink()  # was a bare "[Errno 2] No such file or directory"
+    with pytest.raises(ModelFolderError, match=r"vocab: the model's vocabulary cannot be read .*words.txt"):
+        LoadedModel(model)
 
 
 def test_neighbors_of_a_word_whose_char_ngrams_never_trained_is_a_clear_error(quick_config):
