@@ -152,7 +152,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_predict(argv: list[str]) -> int:
-    from trainer.inference import Predictor, print_jsonl
+    from trainer.inference import Predictor, interactive_fd, print_jsonl
 
     p = argparse.ArgumentParser(prog="python -m trainer predict")
     p.add_argument("--run", required=True, help="run folder (or its model/ folder)")
@@ -170,10 +170,10 @@ def cmd_predict(argv: list[str]) -> int:
     _check_device(args.device)
     predictor = Predictor(args.run, args.device, extend=not args.no_extend)
     if args.input == "-":
-        print_jsonl(predictor.predict_stream(sys.stdin, args.top_k))
+        print_jsonl(predictor.predict_stream(sys.stdin, args.top_k), flush=interactive_fd(sys.stdin) is not None)
     else:
         with open(args.input, encoding="utf-8", errors="replace") as f:
-            print_jsonl(predictor.predict_stream(f, args.top_k))
+            print_jsonl(predictor.predict_stream(f, args.top_k), flush=interactive_fd(f) is not None)
     return 0
 
 

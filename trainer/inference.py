@@ -5,6 +5,8 @@ import hashlib
 import json
 import os
 import re
+import select
+import stat
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -162,10 +164,14 @@ class Predictor:
         return out
 
     def predict_stream(self, lines: Iterable[str], top_k: int, chunk: int = 512) -> Iterator[dict]:
+        """Predictions for `lines`, scored `chunk` lines at a time; from a pipe, a FIFO or a terminal (`lines` an
+        open file that is not a regular one), also whenever no further input is waiting, so an answer does not
+        wait for 511 more lines (`tail -f log | trainer predict` gave nothing until its input ended)."""
+        fd = interactive_fd(lines)
         buffer: list[str] = []
         for line in lines:
             buffer.append(line.rstrip("\n"))
-            if len(buffer) == chunk:
+            if len(buffer) == chunk or (fd is not None and not select.select([fd], [], [], 0)[0]):
                 yield from self.predict(buffer, top_k)
                 buffer = []
         if buffer:
@@ -202,6 +208,19 @@ def neighbors(run: str, word: str, k: int = 10) -> list[dict]:
              "kind": "pretrained" if i < vocab.num_pretrained else "learned"} for i in top]
 
 
-def print_jsonl(rows: Iterable[dict], stream=sys.stdout) -> None:
+def interactive_fd(lines: object) -> int | None:
+    """The file descriptor of `lines` when it is a pipe, FIFO, socket or terminal (input that arrives over time),
+    else None (a regular file, a list)."""
+    try:
+        fd = lines.fileno()  # type: ignore[attr-defined]
+        return None if stat.S_ISREG(os.fstat(fd).st_mode) else fd
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def print_jsonl(rows: Iterable[dict], stream=sys.stdout, flush: bool = False) -> None:
+    """One JSON object per line; `flush`: after each, for a reader waiting on a pipe."""
     for row in rows:
         stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if flush:
+            stream.flush()

@@ -449,6 +449,23 @@ def test_predict_reads_a_pipe_given_as_input(tiny_config, tmp_path):
     assert proc.returncode == 0, err
     assert len(jsonl(out)) == 1
 
+    # from a pipe that stays open, each line is answered when it comes, not after 512 lines or the end of input
+    import select
+
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "predict", "--run", str(run_dir_of(config))],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for text in ("the ball and the goal", "a kernel in python"):
+            proc.stdin.write(text + "\n")
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], 120)
+            assert ready, "no answer while the input stays open"
+            assert set(json.loads(proc.stdout.readline())) >= {"label", "score"}
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, proc.stderr.read()
+
 
 def test_output_cut_short_by_its_reader_ends_quietly(tiny_config, tmp_path):
     """`trainer predict ... | head -1`: the reader leaves while predictions are still coming; the command ends
