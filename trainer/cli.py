@@ -187,6 +187,8 @@ def cmd_neighbors(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.k < 1:
         p.error("--k must be >= 1")
+    if len(args.word.split()) != 1:
+        p.error(f"expected one word, got {args.word!r}")
     print_jsonl(neighbors(args.run, args.word, args.k))
     return 0
 
@@ -237,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         asked = bool(argv) and argv[0] in ("-h", "--help")
         (sys.stdout if asked else sys.stderr).write(USAGE)  # asked for: on stdout, so `| less` shows it
+        if argv and not asked:
+            import difflib
+
+            close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+            sys.stderr.write(f"error: unknown command {argv[0]!r}"
+                             + (f"; did you mean {close[0]!r}?" if close else "") + "\n")
         return 0 if asked else 2
     _setup_logging()
     try:

@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 before = len(jit.compiled_kernels())
                 _run_route(name, overrides, data, work)
-                print(f"  {name:<10} {description}: {len(jit.compiled_kernels()) - before} kernels compiled, "
+                made = len(jit.compiled_kernels()) - before
+                print(f"  {name:<10} {description}: {made} kernel{'' if made == 1 else 's'} compiled, "
                       f"{time.perf_counter() - t0:.1f} s", flush=True)
         for name, (description, overrides) in ({} if args.no_distributed else DISTRIBUTED).items():
             t0 = time.perf_counter()

@@ -406,13 +406,14 @@ def test_resuming_with_changed_settings_says_so_and_keeps_the_earlier_ones(tiny_
     ("args", "needle"),
     [
         (["neighbors", "--run", "r", "--k", "0", "word"], "--k must be >= 1"),
+        (["neighbors", "--run", "r", "two words"], "expected one word, got 'two words'"),
         (["predict", "--run", "r", "--input", "/no/such/lines.txt"], "--input: no such file: /no/such/lines.txt"),
         pytest.param(["eval", "--run", "r", "--data", "d.csv", "--device", "cuda"], "--device cuda: torch.cuda",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
         (["predict", "--run", "r", "--input", "/"], "--input: / is a folder"),
         (["eval", "--run", "r", "--data", "d.csv", "--device", "gpu"], "--device gpu: expected cpu, cuda or cuda:N"),
     ],
-    ids=["neighbors-k", "predict-input", "eval-device", "predict-input-folder", "eval-device-name"],
+    ids=["neighbors-k", "neighbors-two-words", "predict-input", "eval-device", "predict-input-folder", "eval-device-name"],
 )
 def test_inference_flag_errors_exit_2_naming_the_flag(args, needle):
     proc = cli(*args)

@@ -47,6 +47,9 @@ def test_help_asked_for_goes_to_stdout_and_a_usage_error_to_stderr(capsys):
     assert cli.main([]) == 2
     out, err = capsys.readouterr()
     assert "commands:" in err and not out
+    assert cli.main(["trian"]) == 2  # a typo says so, with the likely command, not only the usage
+    out, err = capsys.readouterr()
+    assert err.rstrip().endswith("error: unknown command 'trian'; did you mean 'train'?") and not out
 
 
 def test_config_given_twice_is_refused(tmp_path, capsys):
