@@ -33,6 +33,8 @@ def _setup_logging() -> None:
     prefix = "" if "RANK" not in os.environ else f"[rank {rank}] "
     logging.basicConfig(level=level, stream=sys.stderr, format=f"%(asctime)s {prefix}%(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+    # huggingface_hub prints through a handler of its own: passed on to the root handler too, every line came twice
+    logging.getLogger("huggingface_hub").propagate = False
 
 
 _USER_ERRORS = {"trainer.checkpoint": "ResumeError", "trainer.config": "ConfigError",

@@ -544,3 +544,22 @@ def test_hub_datasets_stream_in_batches_of_read_tables_rows(fake_hub: list[tuple
     assert fake_hub[-1] == ("user/ds", "validation")
     with pytest.raises(DataError, match="hf:missing/ds:train: not a local file"):
         list(read_chunks("missing/ds", "text", "label"))
+
+
+def test_without_a_resolvable_hub_host_hub_names_are_read_offline() -> None:
+    """Offline, datasets retried the hub five times (about 25 s) before failing; now it reads its cache at once."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import socket\n"
+            "def fail(*a, **k): raise socket.gaierror(-2, 'Name or service not known')\n"
+            "socket.getaddrinfo = fail\n"
+            "import os; from trainer.tabular import _offline_without_the_hub\n"
+            "_offline_without_the_hub(); print(os.environ.get('HF_HUB_OFFLINE'))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    run = lambda extra: subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True,  # noqa: E731
+                                       text=True, check=True)
+    offline = run({})
+    assert offline.stdout.strip() == "1" and "does not resolve" in offline.stderr
+    assert run({"HF_HUB_OFFLINE": "0"}).stdout.strip() == "0"  # the user's own setting is kept
