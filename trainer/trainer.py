@@ -6,6 +6,7 @@ log -> maybe evaluate -> maybe checkpoint. The checkpointer owns the save policy
 also waits for those branches.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -242,6 +243,11 @@ class Trainer:
                 raise ResumeError(f"run.dir {self.run_dir} holds a run this configuration cannot resume: {reason}."
                                   f"{self._settings_changed()} Train in another run.dir (or move this one away), or "
                                   "restore the run's settings to resume it.")
+        if saved.get("train_data_fingerprint", self._train_data_fingerprint()) != self._train_data_fingerprint():
+            if self.info.is_main:  # not a reason to refuse (a corrected label file is a fair change), but said
+                log.warning("the training data differs from what checkpoint step %s was trained on (same vocabulary "
+                            "and labels; other documents, labels or order): training goes on with the new data",
+                            saved.get("step"))
 
     def _settings_changed(self, lead: str = "Settings changed since that run") -> str:
         """` Settings changed since that run: ...` from its config.toml, for a refused resume's message."""
@@ -535,8 +541,20 @@ class Trainer:
             "sharding": self.sharding,
             "torch_version": torch.__version__,
             "state_layout": state_layout(state),
+            "train_data_fingerprint": self._train_data_fingerprint(),
             **self.fingerprints(),
         }
+
+    def _train_data_fingerprint(self) -> str:
+        """The training split's content (token ids, document bounds, labels): a resume on changed data (relabelled
+        rows, the same vocabulary) is said, not silent. About 30 ms for the demo's 3M tokens, once."""
+        if getattr(self, "_train_fp", None) is None:
+            h = hashlib.blake2b(digest_size=16)
+            train = self.data.train
+            for array in (train.token_ids, train.token_offsets, train.labels):
+                h.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+            self._train_fp = h.hexdigest()
+        return self._train_fp
 
     def _log_train(self, step, local_loss, logits, batch, grad_norm, meter, timer, tokens_seen, epoch) -> None:
         info = self.info

@@ -770,3 +770,20 @@ def test_eval_tokenizes_smaller_batches_than_the_data_cache(quick_config, tiny_d
     assert asked == [inference.EVAL_BATCH_CHARS] and inference.EVAL_BATCH_CHARS < data_cache.tokenizing_batch(1)[0]
 
 
+
+
+def test_resuming_on_changed_training_data_says_so(quick_config, caplog):
+    """Relabelled or reordered training rows with the same vocabulary resumed silently."""
+    path = quick_config("changed_data", checkpoint={"every_steps": 2})
+    make_trainer(path).fit()
+    train = Path(tomllib.loads(path.read_text())["data"]["train"])
+    header, *rows = train.read_text().splitlines()
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        make_trainer(path, "--train.max_steps", "6").fit()  # the same data: nothing said
+    assert not [r for r in caplog.records if "training data differs" in r.getMessage()]
+    train.write_text("\n".join([header, *reversed(rows)]) + "\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        result = make_trainer(path, "--train.max_steps", "8").fit()
+    assert result["step"] == 8
+    assert [r for r in caplog.records if "training data differs from what checkpoint step 6" in r.getMessage()]
