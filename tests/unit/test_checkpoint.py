@@ -569,7 +569,7 @@ def test_disabled_checkpoints_write_and_load_nothing_and_refuse_a_folder_that_ha
                           check=True).stdout.strip().splitlines()[-1] == "False"
     stopped = make_trainer(path, "--run.dir", str(run) + "3")
     stopped.stop.requested = True  # as a SIGTERM before the first step would: stop after it, save nothing
-    assert stopped.fit() == {"stopped": True, "step": 1}
+    assert stopped.fit() == {"stopped": True, "step": 1, "signal": 15}  # no signal seen: reported as SIGTERM
     assert valid_steps(Path(str(run) + "3") / "checkpoints") == []
     on = quick_config("on")
     make_trainer(on).fit()
