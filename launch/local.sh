@@ -14,18 +14,19 @@
 #   MAX_RESTARTS    times torchrun restarts the whole group after a worker fails; each restart resumes from the
 #                   newest checkpoint in run.dir [0]
 #   MASTER_PORT     fixed port for the rendezvous (static, on 127.0.0.1) [unset: --standalone picks a free port]
-#   CHECK_CONFIG    1: run `python3 -m trainer train --check-config ARGS` first (settings, data paths, output
-#                   folders; no torch, about 0.5 s), so a mistake is one line and status 2 instead of an error per
-#                   rank plus torchrun's traceback and status 1; 0: skip it [1]
+#   CHECK_CONFIG    1: run `$PYTHON -m trainer train --check-config ARGS` first (settings, data paths on node 0,
+#                   output folders; no torch, about 0.5 s), so a mistake is one line and status 2 instead of an
+#                   error per rank plus torchrun's traceback and status 1; 0: skip it [1]
+#   PYTHON          the python for that check, the one torchrun runs [python3]
 #
 # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 is exported: under --standalone, without it a restarted group sometimes fails
 # to reconnect on torch 2.13 (gloo "connectFullMesh ... Connection refused"); with MASTER_PORT set (static
 # rendezvous) torch shares the agent's store anyway, and the trainer's per-restart key prefix covers that case.
 # The script `exec`s torchrun, so a SIGTERM sent to this script's PID reaches torchrun, which passes it to the
 # workers: they checkpoint at the next step boundary and exit with 128 + the signal (torchrun then exits non-zero;
-# run the same command again to resume). A worker signalled on its own (not through torchrun) also exits 143, and
-# so does every rank that stopped with it: torchrun counts that as a failure and, with MAX_RESTARTS > 0, restarts
-# the group, which resumes from that checkpoint.
+# run the same command again to resume). A worker signalled on its own (not through torchrun) also exits 143 (the
+# ranks that stopped with it exit 0): torchrun counts that as a failure and, with MAX_RESTARTS > 0, restarts the
+# group, which resumes from that checkpoint.
 set -euo pipefail
 
 gpu_count() {
@@ -89,7 +90,15 @@ fi
 # Settings, data paths and output folders checked once here, without torch: a mistake is one line and status 2,
 # not one error per rank followed by torchrun's traceback and status 1 (CHECK_CONFIG above).
 if [[ "${CHECK_CONFIG:-1}" == 1 ]]; then
-    python3 -m trainer train --check-config "$@" || exit $?
+    # Only a refusal (status 2) stops the launch: another python3 on PATH than torchrun's (without the trainer)
+    # fails otherwise, and then the check is skipped rather than blocking a launch torchrun would run.
+    check=0
+    "${PYTHON:-python3}" -m trainer train --check-config "$@" || check=$?
+    if [[ "$check" == 2 ]]; then
+        exit 2
+    elif [[ "$check" != 0 ]]; then
+        echo "${0##*/}: the settings check could not run (status $check; set PYTHON to torchrun's python); going on" >&2
+    fi
 fi
 
 echo "local.sh: $NPROC processes, device ${DEVICE:-from config}, OMP_NUM_THREADS=$OMP_NUM_THREADS, max restarts $MAX_RESTARTS" >&2

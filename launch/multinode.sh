@@ -22,9 +22,10 @@
 #   CONFIG          config file, passed as `--config CONFIG`  [unset: give --config yourself]
 #   DEVICE          cpu | cuda | auto, passed as --train.device [unset: the config's train.device]
 #   OMP_NUM_THREADS threads per process [cores / NPROC_PER_NODE, at least 1]
-#   CHECK_CONFIG    1: run `python3 -m trainer train --check-config ARGS` first (settings, data paths, output
-#                   folders; no torch, about 0.5 s), so a mistake is one line and status 2 instead of an error per
-#                   rank plus torchrun's traceback and status 1; 0: skip it [1]
+#   CHECK_CONFIG    1: run `$PYTHON -m trainer train --check-config ARGS` first (settings, data paths on node 0,
+#                   output folders; no torch, about 0.5 s), so a mistake is one line and status 2 instead of an
+#                   error per rank plus torchrun's traceback and status 1; 0: skip it [1]
+#   PYTHON          the python for that check, the one torchrun runs [python3]
 #
 # Rendezvous is static: torchrun's default backend with master address, port and node rank, so every node must
 # start (within the rendezvous timeout). Prefer whole-gang restarts by the scheduler (Slurm requeue, JobSet, a
@@ -111,7 +112,15 @@ fi
 # Settings, data paths and output folders checked once here, without torch: a mistake is one line and status 2,
 # not one error per rank followed by torchrun's traceback and status 1 (CHECK_CONFIG above).
 if [[ "${CHECK_CONFIG:-1}" == 1 ]]; then
-    python3 -m trainer train --check-config "$@" || exit $?
+    # Only a refusal (status 2) stops the launch: another python3 on PATH than torchrun's (without the trainer)
+    # fails otherwise, and then the check is skipped rather than blocking a launch torchrun would run.
+    check=0
+    "${PYTHON:-python3}" -m trainer train --check-config "$@" || check=$?
+    if [[ "$check" == 2 ]]; then
+        exit 2
+    elif [[ "$check" != 0 ]]; then
+        echo "${0##*/}: the settings check could not run (status $check; set PYTHON to torchrun's python); going on" >&2
+    fi
 fi
 
 echo "multinode.sh: node $PET_NODE_RANK of $PET_NNODES, $PET_NPROC_PER_NODE processes, master" \

@@ -144,10 +144,19 @@ class Checkpointer:
         # the one just saved would outrank every new checkpoint, and those before it would count among the
         # newest `keep_latest_k`, so the count below would delete the good ones instead (a broken step-120 kept,
         # the step-100 the run resumed from deleted). They stay until this first save, in case it never comes.
-        for stale in [s for s in steps if (s > saved or s in self.unloadable) and s != saved]:
-            log.warning("removing checkpoint %s: it could not be loaded when this run resumed",
-                        self.folder / f"step-{stale}")
+        for stale in [s for s in steps if s > saved and s not in self.unloadable]:
+            log.warning("removing checkpoint %s: newer than this run's step %d, and it could not be loaded",
+                        self.folder / f"step-{stale}", saved)
             shutil.rmtree(self.folder / f"step-{stale}", ignore_errors=True)
+        # those that failed to load when this run resumed are set aside, not deleted: the failure may have been
+        # passing (a shared file system's hiccup, one rank's read), and the folder holds more progress
+        for stale in sorted(self.unloadable - {saved}):
+            aside = self.folder / f"step-{stale}.unloadable"
+            shutil.rmtree(aside, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (self.folder / f"step-{stale}").rename(aside)
+                log.warning("checkpoint step-%d could not be loaded when this run resumed: moved to %s (not loaded, "
+                            "not counted; delete it when it is not needed)", stale, aside)
         self.unloadable.clear()
         steps = [s for s in valid_steps(self.folder) if s <= saved]
         for old in steps[: -self.cfg.keep_latest_k]:

@@ -91,7 +91,9 @@ def cmd_train(argv: list[str]) -> int:
     if check_only:
         from trainer.tabular import check_data_path  # not data_cache: its numba import is 0.2 s more
 
-        for role in ("train", "valid", "test"):
+        # only global rank 0 reads the data files (the other ranks map its cache): nodes other than 0 need no copy
+        node = os.environ.get("PET_NODE_RANK") or os.environ.get("NODE_RANK") or "0"
+        for role in ("train", "valid", "test") if node == "0" else ():
             if getattr(cfg.data, role):
                 check_data_path(getattr(cfg.data, role), f"data.{role}")
         vectors = cfg.embeddings.pretrained
@@ -114,9 +116,10 @@ def cmd_train(argv: list[str]) -> int:
             background_build.cancel()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
-    # stopped by a signal, after its checkpoint: the status a shell gives a process that signal ended (143 for
-    # SIGTERM), so that `train && next` does not go on with an unfinished run; the JSON says {"stopped": true}
-    return 128 + int(result["signal"]) if result.get("stopped") else 0
+    # stopped by a signal this process received, after its checkpoint: the status a shell gives a process that
+    # signal ended (143 for SIGTERM), so that `train && next` does not go on with an unfinished run. A rank that
+    # stopped because another was signalled exits 0 (trainer._steps). The JSON says {"stopped": true}
+    return 128 + int(result["signal"]) if result.get("stopped") and result.get("signal") else 0
 
 
 def _check_device(device: str) -> None:
@@ -167,7 +170,7 @@ def cmd_predict(argv: list[str]) -> int:
         p.error("--top-k must be >= 1")
     if args.input != "-" and not os.path.exists(args.input):  # pipes and /dev/stdin too
         p.error(f"--input: no such file: {args.input}")
-    if os.path.isdir(args.input):
+    if args.input != "-" and os.path.isdir(args.input):
         p.error(f"--input: {args.input} is a folder; give a file with one text per line")
     _check_device(args.device)
     predictor = Predictor(args.run, args.device, extend=not args.no_extend)

@@ -18,7 +18,7 @@ from trainer.batch import collate
 from trainer.data_cache import make_featurizer, stream_tokenized
 from trainer.distributed import DistInfo
 from trainer.evaluation import EvalTotals, per_class_table
-from trainer.export import LoadedModel, word_vectors
+from trainer.export import LoadedModel, ModelFolderError, word_vectors
 from trainer.vocab import char_ngram_buckets
 
 
@@ -39,7 +39,7 @@ def eval_folder(model_dir: Path) -> Path:
     must not write into whatever folder holds it."""
     run = model_dir.parent
     if model_dir.name == "model" and any((run / marker).exists() for marker in (
-            "result.json", "metrics.jsonl", "checkpoints", "config.toml")):
+            "result.json", "metrics.jsonl", "checkpoints")):  # a run's own files (config.toml is anybody's)
         return run / "eval"
     return model_dir / "eval"
 
@@ -120,7 +120,11 @@ def run_eval(run: str, data: str, device: str = "cpu", extend: bool = True, text
         text += f"\n{metrics['unseen_label_docs']} documents have labels never seen in training (counted as errors): " \
                 f"{', '.join(unseen_labels[:20])}"
     out_dir = eval_folder(folder)
-    out_dir.mkdir(exist_ok=True)
+    try:
+        out_dir.mkdir(exist_ok=True)
+    except OSError as e:  # a read-only deployed model folder
+        raise ModelFolderError(f"{out_dir}: cannot write the evaluation there ({e.strerror or e}); copy the "
+                               "model folder somewhere writable") from None
     metrics["data"] = str(Path(data).resolve()) if Path(data).exists() else data
     metrics["extend"] = extend
     name = _eval_name(out_dir, data, metrics["data"], extend)

@@ -115,9 +115,9 @@ def looks_like_missing_path(spec: str) -> bool:
     or `owner/name`, optionally with `:split`, so an absolute, `./`, `../` or `~` path, one with two or more
     slashes, or one ending in a file-only extension is a local path that is missing. Without this, a mistyped
     path went to `datasets.load_dataset`, which spends about 25 s in network retries offline before failing."""
-    if Path(spec).expanduser().exists():
-        return False
     name = spec.partition(":")[0]
+    if Path(spec).expanduser().exists() or Path(name).expanduser().exists():  # a file, or a folder with `:split`
+        return False
     if name.startswith(("/", "./", "../", "~")) or name in (".", "..") or name.count("/") >= 2 or "\\" in name:
         return True
     suffixes = [s.lower() for s in Path(name).suffixes]
@@ -390,6 +390,8 @@ def _offline_without_the_hub() -> None:
     never over a setting the user made."""
     if "HF_HUB_OFFLINE" in os.environ or "HF_DATASETS_OFFLINE" in os.environ or "huggingface_hub" in sys.modules:
         return
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # behind a proxy the host need not resolve locally for downloads to work
     import socket
     from urllib.parse import urlparse
 

@@ -528,6 +528,15 @@ def test_launch_scripts_check_the_config_once_before_torchrun(stubs, tmp_path, s
     subprocess.run([str(LAUNCH / script), "--config", str(config)], env=env, check=True, timeout=60)
     assert calls()[-1]["argv"][-3:] == ["train", "--config", str(config)]
     assert not (tmp_path / "run").exists()  # the check writes nothing
+    # a python without the trainer (not torchrun's): the check cannot run, and the launch goes on, saying so
+    skipped = subprocess.run([str(LAUNCH / script), "--config", str(config)], env={**env, "PYTHON": "false"},
+                             capture_output=True, text=True, timeout=60, check=True)
+    assert "the settings check could not run (status 1" in skipped.stderr and len(calls()) == 2
+    if script == "multinode.sh":  # only node 0 reads the data: another node needs no copy of it
+        (tmp_path / "train.csv").unlink()
+        subprocess.run([str(LAUNCH / script), "--config", str(config)], env={**env, "NNODES": "2", "NODE_RANK": "1"},
+                       check=True, timeout=60, capture_output=True)
+        assert len(calls()) == 3
 
 
 def test_local_sh_maps_environment_to_torchrun(stubs) -> None:

@@ -488,7 +488,9 @@ def test_hub_shaped_names_and_existing_folders_still_go_to_the_hub(
     monkeypatch.chdir(tmp_path)
     assert not looks_like_missing_path("local/folder")
     read_table("local/folder", "text", "label")
-    assert fake_hub == [("local/folder", "train")]
+    assert not looks_like_missing_path("./local/folder:test")  # an existing folder with a split
+    read_table(str(tmp_path / "local" / "folder") + ":test", "text", "label")
+    assert fake_hub == [("local/folder", "train"), (str(tmp_path / "local" / "folder"), "test")]
 
 
 def test_each_data_role_reads_its_own_split_of_a_bare_hub_name(fake_hub: list[tuple[str, str]]) -> None:
@@ -563,3 +565,4 @@ def test_without_a_resolvable_hub_host_hub_names_are_read_offline() -> None:
     offline = run({})
     assert offline.stdout.strip() == "1" and "does not resolve" in offline.stderr
     assert run({"HF_HUB_OFFLINE": "0"}).stdout.strip() == "0"  # the user's own setting is kept
+    assert run({"HTTPS_PROXY": "http://proxy:3128"}).stdout.strip() == "None"  # a proxy resolves the host
