@@ -109,19 +109,9 @@ if [[ -n "${CONFIG:-}" ]]; then
     set -- --config "$CONFIG" "$@"
 fi
 
-# Settings, data paths and output folders checked once here, without torch: a mistake is one line and status 2,
-# not one error per rank followed by torchrun's traceback and status 1 (CHECK_CONFIG above).
-if [[ "${CHECK_CONFIG:-1}" == 1 ]]; then
-    # Only a refusal (status 2) stops the launch: another python3 on PATH than torchrun's (without the trainer)
-    # fails otherwise, and then the check is skipped rather than blocking a launch torchrun would run.
-    check=0
-    "${PYTHON:-python3}" -m trainer train --check-config "$@" || check=$?
-    if [[ "$check" == 2 ]]; then
-        exit 2
-    elif [[ "$check" != 0 ]]; then
-        echo "${0##*/}: the settings check could not run (status $check; set PYTHON to torchrun's python); going on" >&2
-    fi
-fi
+# the settings checked once, without torch (CHECK_CONFIG above)
+# shellcheck source=check_config.sh disable=SC1091  # checked on its own (tests/e2e/test_torchrun.py)
+source "$(dirname "${BASH_SOURCE[0]}")/check_config.sh"
 
 echo "multinode.sh: node $PET_NODE_RANK of $PET_NNODES, $PET_NPROC_PER_NODE processes, master" \
     "$PET_MASTER_ADDR:$PET_MASTER_PORT, OMP_NUM_THREADS=$OMP_NUM_THREADS, max restarts $PET_MAX_RESTARTS" >&2

@@ -413,6 +413,15 @@ def ref_2_dropout(e2e: E2E) -> Path:
 SCRIPTS = ["local.sh", "multinode.sh", "slurm.sbatch"]
 
 
+def test_the_sourced_config_check_passes_shellcheck() -> None:
+    path = LAUNCH / "check_config.sh"  # sourced by local.sh and multinode.sh
+    subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install -y shellcheck); bash -n passed")
+    out = subprocess.run(["shellcheck", "--shell=bash", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_launch_script_syntax_and_shellcheck(name: str) -> None:
     path = LAUNCH / name
