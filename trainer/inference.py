@@ -48,16 +48,14 @@ def _eval_name(out_dir: Path, spec: str, source: str, extend: bool) -> str:
     """The evaluation's file name: the data file's name (and `.no-extend`), so evaluating the same file again
     replaces its result; a different file of the same name (another folder's test.csv) gets the name plus a short
     hash of its path instead of replacing the earlier one's result silently."""
-    suffix = "" if extend else ".no-extend"
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).name) + suffix
+    base, suffix = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).name), "" if extend else ".no-extend"
     try:
-        earlier = json.loads((out_dir / f"{name}.json").read_text(encoding="utf-8")).get("data")
+        earlier = json.loads((out_dir / f"{base}{suffix}.json").read_text(encoding="utf-8")).get("data")
     except (OSError, ValueError, AttributeError):
-        return name
+        return base + suffix
     if earlier in (None, source):
-        return name
-    digest = hashlib.sha256(source.encode()).hexdigest()[:8]
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(spec).name) + f"-{digest}" + suffix
+        return base + suffix
+    return f"{base}-{hashlib.sha256(source.encode()).hexdigest()[:8]}{suffix}"
 
 
 def _write_atomic(path: Path, text: str) -> None:

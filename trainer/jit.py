@@ -162,13 +162,18 @@ def module_kernels(module) -> dict[str, object]:
             if isinstance(value, Dispatcher) and value.py_func.__module__ == module.__name__}
 
 
+def _loaded_kernels() -> dict[str, object]:
+    """The numba kernels of every loaded trainer module, by qualified name."""
+    return {name: kernel for module_name, module in list(sys.modules.items())
+            if module_name.startswith("trainer.") and module is not None
+            for name, kernel in module_kernels(module).items()}
+
+
 def compiled_kernels() -> list[str]:
     """The trainer kernels this process compiled rather than loaded from the cache (one entry per signature)."""
     found = []
-    for module_name, module in list(sys.modules.items()):
-        if module_name.startswith("trainer.") and module is not None:
-            for name, kernel in module_kernels(module).items():
-                found += [name] * sum(kernel.stats.cache_misses.values())
+    for name, kernel in _loaded_kernels().items():
+        found += [name] * sum(kernel.stats.cache_misses.values())
     return sorted(found)
 
 
@@ -177,15 +182,13 @@ def kernels_not_cached() -> list[str]:
     run with this folder (or after an upgrade) those the run uses compile on first use, seconds each. Found by the
     index file numba would read (a private attribute; where it is missing, nothing is reported)."""
     missing = []
-    for module_name, module in list(sys.modules.items()):
-        if module_name.startswith("trainer.") and module is not None:
-            for name, kernel in module_kernels(module).items():
-                try:
-                    index = kernel._cache._cache_file._index_path
-                except AttributeError:
-                    continue
-                if not os.path.exists(index):
-                    missing.append(name)
+    for name, kernel in _loaded_kernels().items():
+        try:
+            index = kernel._cache._cache_file._index_path
+        except AttributeError:
+            continue
+        if not os.path.exists(index):
+            missing.append(name)
     return sorted(missing)
 
 
